@@ -1,0 +1,124 @@
+"""Backend registry and call-time selection.
+
+A backend is a module with ``forward``, ``backward`` and ``knn`` over the canonical layout, plus a
+description of where it runs. ``backend="auto"`` (or the environment variable DIFFMEM_BACKEND)
+picks, for CUDA tensors: cuda, then triton, then reference; for CPU tensors: cpu, then reference.
+An explicitly requested backend that cannot run the call is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from ._extension import cpu_extension_status, cuda_reason
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    module: str  # module path, imported lazily
+    status: Callable[[], tuple[bool, str]]  # (available, reason why not)
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+
+
+def _always() -> tuple[bool, str]:
+    return True, ""
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        importlib.import_module("diffmem.ops._triton")
+    except ImportError as exc:
+        return False, f"triton kernels could not be loaded ({exc})"
+    from ._triton import status
+
+    return status()
+
+
+def _cuda_status() -> tuple[bool, str]:
+    try:
+        from ._cuda import status
+    except ImportError:
+        return False, cuda_reason()
+    return status()
+
+
+def _triton_devices() -> tuple[str, ...]:
+    # Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors (slowly): used by the tests.
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+_F32_F64 = (torch.float32, torch.float64)
+
+BACKENDS: dict[str, BackendSpec] = {
+    "reference": BackendSpec("reference", "diffmem.ops._reference", _always, ("cpu", "cuda"), _F32_F64),
+    "cpu": BackendSpec("cpu", "diffmem.ops._cpu", cpu_extension_status, ("cpu",), _F32_F64),
+    "triton": BackendSpec("triton", "diffmem.ops._triton", _triton_status, ("cuda",), (torch.float32,)),
+    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda_status, ("cuda",), (torch.float32,)),
+}
+
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _devices(spec: BackendSpec) -> tuple[str, ...]:
+    return _triton_devices() if spec.name == "triton" else spec.devices
+
+
+def backends() -> dict[str, dict]:
+    """What each backend is: available or not (and why), devices and dtypes it serves."""
+    report = {}
+    for name, spec in BACKENDS.items():
+        ok, reason = spec.status()
+        report[name] = {
+            "available": ok,
+            "reason": "" if ok else reason,
+            "devices": list(_devices(spec)),
+            "dtypes": [str(t).removeprefix("torch.") for t in spec.dtypes],
+        }
+    return report
+
+
+def _can_run(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """Empty string when spec can run this call, else the reason."""
+    ok, reason = spec.status()
+    if not ok:
+        return reason
+    if device.type not in _devices(spec):
+        return f"it runs on {', '.join(_devices(spec))} tensors, not {device.type}"
+    if dtype not in spec.dtypes:
+        return f"it supports {', '.join(str(t) for t in spec.dtypes)}, not {dtype}"
+    return ""
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name that runs a call with tensors on device/dtype (see module doc)."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    name = requested
+    if name == "auto":
+        name = os.environ.get("DIFFMEM_BACKEND", "auto") or "auto"
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if not _can_run(BACKENDS[candidate], device, dtype):
+                return candidate
+        return "reference"
+    if name not in BACKENDS:
+        source = "backend" if requested != "auto" else "DIFFMEM_BACKEND"
+        raise ValueError(
+            f"unknown {source} {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
+        )
+    reason = _can_run(BACKENDS[name], device, dtype)
+    if reason:
+        raise RuntimeError(f"backend {name!r} cannot run this call: {reason}")
+    return name
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(BACKENDS[name].module)

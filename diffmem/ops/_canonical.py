@@ -1,0 +1,218 @@
+"""Input checking and broadcasting into the canonical layout every backend receives.
+
+Canonical layout (G independent problems):
+    x      (G, B, d)     queries
+    points (G, N, d)     points
+    alpha  (G, B)        per-query scale of the points
+    var    (G, B)        per-query variance (> 0)
+    bias   (G, N) | None per-point log-weight (-inf masks a point)
+
+Every tensor is contiguous within one group; the group dimension may have stride 0 (one
+copy shared by all groups), so broadcasting never copies the points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class Canonical:
+    """Validated inputs in canonical layout, plus the shapes needed to restore the outputs."""
+
+    x: torch.Tensor
+    points: torch.Tensor
+    alpha: torch.Tensor
+    var: torch.Tensor
+    bias: torch.Tensor | None
+    batch_shape: tuple[int, ...]
+    # True when all groups share points and bias, so the caller folded G into B.
+    folded: bool
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {t.dtype}")
+    return t
+
+
+def _as_param(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
+    """alpha / var / bias: a Python number or a tensor of x's dtype and device."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point()):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dtype != like.dtype:
+            raise TypeError(
+                f"{name} has dtype {value.dtype} but x has dtype {like.dtype}; they must match"
+            )
+        if value.device != like.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {like.device}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+def _broadcast(name_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+    shape: tuple[int, ...] = ()
+    for name, s in name_shapes:
+        try:
+            shape = tuple(torch.broadcast_shapes(shape, s))
+        except RuntimeError:
+            others = ", ".join(f"{n} {tuple(t)}" for n, t in name_shapes)
+            raise ValueError(
+                f"leading (batch) dimensions of {name} {tuple(s)} do not broadcast with the "
+                f"others ({others})"
+            ) from None
+    return shape
+
+
+def _to_groups(t: torch.Tensor, batch_shape: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
+    """Broadcast t to batch_shape + tail and view it as (G, *tail).
+
+    When t has no batch dimensions of its own, the result shares one contiguous copy across
+    groups (stride 0 along G); otherwise it is a dense contiguous tensor.
+    """
+    G = math.prod(batch_shape)
+    if t.dim() < len(tail):
+        t = t.reshape((1,) * (len(tail) - t.dim()) + tuple(t.shape))
+    n_lead = t.dim() - len(tail)
+    if math.prod(t.shape[:n_lead]) == 1:
+        one = t.reshape(t.shape[n_lead:]).expand(tail).contiguous()
+        return one.unsqueeze(0).expand(G, *tail)
+    return t.expand(*batch_shape, *tail).reshape(G, *tail).contiguous()
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise ValueError(f"{name} contains {bad} values; it must be finite")
+
+
+def canonicalize(
+    x: torch.Tensor,
+    points: torch.Tensor,
+    alpha: object,
+    var: object,
+    bias: torch.Tensor | None,
+    check_inputs: bool = True,
+) -> Canonical:
+    """Validate softmax_mean inputs and bring them into canonical layout (see module doc)."""
+    x = _check_tensor("x", x)
+    points = _check_tensor("points", points)
+    if points.dtype != x.dtype:
+        raise TypeError(f"points has dtype {points.dtype} but x has dtype {x.dtype}; they must match")
+    if points.device != x.device:
+        raise ValueError(f"points is on {points.device} but x is on {x.device}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., B, d), got {tuple(x.shape)}")
+    if points.dim() < 2:
+        raise ValueError(f"points must have shape (..., N, d), got {tuple(points.shape)}")
+    B, d = x.shape[-2], x.shape[-1]
+    N = points.shape[-2]
+    if points.shape[-1] != d:
+        raise ValueError(
+            f"points has feature dimension {points.shape[-1]} but x has {d} "
+            f"(x {tuple(x.shape)}, points {tuple(points.shape)})"
+        )
+    if d == 0:
+        raise ValueError("x and points have feature dimension d = 0; d must be at least 1")
+    if N == 0:
+        raise ValueError("points is empty (N = 0); at least one point is needed")
+
+    alpha_t = _as_param("alpha", alpha, x)
+    var_t = _as_param("var", var, x)
+    for name, p in (("alpha", alpha_t), ("var", var_t)):
+        if p.dim() >= 1 and p.shape[-1] not in (1, B):
+            raise ValueError(
+                f"{name} must broadcast to (..., B) with B = {B}, got shape {tuple(p.shape)}"
+            )
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+        if bias.dim() < 1 or bias.shape[-1] not in (1, N):
+            raise ValueError(f"bias must have shape (..., N) with N = {N}, got {tuple(bias.shape)}")
+
+    def lead(p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(p.shape[:-1]) if p.dim() >= 1 else ()
+
+    shapes = [("x", tuple(x.shape[:-2])), ("points", tuple(points.shape[:-2])),
+              ("alpha", lead(alpha_t)), ("var", lead(var_t))]
+    if bias is not None:
+        shapes.append(("bias", lead(bias)))
+    batch_shape = _broadcast(shapes)
+
+    if check_inputs:
+        _check_finite("x", x)
+        _check_finite("points", points)
+        _check_finite("alpha", alpha_t)
+        _check_finite("var", var_t)
+        if not bool((var_t > 0).all()):
+            raise ValueError("var must be > 0 everywhere (it is a noise variance), got a value <= 0")
+        if bias is not None:
+            if bool(torch.isnan(bias).any()) or bool((bias == math.inf).any()):
+                raise ValueError("bias contains NaN or +Inf; only finite values and -inf are allowed")
+            if bool((bias == -math.inf).all(dim=-1).any()):
+                raise ValueError("bias masks out every point (all -inf) in at least one problem")
+
+    points_shared = math.prod(points.shape[:-2]) == 1
+    bias_shared = bias is None or math.prod(lead(bias)) == 1
+    G = math.prod(batch_shape)
+    folded = G > 1 and points_shared and bias_shared
+    if folded:
+        # All groups use the same points: one problem with G*B queries.
+        xs = _to_groups(x, batch_shape, (B, d)).reshape(1, G * B, d)
+        a = _to_groups(alpha_t, batch_shape, (B,)).reshape(1, G * B)
+        v = _to_groups(var_t, batch_shape, (B,)).reshape(1, G * B)
+        ps = _to_groups(points, (1,), (N, d))
+        bs = None if bias is None else _to_groups(bias, (1,), (N,))
+        return Canonical(xs, ps, a, v, bs, batch_shape, True)
+
+    xs = _to_groups(x, batch_shape, (B, d))
+    ps = _to_groups(points, batch_shape, (N, d))
+    a = _to_groups(alpha_t, batch_shape, (B,))
+    v = _to_groups(var_t, batch_shape, (B,))
+    bs = None if bias is None else _to_groups(bias, batch_shape, (N,))
+    return Canonical(xs, ps, a, v, bs, batch_shape, False)
+
+
+def check_knn_inputs(queries: torch.Tensor, points: torch.Tensor, k: int) -> None:
+    """Validate knn inputs (shapes, dtypes, devices, finiteness, 1 <= k <= N)."""
+    queries = _check_tensor("queries", queries)
+    points = _check_tensor("points", points)
+    if points.dtype != queries.dtype:
+        raise TypeError(
+            f"points has dtype {points.dtype} but queries has dtype {queries.dtype}; they must match"
+        )
+    if points.device != queries.device:
+        raise ValueError(f"points is on {points.device} but queries is on {queries.device}")
+    if queries.dim() < 2 or points.dim() < 2:
+        raise ValueError(
+            f"queries must be (..., B, d) and points (..., N, d), got {tuple(queries.shape)} "
+            f"and {tuple(points.shape)}"
+        )
+    if points.shape[-1] != queries.shape[-1]:
+        raise ValueError(
+            f"points has feature dimension {points.shape[-1]} but queries has {queries.shape[-1]}"
+        )
+    if queries.shape[-1] == 0:
+        raise ValueError("feature dimension d = 0; d must be at least 1")
+    if points.shape[-2] == 0:
+        raise ValueError("points is empty (N = 0); at least one point is needed")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1 or k > points.shape[-2]:
+        raise ValueError(f"k must satisfy 1 <= k <= N = {points.shape[-2]}, got k = {k}")
+    _check_finite("queries", queries)
+    _check_finite("points", points)

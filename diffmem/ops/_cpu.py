@@ -1,0 +1,84 @@
+"""CPU backend: the C++ kernels of ``diffmem._C`` (OpenMP, vectorized, never B x N).
+
+The extension takes raw pointers and element strides; this module passes them from tensors in
+the canonical layout of ``_canonical.py`` (group stride 0 = shared by all groups).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._alloc import new_output
+from ._extension import load_cpu_extension
+
+_PRECISION = {"exact": 0, "fast": 1}
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _gs(t: torch.Tensor | None) -> int:
+    """Element stride between groups (0 when shared), for a tensor contiguous within a group."""
+    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
+
+
+def _groupwise(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Make each group contiguous while keeping a stride-0 group dimension shared."""
+    if t is None:
+        return None
+    if t.shape[0] > 1 and t.stride(0) == 0:
+        return t[:1].contiguous().expand(t.shape)
+    return t.contiguous()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def forward(x, points, alpha, var, bias, precision="exact"):
+    ext = load_cpu_extension()
+    x, points, alpha, var, bias = (_groupwise(t) for t in (x, points, alpha, var, bias))
+    G, B, d = x.shape
+    N = points.shape[1]
+    mean = new_output((G, B, d), x.dtype)
+    lse = new_output((G, B), x.dtype)
+    ext.softmax_mean_forward(
+        str(x.dtype).removeprefix("torch."), _PRECISION[precision], _threads(), G, B, N, d,
+        _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
+        _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse),
+    )
+    return mean, lse
+
+
+def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs, precision="exact"):
+    ext = load_cpu_extension()
+    x, points, alpha, var, bias = (_groupwise(t) for t in (x, points, alpha, var, bias))
+    lse = lse.contiguous()
+    grad_mean = None if grad_mean is None else grad_mean.contiguous()
+    grad_lse = None if grad_lse is None else grad_lse.contiguous()
+    G, B, d = x.shape
+    N = points.shape[1]
+    shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
+    out = [new_output(s, x.dtype) if need else None for s, need in zip(shapes, needs)]
+    ext.softmax_mean_backward(
+        str(x.dtype).removeprefix("torch."), _PRECISION[precision], _threads(), G, B, N, d,
+        _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
+        _ptr(bias), _gs(bias), _ptr(lse), _ptr(grad_mean), _ptr(grad_lse),
+        *(_ptr(t) for t in out),
+    )
+    return tuple(out)
+
+
+def knn(queries, points, k):
+    ext = load_cpu_extension()
+    queries, points = _groupwise(queries), _groupwise(points)
+    G, B, d = queries.shape
+    N = points.shape[1]
+    dist = new_output((G, B, k), queries.dtype)
+    idx = new_output((G, B, k), torch.int64)
+    ext.knn(
+        str(queries.dtype).removeprefix("torch."), _threads(), G, B, N, d, k,
+        _ptr(queries), _gs(queries), _ptr(points), _gs(points), _ptr(dist), _ptr(idx),
+    )
+    return dist, idx

@@ -1,0 +1,139 @@
+"""The softmax-weighted mean over points: the primitive under every denoiser in diffmem.
+
+    logit[b, i] = bias[i] - ||x[b] - alpha[b] * y[i]||^2 / (2 var[b])
+    mean[b]     = sum_i softmax(logit[b])_i * y[i]
+    lse[b]      = logsumexp_i logit[b, i]
+
+Registered as the custom ops ``diffmem::softmax_mean`` (forward) and
+``diffmem::softmax_mean_backward``, with fake kernels and autograd, so it works with
+torch.compile and passes torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backends
+from ._canonical import canonicalize
+
+PRECISIONS = ("exact", "fast")
+
+
+@torch.library.custom_op("diffmem::softmax_mean", mutates_args=())
+def _softmax_mean_op(
+    x: torch.Tensor,
+    points: torch.Tensor,
+    alpha: torch.Tensor,
+    var: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    backend: str,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical layout in (see _canonical.py); dense mean (G, B, d) and lse (G, B) out."""
+    return _backends.module(backend).forward(x, points, alpha, var, bias, precision)
+
+
+@_softmax_mean_op.register_fake
+def _(x, points, alpha, var, bias, backend, precision):
+    G, B, d = x.shape
+    return x.new_empty((G, B, d)), x.new_empty((G, B))
+
+
+@torch.library.custom_op("diffmem::softmax_mean_backward", mutates_args=())
+def _softmax_mean_backward_op(
+    x: torch.Tensor,
+    points: torch.Tensor,
+    alpha: torch.Tensor,
+    var: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    lse: torch.Tensor,
+    grad_mean: Optional[torch.Tensor],
+    grad_lse: Optional[torch.Tensor],
+    needs: list[bool],
+    backend: str,
+    precision: str,
+) -> list[torch.Tensor]:
+    """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
+    grads = _backends.module(backend).backward(
+        x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, tuple(needs), precision
+    )
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@_softmax_mean_backward_op.register_fake
+def _(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs, backend, precision):
+    G, B, d = x.shape
+    N = points.shape[1]
+    shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
+    return [x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, points, alpha, var, bias, backend, precision = inputs
+    mean, lse = output
+    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse)
+    ctx.backend, ctx.precision = backend, precision
+
+
+def _backward(ctx, grad_mean, grad_lse):
+    x, points, alpha, var, bias, mean, lse = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    if bias is None:
+        needs[4] = False
+    grads = _softmax_mean_backward_op(
+        x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
+        ctx.backend, ctx.precision,
+    )
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+_softmax_mean_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def softmax_mean(
+    x: torch.Tensor,
+    points: torch.Tensor,
+    alpha: float | torch.Tensor,
+    var: float | torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    precision: str = "exact",
+    return_lse: bool = False,
+    check_inputs: bool = True,
+):
+    """Softmax-weighted mean of points for each query, never forming the B x N weights.
+
+    Args:
+        x: (..., B, d) queries.
+        points: (..., N, d) points; leading dims broadcast with x's.
+        alpha: float, 0-d tensor or tensor broadcastable to (..., B): scale of the points.
+        var: like alpha, > 0: the variance dividing the squared distance.
+        bias: None or (..., N) log-weights per point; -inf excludes a point.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (env DIFFMEM_BACKEND
+            overrides "auto").
+        precision: "exact" (direct differences; matches float64 to ~1e-5 relative on float32
+            inputs) or "fast" (centred matmul expansion; see the README for its error).
+        return_lse: also return lse = logsumexp of the logits, shape (..., B).
+        check_inputs: scan inputs for NaN/Inf, var <= 0 and fully masked bias (O((B+N)d)).
+
+    Returns:
+        mean (..., B, d), or (mean, lse) when return_lse. Differentiable w.r.t. x, points,
+        alpha, var and bias.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    c = canonicalize(x, points, alpha, var, bias, check_inputs=check_inputs)
+    name = _backends.resolve(backend, c.x.device, c.x.dtype)
+    B, d = x.shape[-2], x.shape[-1]
+    if B == 0:
+        mean = c.x.new_zeros((*c.batch_shape, 0, d))
+        lse = c.x.new_zeros((*c.batch_shape, 0))
+        return (mean, lse) if return_lse else mean
+    mean, lse = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, name, precision)
+    mean = mean.reshape(*c.batch_shape, B, d)
+    lse = lse.reshape(*c.batch_shape, B)
+    return (mean, lse) if return_lse else mean
