@@ -32,14 +32,21 @@ def _always() -> tuple[bool, str]:
     return True, ""
 
 
-def _triton_status() -> tuple[bool, str]:
+def _probe_triton() -> tuple[ModuleType | None, str]:
+    """Import the Triton kernels once, at import time (torch.compile cannot trace imports)."""
     try:
-        importlib.import_module("diffmem.ops._triton")
+        return importlib.import_module("diffmem.ops._triton"), ""
     except ImportError as exc:
-        return False, f"triton kernels could not be loaded ({exc})"
-    from ._triton import status
+        return None, f"triton kernels could not be loaded ({exc})"
 
-    return status()
+
+_TRITON, _TRITON_IMPORT_ERROR = _probe_triton()
+
+
+def _triton_status() -> tuple[bool, str]:
+    if _TRITON is None:
+        return False, _TRITON_IMPORT_ERROR
+    return _TRITON.status()
 
 
 def _cuda_status() -> tuple[bool, str]:

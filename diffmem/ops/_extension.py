@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
+import importlib
 from types import ModuleType
 
 
 def _build_info() -> dict:
-    path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    """CPU_REASON / CUDA_REASON from the module CMake writes at build time (absent if unbuilt)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        info = importlib.import_module("diffmem._build_info")
+    except ImportError:
         return {}
+    return {"cpu_reason": info.CPU_REASON, "cuda_reason": info.CUDA_REASON}
 
 
-@functools.lru_cache(maxsize=None)
+_loaded: list[tuple[ModuleType | None, str]] = []  # filled on first use
+
+
 def _try_load() -> tuple[ModuleType | None, str]:
-    try:
-        from diffmem import _C  # type: ignore[attr-defined]
-    except ImportError as exc:
-        reason = _build_info().get("cpu_reason") or (
-            f"the compiled module diffmem._C could not be imported ({exc}); reinstall with a "
-            "C++ compiler available"
-        )
-        return None, reason
-    return _C, ""
+    if not _loaded:
+        try:
+            from diffmem import _C  # type: ignore[attr-defined]
+
+            _loaded.append((_C, ""))
+        except ImportError as exc:
+            reason = _build_info().get("cpu_reason") or (
+                f"the compiled module diffmem._C could not be imported ({exc}); reinstall "
+                "with a C++ compiler available"
+            )
+            _loaded.append((None, reason))
+    return _loaded[0]
 
 
 def cpu_extension_status() -> tuple[bool, str]:

@@ -33,7 +33,10 @@ def _logits(x, y, alpha, var, bias):
 
 
 def forward(x, points, alpha, var, bias, precision="exact"):
-    """mean (G, B, d) and lse (G, B) in the input dtype; precision is ignored (always exact)."""
+    """mean (G, B, d) and lse (G, B) in the input dtype, and lse (G, B) in float64.
+
+    precision is ignored: the reference is always exact.
+    """
     dtype = x.dtype
     x, y, alpha, var = (t.double() for t in (x, points, alpha, var))
     bias = None if bias is None else bias.double()
@@ -57,16 +60,20 @@ def forward(x, points, alpha, var, bias, precision="exact"):
         m = m_new
     mean = acc / s[:, :, None]
     lse = m + torch.log(s)
-    return mean.to(dtype), lse.to(dtype)
+    return mean.to(dtype), lse.to(dtype, copy=True), lse
 
 
 def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs, precision="exact"):
     """Gradients (dx, dpoints, dalpha, dvar, dbias), dense canonical shapes; None where not needed.
 
-    needs: five booleans in that order. grad_mean / grad_lse may be None (zero).
+    needs: five booleans in that order. grad_mean / grad_lse may be None (zero). The saved
+    mean and lse are recomputed in float64 rather than used: their rounding to the input dtype
+    would cost accuracy when the points sit far from the origin.
     """
     dtype = x.dtype
-    x, y, alpha, var, mean, lse = (t.double() for t in (x, points, alpha, var, mean, lse))
+    mean, _, lse = forward(x.double(), points.double(), alpha.double(), var.double(),
+                        None if bias is None else bias.double())
+    x, y, alpha, var = (t.double() for t in (x, points, alpha, var))
     bias = None if bias is None else bias.double()
     G, B, d = x.shape
     N = y.shape[1]

@@ -30,15 +30,22 @@ def _softmax_mean_op(
     bias: Optional[torch.Tensor],
     backend: str,
     precision: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonical layout in (see _canonical.py); dense mean (G, B, d) and lse (G, B) out."""
-    return _backends.module(backend).forward(x, points, alpha, var, bias, precision)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical layout in (see _canonical.py); dense mean (G, B, d), lse (G, B) and lse64 out.
+
+    lse64 (G, B) is lse in float64, kept for the backward (weights recomputed from a rounded
+    lse would not sum to one when |lse| is large).
+    """
+    out = _backends.module(backend).forward(x, points, alpha, var, bias, precision)
+    if len(out) == 2:  # backend without a float64 lse of its own
+        out = (*out, out[1].to(torch.float64, copy=True))
+    return tuple(out)
 
 
 @_softmax_mean_op.register_fake
 def _(x, points, alpha, var, bias, backend, precision):
     G, B, d = x.shape
-    return x.new_empty((G, B, d)), x.new_empty((G, B))
+    return x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64)
 
 
 @torch.library.custom_op("diffmem::softmax_mean_backward", mutates_args=())
@@ -49,7 +56,7 @@ def _softmax_mean_backward_op(
     var: torch.Tensor,
     bias: Optional[torch.Tensor],
     mean: torch.Tensor,
-    lse: torch.Tensor,
+    lse64: torch.Tensor,
     grad_mean: Optional[torch.Tensor],
     grad_lse: Optional[torch.Tensor],
     needs: list[bool],
@@ -58,13 +65,13 @@ def _softmax_mean_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
     grads = _backends.module(backend).backward(
-        x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, tuple(needs), precision
+        x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, tuple(needs), precision
     )
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @_softmax_mean_backward_op.register_fake
-def _(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs, backend, precision):
+def _(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, backend, precision):
     G, B, d = x.shape
     N = points.shape[1]
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
@@ -73,18 +80,18 @@ def _(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs, backen
 
 def _setup_context(ctx, inputs, output):
     x, points, alpha, var, bias, backend, precision = inputs
-    mean, lse = output
-    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse)
+    mean, _, lse64 = output
+    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse64)
     ctx.backend, ctx.precision = backend, precision
 
 
-def _backward(ctx, grad_mean, grad_lse):
-    x, points, alpha, var, bias, mean, lse = ctx.saved_tensors
+def _backward(ctx, grad_mean, grad_lse, _grad_lse64):
+    x, points, alpha, var, bias, mean, lse64 = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if bias is None:
         needs[4] = False
     grads = _softmax_mean_backward_op(
-        x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
+        x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
         ctx.backend, ctx.precision,
     )
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
@@ -133,7 +140,7 @@ def softmax_mean(
         mean = c.x.new_zeros((*c.batch_shape, 0, d))
         lse = c.x.new_zeros((*c.batch_shape, 0))
         return (mean, lse) if return_lse else mean
-    mean, lse = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, name, precision)
+    mean, lse, _ = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, name, precision)
     mean = mean.reshape(*c.batch_shape, B, d)
     lse = lse.reshape(*c.batch_shape, B)
     return (mean, lse) if return_lse else mean

@@ -1,0 +1,1 @@
+"""Benchmarks of diffmem: ``compare.py`` (comparison table) and the pytest-benchmark suite."""

@@ -1,0 +1,13 @@
+"""The comparison benchmark of softmax_mean against torch methods; see diffmem/bench.py.
+
+    python benchmarks/compare.py [--quick] [--sizes "B,N,d;..."] [--device cuda] ...
+
+is the same as ``diffmem bench ...``.
+"""
+
+import sys
+
+from diffmem.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
