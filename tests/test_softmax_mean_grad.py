@@ -53,6 +53,23 @@ GRAD_CASES = [(b, s) for b in BACKENDS for s in [(5, 7, 3), (9, 7, 30)]] + \
              [(b, s) for b in FAST_BACKENDS for s in [(27, 1000, 30), (5, 300, 257)]]
 
 
+def _gradient_errors(backend, shape, t, offset, seed):
+    """Relative errors of the five float32 gradients of (mean, lse) against float64 autograd."""
+    B, N, d = shape
+    x, y, alpha, var = vp_case(B=B, N=N, d=d, t=t, offset=offset, seed=seed)
+    bias = 0.5 * torch.randn(N, device=DEVICE)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(B, d, generator=gen).to(DEVICE)
+    h = torch.randn(B, generator=gen).to(DEVICE)
+    got = _grads(lambda *a: diffmem.softmax_mean(*a, backend=backend, return_lse=True),
+                 _leaves(x, y, alpha, var, bias), g, h)
+    want = _grads(oracle, _leaves(*(t_.double() for t_ in (x, y, alpha, var, bias))),
+                  g.double(), h.double())
+    assert all(a.dtype == torch.float32 for a in got)
+    names = ["x", "points", "alpha", "var", "bias"]
+    return {n: rel_fro(a, b) for n, a, b in zip(names, got, want)}
+
+
 # Measured worst case of the cpu backend over the whole t grid: 8e-6 (d = 3072).
 GRAD_TOL = 3e-5
 
@@ -61,19 +78,7 @@ GRAD_TOL = 3e-5
 @pytest.mark.parametrize("t", [0.001, 0.05, 0.3603, 0.8, 0.999])
 def test_float32_gradients_match_float64_autograd(backend, shape, t):
     """float32 gradients of (mean, lse) against autograd through the float64 oracle."""
-    B, N, d = shape
-    x, y, alpha, var = vp_case(B=B, N=N, d=d, t=t, seed=B + N + d)
-    bias = 0.5 * torch.randn(N, device=DEVICE)
-    gen = torch.Generator().manual_seed(7)
-    g = torch.randn(B, d, generator=gen).to(DEVICE)
-    h = torch.randn(B, generator=gen).to(DEVICE)
-    got = _grads(lambda *a: diffmem.softmax_mean(*a, backend=backend, return_lse=True),
-                 _leaves(x, y, alpha, var, bias), g, h)
-    want = _grads(oracle, _leaves(*(t_.double() for t_ in (x, y, alpha, var, bias))),
-                  g.double(), h.double())
-    names = ["x", "points", "alpha", "var", "bias"]
-    errors = {n: rel_fro(a, b) for n, a, b in zip(names, got, want)}
-    assert all(a.dtype == torch.float32 for a in got)
+    errors = _gradient_errors(backend, shape, t, offset=0.0, seed=sum(shape))
     assert max(errors.values()) <= GRAD_TOL, errors
 
 
@@ -86,16 +91,5 @@ def test_float32_gradients_far_from_origin(backend, shape, t):
     eps * |offset| / spread; centring the points (and computing D = sum_i w_i g.(y_i - c) from the
     recomputed weights) avoids it.
     """
-    B, N, d = shape
-    x, y, alpha, var = vp_case(B=B, N=N, d=d, t=t, offset=1000.0, seed=B + N + d + 1)
-    bias = 0.5 * torch.randn(N, device=DEVICE)
-    gen = torch.Generator().manual_seed(8)
-    g = torch.randn(B, d, generator=gen).to(DEVICE)
-    h = torch.randn(B, generator=gen).to(DEVICE)
-    got = _grads(lambda *a: diffmem.softmax_mean(*a, backend=backend, return_lse=True),
-                 _leaves(x, y, alpha, var, bias), g, h)
-    want = _grads(oracle, _leaves(*(t_.double() for t_ in (x, y, alpha, var, bias))),
-                  g.double(), h.double())
-    names = ["x", "points", "alpha", "var", "bias"]
-    errors = {n: rel_fro(a, b) for n, a, b in zip(names, got, want)}
+    errors = _gradient_errors(backend, shape, t, offset=1000.0, seed=sum(shape) + 1)
     assert max(errors.values()) <= GRAD_TOL, errors
