@@ -98,7 +98,7 @@ def _extremes(t: torch.Tensor) -> tuple[float, float]:
     """
     if t.numel() == 0:
         return 1.0, 1.0
-    lo, hi = torch.aminmax(t)
+    lo, hi = torch.aminmax(t.detach())
     return float(lo), float(hi)
 
 
