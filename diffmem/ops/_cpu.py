@@ -43,18 +43,22 @@ def forward(x, points, alpha, var, bias, precision="exact"):
     N = points.shape[1]
     mean = new_output((G, B, d), x.dtype)
     lse = new_output((G, B), x.dtype)
+    lse64 = new_output((G, B), torch.float64)
     ext.softmax_mean_forward(
         str(x.dtype).removeprefix("torch."), _PRECISION[precision], _threads(), G, B, N, d,
         _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
-        _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse),
+        _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse), _ptr(lse64),
     )
-    return mean, lse
+    return mean, lse, lse64
 
 
-def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs, precision="exact"):
+def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision="exact"):
+    """``mean`` and ``lse64`` are the forward's outputs (mean in the input dtype, dense (G, B, d);
+    lse64 float64, dense (G, B)): the kernel recomputes the weights from lse64 in one pass."""
     ext = load_cpu_extension()
     x, points, alpha, var, bias = (_groupwise(t) for t in (x, points, alpha, var, bias))
-    lse = lse.contiguous()
+    mean = mean.to(x.dtype).contiguous()
+    lse64 = lse64.to(torch.float64).contiguous()
     grad_mean = None if grad_mean is None else grad_mean.contiguous()
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     G, B, d = x.shape
@@ -64,7 +68,7 @@ def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
     ext.softmax_mean_backward(
         str(x.dtype).removeprefix("torch."), _PRECISION[precision], _threads(), G, B, N, d,
         _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
-        _ptr(bias), _gs(bias), _ptr(lse), _ptr(grad_mean), _ptr(grad_lse),
+        _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse64), _ptr(grad_mean), _ptr(grad_lse),
         *(_ptr(t) for t in out),
     )
     return tuple(out)

@@ -1,0 +1,62 @@
+// Shared declarations for the diffmem CPU kernels (module.cpp <-> per-ISA kernel objects).
+#pragma once
+#include <cstdint>
+#include <cstddef>
+
+namespace diffmem {
+
+// Arguments of one softmax-mean call.  All strides are in elements; a group stride of 0
+// means "shared by all groups".  Null pointers mean "absent" (see module.cpp).
+template <class T>
+struct SmArgs {
+  int precision = 0;  // 0 = exact, 1 = fast
+  int threads = 1;
+  int64_t G = 0, B = 0, N = 0, d = 0;
+  const T* x = nullptr;     int64_t x_gs = 0;      // (G,) x (B,d)
+  const T* y = nullptr;     int64_t y_gs = 0;      // (G,) x (N,d)
+  const T* alpha = nullptr; int64_t alpha_gs = 0;  // (G,) x (B,)
+  const T* var = nullptr;   int64_t var_gs = 0;    // (G,) x (B,)
+  const T* bias = nullptr;  int64_t bias_gs = 0;   // (G,) x (N,) or null
+  // forward outputs
+  T* mean_out = nullptr;  // (G,B,d)
+  T* lse_out = nullptr;   // (G,B)
+  double* lse64_out = nullptr;  // (G,B) float64 lse at full precision, or null
+  // backward inputs / outputs
+  const T* mean = nullptr;       // (G,B,d) the forward's mean output
+  const double* lse64 = nullptr; // (G,B) the forward's lse64_out
+  const T* grad_mean = nullptr;  // (G,B,d) or null
+  const T* grad_lse = nullptr;   // (G,B) or null
+  T* dx = nullptr;      // (G,B,d) or null
+  T* dy = nullptr;      // (G,N,d) or null
+  T* dalpha = nullptr;  // (G,B) or null
+  T* dvar = nullptr;    // (G,B) or null
+  T* dbias = nullptr;   // (G,N) or null
+};
+
+template <class T>
+struct KnnArgs {
+  int threads = 1;
+  int64_t G = 0, B = 0, N = 0, d = 0, k = 1;
+  const T* x = nullptr; int64_t x_gs = 0;
+  const T* y = nullptr; int64_t y_gs = 0;
+  T* dist_out = nullptr;      // (G,B,k)
+  int64_t* idx_out = nullptr;  // (G,B,k)
+};
+
+// One set of fp32 entry points per instruction-set variant (same source, see kernels_impl.h).
+#define DIFFMEM_DECLARE_F32(NS)                         \
+  namespace NS {                                        \
+  void forward_f32(const SmArgs<float>& a);             \
+  void backward_f32(const SmArgs<float>& a);            \
+  void knn_f32(const KnnArgs<float>& a);                \
+  }
+DIFFMEM_DECLARE_F32(isa_generic)
+DIFFMEM_DECLARE_F32(isa_avx2)
+DIFFMEM_DECLARE_F32(isa_avx512)
+
+// float64: one simple portable path (used for gradcheck / references).
+void forward_f64(const SmArgs<double>& a);
+void backward_f64(const SmArgs<double>& a);
+void knn_f64(const KnnArgs<double>& a);
+
+}  // namespace diffmem

@@ -1,0 +1,704 @@
+// Backward and k-NN fp32 kernels; included by kernels_impl.h inside namespace DM_NS (it relies
+// on the helpers defined there).
+//
+// Backward (single pass over the points; per group, thread tid owns a contiguous range of point
+// tiles, and each tile is processed for all queries in chunks of QCMAX):
+//   The forward's float64 lse (lse64) gives the weights w = exp(logit - lse) directly: the
+//   logits are recomputed with exactly the forward's operations (bit for bit), and lse64 is
+//   exact to ~1e-16 relative, so the weights sum to 1 within the exp's rounding (~1e-7) without
+//   any re-normalisation.  D[b] = g[b].(mean[b] - c) comes from the forward's mean (O(B d)),
+//   c = centroid of the points (g.y is accumulated as g.(y - c) too).  The float32 mean has an
+//   absolute error ~eps |mean|, too coarse when the points are far from the origin relative to
+//   their spread (|c| > 2 rms(y - c), e.g. data offset by 1000, or N = 1): then a first pass
+//   recomputes D = sum_i w_i g.(y_i - c) / sum_i w_i from the weights (3 FMA per element).
+//   Per (query block x point tile):
+//     loop 1 over k (vectorised over points, transposed tile yT): the shifted distance s (exact)
+//            or x'.yc (fast), g.y and y.diff, with diff = fma(-alpha, y, x);
+//     then P = w (g.y - D + h) and the per-query sums for dalpha (sum P y.diff) and dvar
+//            (sum P s + d var sum P: no cancellation thanks to the shifted distance);
+//     loop 2 over k (row form, vectorised over coordinates, register block of queries x
+//            coordinate vectors, one point at a time): diff = fma(-alpha, y, x) is formed once
+//            and feeds both dx (sum_i P diff) and dy (sum_b w g + (P alpha/var) diff).
+//   dy and dbias of a tile are complete when the tile is done (one thread owns the tile); dx
+//   and the per-query sums go to per-thread partials reduced in thread order at the end
+//   (deterministic for a given thread count, no atomics).
+// The gradient formulas use the difference x - alpha y directly (not the expanded form), so
+// they do not cancel catastrophically for small var or data far from the origin.
+namespace {
+
+template <int Q, bool FAST, bool FULL>
+inline void k_blogit(const float* X, const float* Gm, int64_t ld, const float* al, const float* va,
+                     const float* yT, const float* yTg, int k0, int k1, float* S, float* GY, float* YD,
+                     float* SD) {
+  constexpr bool SHIFT_S = !FAST;
+  constexpr bool HAS_SD = FAST && FULL;
+  vf aS[Q][NV], aG[Q][NV], aY[Q][NV], aD[Q][NV];
+  vf a[Q];
+  for (int q = 0; q < Q; ++q) {
+    a[q] = vb(al[q]);
+    for (int v = 0; v < NV; ++v) aS[q][v] = aG[q][v] = aY[q][v] = aD[q][v] = vb(0.f);
+  }
+  for (int kc = k0; kc < k1; kc += 16) {
+    const int ke = (int)imin(kc + 16, k1);
+    if (SHIFT_S || HAS_SD) {
+      for (int q = 0; q < Q; ++q) {
+        const vf sh = vb((float)(ke - kc) * va[q]);
+        for (int v = 0; v < NV; ++v) {
+          if (SHIFT_S) aS[q][v] -= sh;
+          if (HAS_SD) aD[q][v] -= sh;
+        }
+      }
+    }
+    for (int k = kc; k < ke; ++k) {
+      vf yv[NV], yg[NV];
+      for (int v = 0; v < NV; ++v) {
+        yv[v] = vld(yT + (size_t)k * NT + v * W);
+        yg[v] = FAST ? yv[v] : vld(yTg + (size_t)k * NT + v * W);
+      }
+      for (int q = 0; q < Q; ++q) {
+        const vf xb = vb(X[q * ld + k]);
+        const vf gb = vb(Gm[q * ld + k]);
+        for (int v = 0; v < NV; ++v) {
+          if (FAST) {
+            aS[q][v] = vfma(xb, yv[v], aS[q][v]);
+            if (FULL) {
+              const vf df = vfnma(a[q], yv[v], xb);
+              aY[q][v] = vfma(yv[v], df, aY[q][v]);
+              aD[q][v] = vfma(df, df, aD[q][v]);
+            }
+          } else {
+            const vf df = vfnma(a[q], yv[v], xb);
+            aS[q][v] = vfma(df, df, aS[q][v]);
+            if (FULL) aY[q][v] = vfma(yv[v], df, aY[q][v]);
+          }
+          aG[q][v] = vfma(gb, yg[v], aG[q][v]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) {
+      vst(S + q * NT + v * W, aS[q][v]);
+      vst(GY + q * NT + v * W, aG[q][v]);
+      if (FULL) vst(YD + q * NT + v * W, aY[q][v]);
+      if (HAS_SD) vst(SD + q * NT + v * W, aD[q][v]);
+    }
+}
+
+
+// Fused dx / dy micro-kernel (row form) for coordinates [kc, kc + DV*W) of Q queries and the n
+// points of a packed tile (row stride dp of yR / dyR; ld of X, Gm and dxa): with
+// diff = fma(-alpha_q, y_i, x_q),
+//   dxa[q] += sum_i P[q,i] diff          (fp32 over the tile, then added in double)
+//   dyR[i] += sum_q Wt[q,i] g_q + Pq[q,i] diff
+template <int Q, int DV, bool DX, bool DY>
+inline void k_dxy(const float* X, const float* Gm, int64_t ld, const float* al, const float* P,
+                  const float* Wt, const float* Pq, const float* yR, int dp, int n, double* dxa,
+                  float* dyR) {
+  vf xr[Q][DV], gr[Q][DV], r[Q][DV], a[Q];
+  for (int q = 0; q < Q; ++q) {
+    a[q] = vb(al[q]);
+    for (int j = 0; j < DV; ++j) {
+      xr[q][j] = vld(X + q * ld + j * W);
+      if (DY) gr[q][j] = vld(Gm + q * ld + j * W);
+      r[q][j] = vb(0.f);
+    }
+  }
+  // IU points at a time: independent dy chains (the dy update is a chain of 2Q FMAs per point)
+  auto step = [&](auto iuc, int i) {
+    constexpr int IU = decltype(iuc)::value;
+    vf yv[IU][DV], dy[IU][DV];
+    for (int u = 0; u < IU; ++u)
+      for (int j = 0; j < DV; ++j) {
+        yv[u][j] = vld(yR + (size_t)(i + u) * dp + j * W);
+        if (DY) dy[u][j] = vld(dyR + (size_t)(i + u) * dp + j * W);
+      }
+    for (int q = 0; q < Q; ++q)
+      for (int u = 0; u < IU; ++u) {
+        const vf pb = vb(P[q * NT + i + u]);
+        vf wb, qb;
+        if (DY) { wb = vb(Wt[q * NT + i + u]); qb = vb(Pq[q * NT + i + u]); }
+        for (int j = 0; j < DV; ++j) {
+          const vf df = vfnma(a[q], yv[u][j], xr[q][j]);
+          if (DX) r[q][j] = vfma(pb, df, r[q][j]);
+          if (DY) dy[u][j] = vfma(qb, df, vfma(wb, gr[q][j], dy[u][j]));
+        }
+      }
+    if (DY)
+      for (int u = 0; u < IU; ++u)
+        for (int j = 0; j < DV; ++j) vst(dyR + (size_t)(i + u) * dp + j * W, dy[u][j]);
+  };
+  int i = 0;
+  for (; i + IU_DXY <= n; i += IU_DXY) step(std::integral_constant<int, IU_DXY>{}, i);
+  for (; i < n; ++i) step(std::integral_constant<int, 1>{}, i);
+  if (DX)
+    for (int q = 0; q < Q; ++q) {
+      double* aq = dxa + (size_t)q * ld;  // dxa rows have X's stride
+      alignas(64) float t[DV * W];
+      for (int j = 0; j < DV; ++j) vst(t + j * W, r[q][j]);
+      for (int l = 0; l < DV * W; ++l) aq[l] += (double)t[l];
+    }
+}
+
+// yP / dyP are in panel layout (see to_panels): the panel of coordinates [kc, kc + PW) of all NT
+// points is contiguous (row stride PW), so one k-chunk touches two small contiguous blocks.
+constexpr int PW = DV_DXY * W;
+inline size_t panel_off(int kc) { return (size_t)(kc / PW) * NT * PW; }
+void to_panels(const float* yR, int ldr, int dp, int n, float* yP) {
+  for (int kc = 0; kc < dp; kc += PW) {
+    const int w = (int)imin(PW, dp - kc);
+    float* dst = yP + panel_off(kc);
+    for (int i = 0; i < n; ++i) std::memcpy(dst + (size_t)i * PW, yR + (size_t)i * ldr + kc, sizeof(float) * w);
+  }
+}
+template <bool DX, bool DY>
+void tile_dxy(const float* X, const float* Gm, int dp, const float* al, const float* P,
+              const float* Wt, const float* Pq, const float* yP, int nq, int n, double* dxa, float* dyP) {
+  dv_chunks<DV_DXY>(dp, [&](auto dvc, int kc) {
+    constexpr int DV = decltype(dvc)::value;
+    const size_t po = panel_off(kc) + (size_t)(kc % PW);
+    qblocks<QB_DXY>(nq, [&](auto qcn, int q) {
+      constexpr int Q = decltype(qcn)::value;
+      k_dxy<Q, DV, DX, DY>(X + (size_t)q * dp + kc, Gm + (size_t)q * dp + kc, dp, al + q, P + q * NT,
+                           Wt + q * NT, Pq + q * NT, yP + po, PW, n, dxa + (size_t)q * dp + kc, dyP + po);
+    });
+  });
+}
+
+// Exact-mode loop 1 for d > DB over coordinates [k0, k1) (one DB block): the shifted distance
+// in 16-coordinate fp32 chunks added into double in the same order as the forward's
+// k_logit_dbl (bit-identical logits); g.(y - c) and y.diff likewise in 16-coordinate fp32
+// chunks.  The double sums live in memory (L1), which leaves registers for Q queries.  Continues the sums in Sd / GYd / YDd.
+template <int Q, bool FULL>
+inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const float* al, const float* va,
+                         const float* yT, const float* yTg, int k0, int k1, double* Sd, double* GYd,
+                         double* YDd) {
+  constexpr int H = W / 2;
+  vf aG[Q][NV], aY[Q][NV], a[Q];
+  for (int q = 0; q < Q; ++q) a[q] = vb(al[q]);
+  for (int kc = k0; kc < k1; kc += 16) {
+    const int ke = (int)imin(kc + 16, k1);
+    vf acc[Q][NV];
+    for (int q = 0; q < Q; ++q) {
+      const vf sh = vb((float)(ke - kc) * va[q]);
+      for (int v = 0; v < NV; ++v) {
+        acc[q][v] = vb(0.f) - sh;
+        aG[q][v] = aY[q][v] = vb(0.f);
+      }
+    }
+    for (int k = kc; k < ke; ++k) {
+      vf yv[NV], yg[NV];
+      for (int v = 0; v < NV; ++v) {
+        yv[v] = vld(yT + (size_t)k * NT + v * W);
+        yg[v] = vld(yTg + (size_t)k * NT + v * W);
+      }
+      for (int q = 0; q < Q; ++q) {
+        const vf xb = vb(X[q * ld + k]);
+        const vf gb = vb(Gm[q * ld + k]);
+        for (int v = 0; v < NV; ++v) {
+          const vf df = vfnma(a[q], yv[v], xb);
+          acc[q][v] = vfma(df, df, acc[q][v]);
+          if (FULL) aY[q][v] = vfma(yv[v], df, aY[q][v]);
+          aG[q][v] = vfma(gb, yg[v], aG[q][v]);
+        }
+      }
+    }
+    for (int q = 0; q < Q; ++q)
+      for (int v = 0; v < NV; ++v) {
+        double* ps = Sd + q * NT + v * W;
+        vstd(ps, vldd(ps) + lo_d(acc[q][v]));
+        vstd(ps + H, vldd(ps + H) + hi_d(acc[q][v]));
+        double* pg = GYd + q * NT + v * W;
+        vstd(pg, vldd(pg) + lo_d(aG[q][v]));
+        vstd(pg + H, vldd(pg + H) + hi_d(aG[q][v]));
+        if (FULL) {
+          double* py = YDd + q * NT + v * W;
+          vstd(py, vldd(py) + lo_d(aY[q][v]));
+          vstd(py + H, vldd(py + H) + hi_d(aY[q][v]));
+        }
+      }
+  }
+}
+
+struct BWork {
+  Buf b_Xp, b_Gp, b_GY, b_YD, b_SD, b_GYd, b_YDd, b_SDd, b_W, b_Pq, b_dx, b_tmp, b_q, b_yTc, b_yP;
+  float *Xp, *Gp, *GY, *YD, *SD, *Wt, *Pq, *tmp, *yTc, *yP;
+  double *GYd, *YDd, *SDd, *dxa, *qd;
+  void init(int dp, int qcmax) {
+    Xp = b_Xp.get<float>((size_t)qcmax * dp);
+    Gp = b_Gp.get<float>((size_t)qcmax * dp);
+    GY = b_GY.get<float>((size_t)qcmax * NT);
+    YD = b_YD.get<float>((size_t)qcmax * NT);
+    SD = b_SD.get<float>((size_t)qcmax * NT);
+    GYd = b_GYd.get<double>((size_t)qcmax * NT);
+    YDd = b_YDd.get<double>((size_t)qcmax * NT);
+    SDd = b_SDd.get<double>((size_t)qcmax * NT);
+    Wt = b_W.get<float>((size_t)qcmax * NT);
+    Pq = b_Pq.get<float>((size_t)qcmax * NT);
+    dxa = b_dx.get<double>((size_t)qcmax * dp);
+    tmp = b_tmp.get<float>((size_t)4 * 16 * NT);
+    qd = b_q.get<double>((size_t)qcmax * 12);
+    yTc = b_yTc.get<float>((size_t)dp * NT);
+    yP = b_yP.get<float>((size_t)cdiv(dp, DV_DXY * W) * NT * DV_DXY * W);
+  }
+};
+
+// All per-(query, point) quantities of one tile for the backward: S (float; plus Sd in double
+// when d > DB), GY, and with FULL also YD and (fast) SD.
+template <bool FAST, bool FULL>
+void tile_B(const float* X, const float* Gm, int64_t ld, const float* al, const float* va, int nq,
+            int d, const float* yT, const float* yTg, Work& w, BWork& bw) {
+  constexpr int QM = FAST ? QB_P2F : QB_P2;
+  if (d <= DB) {
+    qblocks<QM>(nq, [&](auto qc, int q) {
+      constexpr int Q = decltype(qc)::value;
+      k_blogit<Q, FAST, FULL>(X + q * ld, Gm + q * ld, ld, al + q, va + q, yT, yTg, 0, d, w.Sf + q * NT,
+                              bw.GY + q * NT, bw.YD + q * NT, bw.SD + q * NT);
+    });
+    return;
+  }
+  const int m = nq * NT;
+  for (int i = 0; i < m; ++i) w.Sd[i] = bw.GYd[i] = bw.YDd[i] = bw.SDd[i] = 0.0;
+  if (!FAST) {
+    for (int k0 = 0; k0 < d; k0 += DB) {
+      const int k1 = (int)imin(d, k0 + DB);
+      qblocks<QB_BD>(nq, [&](auto qc, int q) {
+        constexpr int Q = decltype(qc)::value;
+        k_blogit_dbl<Q, FULL>(X + q * ld, Gm + q * ld, ld, al + q, va + q, yT, yTg, k0, k1,
+                              w.Sd + q * NT, bw.GYd + q * NT, bw.YDd + q * NT);
+      });
+    }
+    for (int i = 0; i < m; ++i) {
+      w.Sf[i] = (float)w.Sd[i];
+      bw.GY[i] = (float)bw.GYd[i];
+      bw.YD[i] = (float)bw.YDd[i];
+    }
+    return;
+  }
+  float* t0 = bw.tmp;
+  float* t1 = t0 + 16 * NT;
+  float* t2 = t1 + 16 * NT;
+  float* t3 = t2 + 16 * NT;
+  // exact: 16-coordinate fp32 chunks (the logit must match the forward's k_logit_dbl bit for
+  // bit: same chunk values, added into double in the same order); fast: DB-coordinate blocks.
+  constexpr int FB = FAST ? DB : 16;
+  for (int k0 = 0; k0 < d; k0 += FB) {
+    const int k1 = (int)imin(d, k0 + FB);
+    qblocks<QM>(nq, [&](auto qc, int q) {
+      constexpr int Q = decltype(qc)::value;
+      k_blogit<Q, FAST, FULL>(X + q * ld, Gm + q * ld, ld, al + q, va + q, yT, yTg, k0, k1, t0, t1, t2, t3);
+      const int o = q * NT;
+      for (int i = 0; i < Q * NT; ++i) {
+        w.Sd[o + i] += (double)t0[i];
+        bw.GYd[o + i] += (double)t1[i];
+        if (FULL) bw.YDd[o + i] += (double)t2[i];
+        if (FAST && FULL) bw.SDd[o + i] += (double)t3[i];
+      }
+    });
+  }
+  for (int i = 0; i < m; ++i) {
+    w.Sf[i] = (float)w.Sd[i];
+    bw.GY[i] = (float)bw.GYd[i];
+    bw.YD[i] = (float)bw.YDd[i];
+    bw.SD[i] = (float)bw.SDd[i];
+  }
+}
+
+// w = exp(logit - lse') for query q of the current tile (NV vectors).  lse' (double) is split
+// into hi + lo floats, so the argument keeps the double lse's precision: (logit - hi) is exact
+// for every non-negligible weight (Sterbenz), then lo is subtracted.
+template <bool FAST>
+inline void tile_weights(const Work& w, int q, const QConst& qc, double lse_d, bool dbl, vf* out) {
+  if (!dbl) {
+    const float hi = (float)lse_d;
+    const vf vhi = vb(hi), vlo = vb((float)(lse_d - (double)hi));
+    for (int v = 0; v < NV; ++v)
+      out[v] = vexp((logit_f<FAST>(vld(w.Sf + q * NT + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc) - vhi) - vlo);
+  } else {
+    alignas(64) float t[NT];
+    for (int j = 0; j < NT; ++j) t[j] = (float)(logit_d<FAST>(w.Sd[q * NT + j], w.bt[j], w.yn[j], qc) - lse_d);
+    for (int v = 0; v < NV; ++v) out[v] = vexp(vld(t + v * W));
+  }
+}
+
+// Per-group data shared by all threads of the backward (prepared once per group).
+struct BShared {
+  float *Xp, *Gp;       // (B, dp): x (exact) or x' (fast), and grad_mean (or 0), zero padded
+  QConst* qc;           // logit constants per query
+  double *lse_d, *c0, *cx;  // per query: lse in the internal frame, h - g.(mean - c), c.x'
+  double* part;         // (T, B, dp) per-thread sum_i P diff   (dx)
+  double* sums;         // (T, B, 3) per-thread sum P, sum P s, sum P y.diff
+};
+
+// Pass 1 (only where the forward's float32 mean is too coarse for D, see backward_impl) for
+// queries [q0, q0+nq): D' = sum_i w_i g.(y_i - c) / sum_i w_i with exactly the g.(y - c) values
+// of the main pass, so that sum_i P_i = h holds to rounding; stores c0 = h - D'.
+template <bool FAST>
+void bwd_pass1(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, const double* c, const BShared& sh,
+               Work& w, BWork& bw) {
+  const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
+  const int64_t N = a.N, ntiles = cdiv(N, NT);
+  const float* yg = a.y + g * a.y_gs;
+  const float* al = a.alpha + g * a.alpha_gs + q0;
+  const float* va = a.var + g * a.var_gs + q0;
+  const float* bg = a.bias ? a.bias + g * a.bias_gs : nullptr;
+  const float* X = sh.Xp + (size_t)q0 * dp;
+  const float* Gm = sh.Gp + (size_t)q0 * dp;
+  const bool dbl = d > DB;
+  double* Z = w.sc;
+  double* Dq = bw.qd;
+  for (int q = 0; q < nq; ++q) { Dq[q] = 0.0; Z[q] = 0.0; }
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t i0 = t * NT;
+    const int n = (int)imin(NT, N - i0);
+    pack_tile(yg, i0, n, d, rstride(dp), FAST ? c : nullptr, w.yT, w.yR, w.yn, w.cy, FAST ? nullptr : bw.yTc, c);
+    load_bias(bg, i0, n, w.bt);
+    tile_B<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+    for (int q = 0; q < nq; ++q) {
+      vf wv[NV];
+      tile_weights<FAST>(w, q, sh.qc[q0 + q], sh.lse_d[q0 + q], dbl, wv);
+      vf acc = vb(0.f), z = vb(0.f);
+      for (int v = 0; v < NV; ++v) {
+        acc = vfma(wv[v], vld(bw.GY + q * NT + v * W), acc);
+        z += wv[v];
+      }
+      Dq[q] += (double)hsum(acc);
+      Z[q] += (double)hsum(z);
+    }
+  }
+  for (int q = 0; q < nq; ++q)
+    sh.c0[q0 + q] = (a.grad_lse ? (double)a.grad_lse[g * a.B + q0 + q] : 0.0) - Dq[q] / Z[q];
+}
+
+// One packed tile (points i0..i0+n) for queries [q0, q0+nq): accumulates this thread's partial
+// dx / sums, the tile's dy (dyR, row form) and dbias (db).
+template <bool FAST>
+void bwd_tile(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int n, const BShared& sh,
+              double* part, double* sums, float* dyR, vf* db, Work& w, BWork& bw) {
+  const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
+  const float* al = a.alpha + g * a.alpha_gs + q0;
+  const float* va = a.var + g * a.var_gs + q0;
+  const float* X = sh.Xp + (size_t)q0 * dp;
+  const float* Gm = sh.Gp + (size_t)q0 * dp;
+  const bool dbl = d > DB;
+  tile_B<FAST, true>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+  for (int q = 0; q < nq; ++q) {
+    const int64_t b = q0 + q;
+    vf wv[NV];
+    tile_weights<FAST>(w, q, sh.qc[b], sh.lse_d[b], dbl, wv);
+    const vf c0 = vb((float)sh.c0[b]);
+    const vf pqs = vb(al[q] / va[q]);
+    vf s1 = vb(0.f), s2 = vb(0.f), s3 = vb(0.f);
+    for (int v = 0; v < NV; ++v) {
+      const int o = q * NT + v * W;
+      const vf P = wv[v] * (vld(bw.GY + o) + c0);
+      const vf sv = FAST ? vld(bw.SD + o) : vld(w.Sf + o);
+      vf yd = vld(bw.YD + o);
+      if (FAST) yd += vb((float)sh.cx[b]) - vb(al[q]) * vld(w.cy + v * W);
+      s1 += P;
+      s2 = vfma(P, sv, s2);
+      s3 = vfma(P, yd, s3);
+      vst(bw.Wt + o, wv[v]);
+      vst(w.P + o, P);
+      vst(bw.Pq + o, P * pqs);
+      db[v] += P;
+    }
+    sums[3 * b + 0] += (double)hsum(s1);
+    sums[3 * b + 1] += (double)hsum(s2);
+    sums[3 * b + 2] += (double)hsum(s3);
+  }
+  double* dxa = part ? part + (size_t)q0 * dp : nullptr;
+  if (a.dx && a.dy)
+    tile_dxy<true, true>(X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, nq, n, dxa, dyR);
+  else if (a.dx)
+    tile_dxy<true, false>(X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, nq, n, dxa, dyR);
+  else if (a.dy)
+    tile_dxy<false, true>(X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, nq, n, dxa, dyR);
+}
+
+template <bool FAST>
+void backward_impl(const SmArgs<float>& a) {
+  if (!(a.dx || a.dy || a.dalpha || a.dvar || a.dbias)) return;
+  const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
+  const int dp = (int)(cdiv(d, W) * W);
+  const int T = (int)imax(1, a.threads);
+  const int64_t ntiles = cdiv(N, NT);
+  const int64_t qc2 = imin(B, QCMAX);  // query chunk
+  const int64_t nch = imin(B, T * cdiv(B, (int64_t)T * QCMAX));  // pass-1 query chunks
+  const int64_t qc1 = cdiv(B, nch) + 1;
+  const int64_t qcmax = imax(qc1, qc2);
+  Buf bc, bX, bG, bq, bd3, bpart, bsums, bss;
+  // Centre of the points (g.y is accumulated as g.(y - c)) and their spread per column.
+  double* ss = bss.get<double>((size_t)G * d);
+  const double* c = centres(a, bc, ss);
+  BShared sh;
+  sh.Xp = bX.get<float>((size_t)B * dp);
+  sh.Gp = bG.get<float>((size_t)B * dp);
+  sh.qc = bq.get<QConst>((size_t)B);
+  double* d3 = bd3.get<double>((size_t)3 * B);
+  sh.lse_d = d3; sh.c0 = d3 + B; sh.cx = d3 + 2 * B;
+  sh.part = a.dx ? bpart.get<double>((size_t)T * B * dp) : nullptr;
+  sh.sums = bsums.get<double>((size_t)T * B * 3);
+#pragma omp parallel num_threads(T)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+    Work w;
+    w.init((int)d, dp, (int)qcmax);
+    BWork bw;
+    bw.init(dp, (int)qcmax);
+    Buf bdy;
+    const int ldr = rstride(dp);
+    const size_t npan = (size_t)cdiv(dp, PW) * NT * PW;
+    // dy of the current tile in panel layout; offset by 1 KiB + 1 line against 4K aliasing
+    // with yP (both are page-aligned mmaps)
+    float* dyR = bdy.get<float>(npan + 272) + 272;
+    double* part = sh.part ? sh.part + (size_t)tid * B * dp : nullptr;
+    double* sums = sh.sums + (size_t)tid * B * 3;
+    for (int64_t g = 0; g < G; ++g) {
+      const double* cg = c ? c + g * d : nullptr;
+      const float* xg = a.x + g * a.x_gs;
+      const float* al = a.alpha + g * a.alpha_gs;
+      const float* va = a.var + g * a.var_gs;
+      const float* gm = a.grad_mean ? a.grad_mean + g * B * d : nullptr;
+      const float* mg = a.mean ? a.mean + g * B * d : nullptr;
+      // per-query preparation
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        float* xr = sh.Xp + (size_t)b * dp;
+        float* gr = sh.Gp + (size_t)b * dp;
+        double x2 = 0.0, cxx = 0.0, D = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+          xr[k] = FAST ? xprime(xg[b * d + k], al[b], cg[k]) : xg[b * d + k];
+          gr[k] = gm ? gm[b * d + k] : 0.f;
+          if (gm) D += (double)gr[k] * ((double)mg[b * d + k] - cg[k]);
+          if (FAST) {
+            x2 += (double)xr[k] * xr[k];
+            cxx += cg[k] * (double)xr[k];
+          }
+        }
+        for (int64_t k = d; k < dp; ++k) xr[k] = gr[k] = 0.f;
+        sh.qc[b] = qconst<FAST>(al[b], va[b]);
+        const double lse = a.lse64[g * B + b];
+        sh.lse_d[b] = FAST ? lse + 0.5 * x2 / (double)va[b] : lse + 0.5 * (double)d;
+        sh.cx[b] = cxx;
+        sh.c0[b] = (a.grad_lse ? (double)a.grad_lse[g * B + b] : 0.0) - D;
+      }
+      // D from the forward's mean has an absolute error ~ eps |g| |mean| (float32 rounding):
+      // fine while the points are not far from the origin relative to their spread; otherwise
+      // (|c| > 2 rms(y - c), e.g. data offset by 1000, or N = 1) a first pass recomputes D
+      // consistently from the weights.
+      bool p1 = false;
+      if (gm) {
+        double c2 = 0.0, s2 = 0.0;
+        for (int64_t k = 0; k < d; ++k) { c2 += cg[k] * cg[k]; s2 += ss[g * d + k]; }
+        p1 = c2 > 4.0 * s2 / (double)N;
+      }
+      if (p1) {
+#pragma omp for schedule(static)
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          const int64_t q0 = ch * B / nch, q1 = (ch + 1) * B / nch;
+          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cg, sh, w, bw);
+        }
+      }
+      // one pass over the points (thread tid owns a contiguous range of tiles)
+      if (part) std::memset(part, 0, sizeof(double) * B * dp);
+      std::memset(sums, 0, sizeof(double) * B * 3);
+      const int64_t tb = tid * ntiles / nth, te = (tid + 1) * ntiles / nth;
+      const float* yg = a.y + g * a.y_gs;
+      const float* bg = a.bias ? a.bias + g * a.bias_gs : nullptr;
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t i0 = t * NT;
+        const int n = (int)imin(NT, N - i0);
+        pack_tile(yg, i0, n, (int)d, ldr, FAST ? cg : nullptr, w.yT, w.yR, w.yn, w.cy,
+                  FAST ? nullptr : bw.yTc, cg);
+        load_bias(bg, i0, n, w.bt);
+        if (a.dx || a.dy) to_panels(w.yR, ldr, dp, n, bw.yP);
+        if (a.dy) std::memset(dyR, 0, sizeof(float) * npan);
+        vf db[NV];
+        for (int v = 0; v < NV; ++v) db[v] = vb(0.f);
+        for (int64_t q0 = 0; q0 < B; q0 += qc2)
+          bwd_tile<FAST>(a, g, q0, (int)imin(qc2, B - q0), n, sh, part, sums, dyR, db, w, bw);
+        if (a.dy)
+          for (int j = 0; j < n; ++j)
+            for (int kc = 0; kc < d; kc += PW)
+              std::memcpy(a.dy + (g * N + i0 + j) * d + kc, dyR + panel_off(kc) + (size_t)j * PW,
+                          sizeof(float) * imin(PW, d - kc));
+        if (a.dbias) {
+          alignas(64) float tb_[NT];
+          for (int v = 0; v < NV; ++v) vst(tb_ + v * W, db[v]);
+          for (int j = 0; j < n; ++j) a.dbias[g * N + i0 + j] = tb_[j];
+        }
+      }
+#pragma omp barrier
+      // reduce the per-thread partials in thread order
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t gb = g * B + b;
+        const double vv = va[b];
+        if (a.dx) {
+          for (int64_t k = 0; k < d; ++k) {
+            double s = 0.0;
+            for (int u = 0; u < nth; ++u) s += sh.part[((size_t)u * B + b) * dp + k];
+            a.dx[gb * d + k] = (float)(-s / vv);
+          }
+        }
+        double sP = 0.0, sPS = 0.0, sPY = 0.0;
+        for (int u = 0; u < nth; ++u) {
+          const double* su = sh.sums + ((size_t)u * B + b) * 3;
+          sP += su[0]; sPS += su[1]; sPY += su[2];
+        }
+        if (a.dalpha) a.dalpha[gb] = (float)(sPY / vv);
+        if (a.dvar) a.dvar[gb] = (float)((sPS + sP * (double)d * vv) / (2.0 * vv * vv));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// k-NN: the exact-mode distance kernel with alpha = 1, var = 0 (no shift), fp32 partial sums of
+// at most DB coordinates flushed into double; a bounded max-heap per query ordered by
+// (distance, index), so ties go to the lower index and the result is deterministic.
+struct Heap {
+  double* dist;
+  int64_t* idx;
+  int64_t size;
+};
+inline bool lex_less(double da, int64_t ia, double db, int64_t ib) { return da < db || (da == db && ia < ib); }
+inline void heap_sift_down(Heap& h, int64_t i, int64_t n) {
+  for (;;) {
+    int64_t l = 2 * i + 1, m = i;
+    if (l < n && lex_less(h.dist[m], h.idx[m], h.dist[l], h.idx[l])) m = l;
+    if (l + 1 < n && lex_less(h.dist[m], h.idx[m], h.dist[l + 1], h.idx[l + 1])) m = l + 1;
+    if (m == i) return;
+    double td = h.dist[i]; h.dist[i] = h.dist[m]; h.dist[m] = td;
+    int64_t ti = h.idx[i]; h.idx[i] = h.idx[m]; h.idx[m] = ti;
+    i = m;
+  }
+}
+inline void heap_offer(Heap& h, int64_t K, double s, int64_t i) {
+  if (h.size < K) {
+    int64_t p = h.size++;
+    h.dist[p] = s; h.idx[p] = i;
+    while (p > 0) {
+      int64_t par = (p - 1) / 2;
+      if (!lex_less(h.dist[par], h.idx[par], h.dist[p], h.idx[p])) break;
+      double td = h.dist[par]; h.dist[par] = h.dist[p]; h.dist[p] = td;
+      int64_t ti = h.idx[par]; h.idx[par] = h.idx[p]; h.idx[p] = ti;
+      p = par;
+    }
+  } else if (lex_less(s, i, h.dist[0], h.idx[0])) {
+    h.dist[0] = s; h.idx[0] = i;
+    heap_sift_down(h, 0, K);
+  }
+}
+
+}  // namespace
+
+void backward_f32(const SmArgs<float>& a) {
+  if (a.precision == 1) backward_impl<true>(a);
+  else backward_impl<false>(a);
+}
+
+void knn_f32(const KnnArgs<float>& a) {
+  const int64_t G = a.G, B = a.B, N = a.N, d = a.d, K = a.k;
+  const int dp = (int)(cdiv(d, W) * W);
+  const int T = (int)imax(1, a.threads);
+  const int64_t ntiles = cdiv(N, NT);
+  const int64_t qcs = imax(1, imin(64, (int64_t(1) << 20) / K));
+  const int64_t nqc = cdiv(B, qcs);
+  // Few (group, query chunk) items (e.g. one query): split the points too; each split keeps its
+  // own top-k, merged afterwards in lexicographic (distance, index) order: the same result as
+  // one pass, for any split.
+  int64_t S = 1;
+  if (G * nqc < 2 * T) S = imax(1, imin(imin(cdiv(2 * T, G * nqc), ntiles / 4), 16));
+  Buf bpd, bpi;
+  double* pd = S > 1 ? bpd.get<double>((size_t)G * B * S * K) : nullptr;
+  int64_t* pi = S > 1 ? bpi.get<int64_t>((size_t)G * B * S * K) : nullptr;
+#pragma omp parallel num_threads(T)
+  {
+    Work w;
+    w.init((int)d, dp, (int)qcs);
+    Buf bo, bz, bhd, bhi;
+    float* ones = bo.get<float>(qcs);
+    float* zeros = bz.get<float>(qcs);
+    for (int64_t q = 0; q < qcs; ++q) { ones[q] = 1.f; zeros[q] = 0.f; }
+    double* hd = bhd.get<double>((size_t)qcs * K);
+    int64_t* hi = bhi.get<int64_t>((size_t)qcs * K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < G * nqc * S; ++it) {
+      const int64_t sp = it % S, g = (it / S) / nqc, q0 = ((it / S) % nqc) * qcs;
+      const int64_t tb = sp * ntiles / S, te = (sp + 1) * ntiles / S;
+      const int nq = (int)imin(qcs, B - q0);
+      const float* X = a.x + g * a.x_gs + q0 * d;
+      const float* yg = a.y + g * a.y_gs;
+      Heap* hs = nullptr;
+      Heap hq[64];
+      hs = hq;
+      for (int q = 0; q < nq; ++q) hs[q] = Heap{hd + (size_t)q * K, hi + (size_t)q * K, 0};
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t i0 = t * NT;
+        const int n = (int)imin(NT, N - i0);
+        pack_tile(yg, i0, n, (int)d, dp, nullptr, w.yT, w.yR, w.yn, w.cy);
+        tile_S<false>(X, d, ones, zeros, nq, (int)d, w.yT, w.Sf, w.Sd, w.tmp);
+        for (int q = 0; q < nq; ++q) {
+          Heap& h = hs[q];
+          for (int j = 0; j < n; ++j) {
+            const double s = d > DB ? w.Sd[q * NT + j] : (double)w.Sf[q * NT + j];
+            if (h.size == K && !(s < h.dist[0])) continue;  // later points have larger indices
+            heap_offer(h, K, s, i0 + j);
+          }
+        }
+      }
+      if (S > 1) {  // this split's candidates (unsorted; missing ones +inf)
+        for (int q = 0; q < nq; ++q) {
+          const Heap& h = hs[q];
+          const size_t o = ((size_t)(g * B + q0 + q) * S + sp) * K;
+          for (int64_t r = 0; r < K; ++r) {
+            pd[o + r] = r < h.size ? h.dist[r] : kInfD;
+            pi[o + r] = r < h.size ? h.idx[r] : INT64_MAX;
+          }
+        }
+        continue;
+      }
+      for (int q = 0; q < nq; ++q) {
+        Heap& h = hs[q];
+        // heap sort: repeatedly move the largest to the end
+        for (int64_t e = h.size - 1; e > 0; --e) {
+          double td = h.dist[0]; h.dist[0] = h.dist[e]; h.dist[e] = td;
+          int64_t ti = h.idx[0]; h.idx[0] = h.idx[e]; h.idx[e] = ti;
+          heap_sift_down(h, 0, e);
+        }
+        const int64_t ob = (g * B + q0 + q) * K;
+        for (int64_t r = 0; r < K; ++r) {
+          const double s = h.dist[r];
+          a.dist_out[ob + r] = (float)std::sqrt(s > 0 ? s : 0.0);
+          a.idx_out[ob + r] = h.idx[r];
+        }
+      }
+    }
+    if (S > 1) {
+      // merge: the k lexicographically smallest of the S*K candidates (a K-heap over them)
+#pragma omp for schedule(static)
+      for (int64_t gb = 0; gb < G * B; ++gb) {
+        Heap h{hd, hi, 0};
+        const size_t o = (size_t)gb * S * K;
+        for (int64_t e = 0; e < S * K; ++e)
+          if (pi[o + e] != INT64_MAX) heap_offer(h, K, pd[o + e], pi[o + e]);
+        for (int64_t e = h.size - 1; e > 0; --e) {
+          double td = h.dist[0]; h.dist[0] = h.dist[e]; h.dist[e] = td;
+          int64_t ti = h.idx[0]; h.idx[0] = h.idx[e]; h.idx[e] = ti;
+          heap_sift_down(h, 0, e);
+        }
+        for (int64_t r = 0; r < K; ++r) {
+          const double s = h.dist[r];
+          a.dist_out[gb * K + r] = (float)std::sqrt(s > 0 ? s : 0.0);
+          a.idx_out[gb * K + r] = h.idx[r];
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,676 @@
+// diffmem fp32 CPU kernels.  This header is compiled several times, once per instruction set
+// (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp), each time with its own DM_NS
+// namespace, DM_ISA level (0 generic, 1 AVX2+FMA, 2 AVX-512) and compiler flags; module.cpp
+// picks one at run time.  Everything here has internal linkage, so the differently compiled
+// copies can never be mixed up by the linker.
+//
+// Scheme (per group g, per work item = a chunk of queries x a range of point tiles):
+//   * Points are streamed in tiles of NT (= NV vectors) points.  Each tile is packed into a
+//     thread-local buffer twice: transposed, yT[k][j] (so logits vectorise ACROSS POINTS: one
+//     vector = W points, no horizontal reductions), and row-major padded, yR[j][k] (for the
+//     weighted sums, which vectorise across coordinates).
+//   * Logit micro-kernel: a register block of Q queries x NV point-vectors; per coordinate k it
+//     broadcasts x[q,k] and loads NV vectors of yT.
+//   * Online softmax per query (running max m, running sum l, running weighted sum acc), so the
+//     B x N matrix is never materialised.  m, l and acc are kept in double.
+//
+// Precision ("exact", the default): diff = fma(-alpha, y, x) (single rounding) and the fp32
+// accumulator holds the SHIFTED distance s = sum_k (diff_k^2 - var): every chunk of 16
+// coordinates starts by subtracting 16*var, which keeps partial sums near zero for points near
+// the query.  Every DB = 256 coordinates the fp32 partial sum is flushed into a double
+// accumulator (hierarchical summation), and for d > DB the logits are formed in double.
+// The internal logit is bias - s/(2 var), i.e. the true logit + d/2 (softmax-invariant); the
+// reported lse subtracts d/2 again.
+// "fast": logits from the expansion around the group centre c (in double):
+//   x' = x - alpha c, yc = y - c,  logit = bias + alpha/var x'.yc - alpha^2/(2 var) |yc|^2,
+// true lse = internal lse - |x'|^2/(2 var).  One FMA per (query, point, coordinate).
+#include "common.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if DM_ISA >= 1
+#include <immintrin.h>
+#endif
+
+namespace diffmem {
+namespace DM_NS {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Vector width and register-block sizes per instruction set.
+#if DM_ISA == 2
+constexpr int W = 16;      // fp32 lanes
+constexpr int NV = 2;      // point vectors per tile -> NT = 32 points
+constexpr int QB_EXACT = 6, QB_EXACT_D = 3, QB_FAST = 10, QB_P2 = 3, QB_P2F = 2;
+constexpr int QB_WS = 4, DV_WS = 4, QB_DXY = 2, DV_DXY = 2, IU_DXY = 2, QB_BD = 3;
+#elif DM_ISA == 1
+constexpr int W = 8;
+constexpr int NV = 2;
+constexpr int QB_EXACT = 2, QB_EXACT_D = 1, QB_FAST = 4, QB_P2 = 1, QB_P2F = 1;
+constexpr int QB_WS = 2, DV_WS = 4, QB_DXY = 2, DV_DXY = 1, IU_DXY = 1, QB_BD = 1;
+#else
+constexpr int W = 4;
+constexpr int NV = 2;
+constexpr int QB_EXACT = 2, QB_EXACT_D = 1, QB_FAST = 4, QB_P2 = 1, QB_P2F = 1;
+constexpr int QB_WS = 2, DV_WS = 4, QB_DXY = 2, DV_DXY = 1, IU_DXY = 1, QB_BD = 1;
+#endif
+constexpr int NT = W * NV;   // points per tile
+constexpr int DB = 256;      // d above which the logits are accumulated and formed in double
+constexpr int QCMAX = 256;   // queries per work item
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+constexpr float kInfF = __builtin_inff();
+constexpr double kInfD = __builtin_inf();
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline vf vld(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
+inline void vst(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vb(float a) { return vf{} + a; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// a*b + c (fused where the hardware has FMA)
+inline vf vfma(vf a, vf b, vf c) {
+#if DM_ISA == 2
+  return _mm512_fmadd_ps(a, b, c);
+#elif DM_ISA == 1
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+// c - a*b with a single rounding (the exact-mode difference x - alpha*y).
+inline vf vfnma(vf a, vf b, vf c) {
+#if DM_ISA == 2
+  return _mm512_fnmadd_ps(a, b, c);
+#elif DM_ISA == 1
+  return _mm256_fnmadd_ps(a, b, c);
+#else
+  // No FMA assumed: the product of two floats is exact in double, so this rounds (almost
+  // always) exactly like a fused operation.
+  typedef double vd __attribute__((vector_size(W * 8)));
+  vd r = __builtin_convertvector(c, vd) - __builtin_convertvector(a, vd) * __builtin_convertvector(b, vd);
+  return __builtin_convertvector(r, vf);
+#endif
+}
+inline float hmax(vf v) {
+#if DM_ISA == 2
+  return _mm512_reduce_max_ps(v);
+#else
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+#endif
+}
+inline float hsum(vf v) {
+#if DM_ISA == 2
+  return _mm512_reduce_add_ps(v);
+#else
+  float s = v[0];
+  for (int l = 1; l < W; ++l) s += v[l];
+  return s;
+#endif
+}
+
+// exp(x) for float vectors, ~1-2 ulp.  x < -87.34 (including -inf) gives exactly 0; x is
+// clamped at 88.  n = round(x/ln2) via the 1.5*2^23 trick, r = x - n ln2 (Cody-Waite split,
+// exact without FMA), exp(r) by a degree-6 polynomial (our own relative-minimax fit on
+// [-ln2/2, ln2/2]), times 2^n built in the exponent bits.
+inline vf vexp(vf x) {
+  const vf lo = vb(-87.33654f);
+  const vi under = x < lo;
+  vf xc = x < lo ? lo : x;
+  xc = xc > vb(88.0f) ? vb(88.0f) : xc;
+  const vf magic = vb(12582912.0f);
+  const vf t = vfma(xc, vb(1.44269504088896341f), magic);
+  const vf n = t - magic;
+  vf r = vfma(n, vb(-0.693359375f), xc);
+  r = vfma(n, vb(2.12194440e-4f), r);
+  vf p = vb(0.0013814454432576895f);
+  p = vfma(p, r, vb(0.008368711918592453f));
+  p = vfma(p, r, vb(0.04166838899254799f));
+  p = vfma(p, r, vb(0.1666652113199234f));
+  p = vfma(p, r, vb(0.4999999403953552f));
+  p = vfma(p, r * r, r) + vb(1.0f);
+  const vi e = (((vi)t - (vi)magic) + 127) << 23;
+  const vf res = p * (vf)e;
+  return under ? vb(0.0f) : res;
+}
+
+// Row stride of row-major point tiles: for large d an odd number of cache lines, so that the
+// NT rows of a tile do not all map to the same few L1 sets (d = 1024, 2048, 3072, ...).
+inline int rstride(int dp) { return (dp >= 256 && (dp / 16) % 2 == 0) ? dp + 16 : dp; }
+
+// 64-byte aligned scratch owned by one thread.
+struct Buf {
+  void* p = nullptr;
+  ~Buf() { std::free(p); }
+  template <class T>
+  T* get(size_t n) {
+    std::free(p);
+    size_t bytes = ((n * sizeof(T) + 63) / 64) * 64 + 64;
+    p = std::aligned_alloc(64, bytes);
+    return static_cast<T*>(p);
+  }
+};
+
+// Calls f(integral_constant<Q>, q) for query blocks of QMAX, then one smaller tail block.
+template <int Q, class F>
+inline void tail_dispatch(int r, int q, F& f) {
+  if constexpr (Q >= 1) {
+    if (r == Q) { f(std::integral_constant<int, Q>{}, q); return; }
+    tail_dispatch<Q - 1>(r, q, f);
+  }
+}
+template <int QMAX, class F>
+inline void qblocks(int nq, F&& f) {
+  int q = 0;
+  for (; q + QMAX <= nq; q += QMAX) f(std::integral_constant<int, QMAX>{}, q);
+  if (q < nq) tail_dispatch<QMAX - 1>(nq - q, q, f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile packing.  Points [i0, i0+n) of one group go to yR[j*dp + k] (row-major, zero padded to
+// dp) and yT[k*NT + j] (transposed); missing points (j >= n) are zero.  With a centre c the
+// values are float(y - c), and yn[j] = |yc_j|^2, cy[j] = c.yc_j are produced (fast mode).
+void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const double* c, float* yT,
+               float* yR, float* yn, float* cy, float* yTc = nullptr, const double* cc = nullptr) {
+  if (yTc) {  // centred transposed copy float(y - cc) (exact-mode backward: g.(y - c))
+    for (int k = 0; k < d; ++k) {
+      float* row = yTc + (size_t)k * NT;
+      for (int j = 0; j < NT; ++j) row[j] = j < n ? (float)((double)yg[(i0 + j) * (int64_t)d + k] - cc[k]) : 0.f;
+    }
+  }
+  for (int j = 0; j < NT; ++j) {
+    float* r = yR + (size_t)j * dp;
+    if (j < n) {
+      const float* src = yg + (i0 + j) * (int64_t)d;
+      if (c) {
+        double s2 = 0, sc = 0;
+        for (int k = 0; k < d; ++k) {
+          float v = (float)((double)src[k] - c[k]);
+          r[k] = v;
+          s2 += (double)v * v;
+          sc += c[k] * (double)v;
+        }
+        yn[j] = (float)s2;
+        cy[j] = (float)sc;
+      } else {
+        std::memcpy(r, src, sizeof(float) * d);
+      }
+      for (int k = d; k < dp; ++k) r[k] = 0.f;
+    } else {
+      std::memset(r, 0, sizeof(float) * dp);
+      if (c) { yn[j] = 0.f; cy[j] = 0.f; }
+    }
+  }
+  // transpose in W-column strips (the strip of yT rows stays in L1)
+  for (int k0 = 0; k0 < d; k0 += W) {
+    const int kn = (int)imin(W, d - k0);
+    for (int j = 0; j < NT; ++j) {
+      vf v = vld(yR + (size_t)j * dp + k0);
+      for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * NT + j] = v[l];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward logit micro-kernel over coordinates [k0, k1) for Q queries (rows X[q*ldx]) and the
+// NT points of a packed tile.  exact: S = sum_k (fma(-alpha,y,x)^2 - var) with the shift applied
+// per 16-coordinate chunk (k0 must be a multiple of 16).  fast: S = sum_k x'_k yc_k.
+template <int Q, bool FAST>
+inline void k_logit(const float* X, int64_t ldx, const float* al, const float* va, const float* yT,
+                    int k0, int k1, float* S) {
+  vf acc[Q][NV];
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
+  if constexpr (FAST) {
+    for (int k = k0; k < k1; ++k) {
+      vf yv[NV];
+      for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+      for (int q = 0; q < Q; ++q) {
+        const vf xb = vb(X[q * ldx + k]);
+        for (int v = 0; v < NV; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
+      }
+    }
+  } else {
+    vf a[Q];
+    for (int q = 0; q < Q; ++q) a[q] = vb(al[q]);
+    for (int kc = k0; kc < k1; kc += 16) {
+      const int ke = (int)imin(kc + 16, k1);
+      for (int q = 0; q < Q; ++q) {
+        const vf sh = vb((float)(ke - kc) * va[q]);
+        for (int v = 0; v < NV; ++v) acc[q][v] -= sh;
+      }
+      for (int k = kc; k < ke; ++k) {
+        vf yv[NV];
+        for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+        for (int q = 0; q < Q; ++q) {
+          const vf xb = vb(X[q * ldx + k]);
+          for (int v = 0; v < NV; ++v) {
+            const vf df = vfnma(a[q], yv[v], xb);
+            acc[q][v] = vfma(df, df, acc[q][v]);
+          }
+        }
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) vst(S + q * NT + v * W, acc[q][v]);
+}
+
+// Exact-mode kernel for d > DB: the fp32 accumulator lives for ONE 16-coordinate chunk only
+// (it starts at -n*var) and each chunk result is added into double accumulators held in
+// registers (W/2 doubles per half vector).  Continues the sums already in Sd.
+typedef double vd __attribute__((vector_size(W * 4)));
+typedef float vh __attribute__((vector_size(W * 2)));
+// lower / upper half of a float vector, widened to double (kept in registers)
+#if DM_ISA == 2
+inline vd lo_d(vf v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline vd hi_d(vf v) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); }
+#elif DM_ISA == 1
+inline vd lo_d(vf v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+inline vd hi_d(vf v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+#else
+static_assert(W == 4, "generic path assumes 4 lanes");
+inline vd lo_d(vf v) { return __builtin_convertvector((vh){v[0], v[1]}, vd); }
+inline vd hi_d(vf v) { return __builtin_convertvector((vh){v[2], v[3]}, vd); }
+#endif
+inline vd vldd(const double* p) { vd r; std::memcpy(&r, p, sizeof r); return r; }
+inline void vstd(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+
+template <int Q>
+inline void k_logit_dbl(const float* X, int64_t ldx, const float* al, const float* va, const float* yT,
+                        int k0, int k1, double* Sd) {
+  constexpr int H = W / 2;
+  vd dl[Q][NV], dh[Q][NV];
+  vf a[Q];
+  for (int q = 0; q < Q; ++q) {
+    a[q] = vb(al[q]);
+    for (int v = 0; v < NV; ++v) {
+      dl[q][v] = vldd(Sd + q * NT + v * W);
+      dh[q][v] = vldd(Sd + q * NT + v * W + H);
+    }
+  }
+  for (int kc = k0; kc < k1; kc += 16) {
+    const int ke = (int)imin(kc + 16, k1);
+    vf acc[Q][NV];
+    for (int q = 0; q < Q; ++q) {
+      const vf sh = vb((float)(ke - kc) * va[q]);
+      for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f) - sh;
+    }
+    for (int k = kc; k < ke; ++k) {
+      vf yv[NV];
+      for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+      for (int q = 0; q < Q; ++q) {
+        const vf xb = vb(X[q * ldx + k]);
+        for (int v = 0; v < NV; ++v) {
+          const vf df = vfnma(a[q], yv[v], xb);
+          acc[q][v] = vfma(df, df, acc[q][v]);
+        }
+      }
+    }
+    for (int q = 0; q < Q; ++q)
+      for (int v = 0; v < NV; ++v) {
+        dl[q][v] += lo_d(acc[q][v]);
+        dh[q][v] += hi_d(acc[q][v]);
+      }
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) {
+      vstd(Sd + q * NT + v * W, dl[q][v]);
+      vstd(Sd + q * NT + v * W + H, dh[q][v]);
+    }
+}
+
+// S for all nq queries of a tile: fp32 result in Sf when d <= DB, else a double result in Sd,
+// computed in d-blocks of DB (d-block outer, so the yT block is reused from L1 by all queries).
+// exact: 16-coordinate fp32 chunks flushed into double (k_logit_dbl); fast: DB-coordinate
+// fp32 blocks flushed into double.
+template <bool FAST>
+void tile_S(const float* X, int64_t ldx, const float* al, const float* va, int nq, int d,
+            const float* yT, float* Sf, double* Sd, float* tmp) {
+  constexpr int QM = FAST ? QB_FAST : QB_EXACT;
+  if (d <= DB) {
+    qblocks<QM>(nq, [&](auto qc, int q) {
+      constexpr int Q = decltype(qc)::value;
+      k_logit<Q, FAST>(X + q * ldx, ldx, al + q, va + q, yT, 0, d, Sf + q * NT);
+    });
+    return;
+  }
+  for (int i = 0; i < nq * NT; ++i) Sd[i] = 0.0;
+  for (int k0 = 0; k0 < d; k0 += DB) {
+    const int k1 = (int)imin(d, k0 + DB);
+    if (!FAST) {
+      qblocks<QB_EXACT_D>(nq, [&](auto qc, int q) {
+        constexpr int Q = decltype(qc)::value;
+        k_logit_dbl<Q>(X + q * ldx, ldx, al + q, va + q, yT, k0, k1, Sd + q * NT);
+      });
+    } else {
+      qblocks<QM>(nq, [&](auto qc, int q) {
+        constexpr int Q = decltype(qc)::value;
+        k_logit<Q, FAST>(X + q * ldx, ldx, al + q, va + q, yT, k0, k1, tmp);
+        double* sd = Sd + q * NT;
+        for (int i = 0; i < Q * NT; ++i) sd[i] += (double)tmp[i];
+      });
+    }
+  }
+}
+
+// Per-query logit constants (identical in forward and backward).
+struct QConst {
+  float f1, f2;   // exact: f1 = 1/(2var);  fast: f1 = alpha/var, f2 = alpha^2/(2var)
+  double d1, d2;  // the same in double (used when d > DB)
+};
+template <bool FAST>
+inline QConst qconst(float alpha, float var) {
+  QConst c;
+  if (FAST) {
+    c.f1 = alpha / var;
+    c.f2 = 0.5f * alpha * alpha / var;
+    c.d1 = (double)alpha / var;
+    c.d2 = 0.5 * (double)alpha * alpha / var;
+  } else {
+    c.f1 = 0.5f / var;
+    c.f2 = 0.f;
+    c.d1 = 0.5 / (double)var;
+    c.d2 = 0.0;
+  }
+  return c;
+}
+template <bool FAST>
+inline vf logit_f(vf s, vf b, vf yn, const QConst& c) {
+  if (FAST) return b + vb(c.f1) * s - vb(c.f2) * yn;
+  return b - s * vb(c.f1);
+}
+template <bool FAST>
+inline double logit_d(double s, float b, float yn, const QConst& c) {
+  if (FAST) return (double)b + c.d1 * s - c.d2 * (double)yn;
+  return (double)b - s * c.d1;
+}
+
+// Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...].
+// Register block Q queries x DV vectors along d; fp32 over the tile, then added in double.
+template <int Q, int DV>
+inline void k_ws(const float* P, const float* yR, int dp, int n, double* acc, const double* sc) {
+  vf r[Q][DV];
+  for (int q = 0; q < Q; ++q)
+    for (int j = 0; j < DV; ++j) r[q][j] = vb(0.f);
+  for (int i = 0; i < n; ++i) {
+    vf yv[DV];
+    for (int j = 0; j < DV; ++j) yv[j] = vld(yR + (size_t)i * dp + j * W);
+    for (int q = 0; q < Q; ++q) {
+      const vf pb = vb(P[q * NT + i]);
+      for (int j = 0; j < DV; ++j) r[q][j] = vfma(pb, yv[j], r[q][j]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    const double s = sc[q];
+    double* aq = acc + (size_t)q * dp;
+    alignas(64) float t[DV * W];
+    for (int j = 0; j < DV; ++j) vst(t + j * W, r[q][j]);
+    for (int l = 0; l < DV * W; ++l) aq[l] = aq[l] * s + (double)t[l];
+  }
+}
+template <int DVM, class F>
+inline void dv_chunks(int dp, F&& f) {
+  int kc = 0;
+  for (; kc + DVM * W <= dp; kc += DVM * W) f(std::integral_constant<int, DVM>{}, kc);
+  const int rem = (dp - kc) / W;
+  if (rem) {
+    auto g = [&](auto dvc, int k) { f(dvc, k); };
+    tail_dispatch<DVM - 1>(rem, kc, g);
+  }
+}
+void tile_wsum(const float* P, const float* yR, int nq, int dp, int n, double* acc, const double* sc) {
+  dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
+    constexpr int DV = decltype(dvc)::value;
+    // narrow chunks (small d): more queries per block, fewer loads per FMA
+    constexpr int QW = DV <= 2 ? 2 * QB_WS : QB_WS;
+    qblocks<QW>(nq, [&](auto qc, int q) {
+      constexpr int Q = decltype(qc)::value;
+      k_ws<Q, DV>(P + q * NT, yR + kc, dp, n, acc + (size_t)q * dp + kc, sc + q);
+    });
+  });
+}
+
+// Centre of each group's points (fast mode), in double; parallel over 16-column strips
+// (each column summed in point order: deterministic).
+double* centres(const SmArgs<float>& a, Buf& buf, double* ss = nullptr) {
+  // ss (optional, G x d): per column sum_i (y_ik - c_k)^2
+  const int64_t G = a.G, N = a.N, d = a.d;
+  double* c = buf.get<double>((size_t)G * d);
+  const int64_t Gd = a.y_gs == 0 ? 1 : G;  // distinct point sets
+  const int64_t nstrip = cdiv(d, 16);
+#pragma omp parallel for schedule(static) num_threads(a.threads > 0 ? a.threads : 1)
+  for (int64_t it = 0; it < Gd * nstrip; ++it) {
+    const int64_t g = it / nstrip, k0 = (it % nstrip) * 16, k1 = imin(d, k0 + 16);
+    const float* yg = a.y + g * a.y_gs;
+    double s[16] = {0};
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = k0; k < k1; ++k) s[k - k0] += yg[i * d + k];
+    for (int64_t k = k0; k < k1; ++k) c[g * d + k] = s[k - k0] / (double)N;
+    if (ss) {
+      double q[16] = {0};
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t k = k0; k < k1; ++k) {
+          const double e = yg[i * d + k] - c[g * d + k];
+          q[k - k0] += e * e;
+        }
+      for (int64_t k = k0; k < k1; ++k) ss[g * d + k] = q[k - k0];
+    }
+  }
+  for (int64_t g = Gd; g < G; ++g) {
+    std::memcpy(c + g * d, c, sizeof(double) * d);
+    if (ss) std::memcpy(ss + g * d, ss, sizeof(double) * d);
+  }
+  return c;
+}
+inline float xprime(float x, float alpha, double c) { return (float)((double)x - (double)alpha * c); }
+
+// Thread-local workspace.
+struct Work {
+  Buf b_yT, b_yR, b_yn, b_cy, b_bt, b_Sf, b_Sd, b_tmp, b_P, b_xc, b_qc, b_sc;
+  float *yT, *yR, *yn, *cy, *bt, *Sf, *tmp, *P, *xc;
+  double *Sd, *sc;
+  QConst* qc;
+  void init(int d, int dp, int qcmax) {
+    yT = b_yT.get<float>((size_t)dp * NT);
+    yR = b_yR.get<float>((size_t)rstride(dp) * NT);
+    yn = b_yn.get<float>(NT);
+    cy = b_cy.get<float>(NT);
+    bt = b_bt.get<float>(NT);
+    Sf = b_Sf.get<float>((size_t)qcmax * NT);
+    Sd = b_Sd.get<double>((size_t)qcmax * NT);
+    tmp = b_tmp.get<float>((size_t)16 * NT);
+    P = b_P.get<float>((size_t)qcmax * NT);
+    xc = b_xc.get<float>((size_t)qcmax * dp);
+    qc = b_qc.get<QConst>(qcmax);
+    sc = b_sc.get<double>(qcmax);
+    (void)d;
+  }
+};
+
+inline void load_bias(const float* bg, int64_t i0, int n, float* bt) {
+  for (int j = 0; j < NT; ++j) bt[j] = j < n ? (bg ? bg[i0 + j] : 0.f) : -kInfF;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
+// online-softmax state (m, l, acc) of these queries.
+template <bool FAST>
+void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb, int64_t te,
+              const double* c, double* mo, double* lo, double* acc, Work& w) {
+  const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
+  const int64_t N = a.N;
+  const float* xg = a.x + g * a.x_gs + q0 * a.d;
+  const float* yg = a.y + g * a.y_gs;
+  const float* al = a.alpha + g * a.alpha_gs + q0;
+  const float* va = a.var + g * a.var_gs + q0;
+  const float* bg = a.bias ? a.bias + g * a.bias_gs : nullptr;
+  const float* X = xg;
+  if (FAST) {
+    for (int q = 0; q < nq; ++q)
+      for (int k = 0; k < d; ++k) w.xc[q * d + k] = xprime(xg[q * d + k], al[q], c[k]);
+    X = w.xc;
+  }
+  for (int q = 0; q < nq; ++q) {
+    w.qc[q] = qconst<FAST>(al[q], va[q]);
+    mo[q] = -kInfD;
+    lo[q] = 0.0;
+  }
+  std::memset(acc, 0, sizeof(double) * nq * dp);
+  const bool dbl = d > DB;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t i0 = t * NT;
+    const int n = (int)imin(NT, N - i0);
+    pack_tile(yg, i0, n, d, dp, FAST ? c : nullptr, w.yT, w.yR, w.yn, w.cy);
+    load_bias(bg, i0, n, w.bt);
+    tile_S<FAST>(X, d, al, va, nq, d, w.yT, w.Sf, w.Sd, w.tmp);
+    // online softmax update
+    for (int q = 0; q < nq; ++q) {
+      float* p = w.P + q * NT;
+      const QConst& qc = w.qc[q];
+      double mt;
+      vf lg[NV];
+      alignas(64) double lgd[NT];
+      if (!dbl) {
+        vf mv = vb(-kInfF);
+        for (int v = 0; v < NV; ++v) {
+          lg[v] = logit_f<FAST>(vld(w.Sf + q * NT + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
+          mv = vmax(mv, lg[v]);
+        }
+        mt = hmax(mv);
+      } else {
+        mt = -kInfD;
+        for (int j = 0; j < NT; ++j) {
+          lgd[j] = logit_d<FAST>(w.Sd[q * NT + j], w.bt[j], w.yn[j], qc);
+          mt = lgd[j] > mt ? lgd[j] : mt;
+        }
+      }
+      const double mold = mo[q];
+      const double mnew = mt > mold ? mt : mold;
+      if (mnew == -kInfD) {  // everything masked so far
+        for (int j = 0; j < NT; ++j) p[j] = 0.f;
+        w.sc[q] = 1.0;
+        continue;
+      }
+      const double scale = mold == -kInfD ? 0.0 : mold == mnew ? 1.0 : std::exp(mold - mnew);
+      vf sum = vb(0.f);
+      if (!dbl) {
+        const vf mf = vb((float)mnew);
+        for (int v = 0; v < NV; ++v) {
+          const vf e = vexp(lg[v] - mf);
+          vst(p + v * W, e);
+          sum += e;
+        }
+      } else {
+        for (int j = 0; j < NT; ++j) p[j] = (float)(lgd[j] - mnew);
+        for (int v = 0; v < NV; ++v) {
+          const vf e = vexp(vld(p + v * W));
+          vst(p + v * W, e);
+          sum += e;
+        }
+      }
+      lo[q] = lo[q] * scale + (double)hsum(sum);
+      mo[q] = mnew;
+      w.sc[q] = scale;
+    }
+    tile_wsum(w.P, w.yR, nq, dp, n, acc, w.sc);
+  }
+}
+
+template <bool FAST>
+void forward_impl(const SmArgs<float>& a) {
+  const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
+  const int dp = (int)(cdiv(d, W) * W);
+  const int T = (int)imax(1, a.threads);
+  const int64_t ntiles = cdiv(N, NT);
+  const int64_t nqc = cdiv(B, QCMAX);
+  const int64_t qcs = cdiv(B, nqc);
+  // split the points too when there are few (group, query chunk) items, for load balance
+  int64_t S = 1;
+  if (G * nqc < 4 * T) S = imax(1, imin(imin(cdiv(4 * T, G * nqc), ntiles / 4), 64));
+  Buf bc, bm, bl, bacc;
+  const double* c = FAST ? centres(a, bc) : nullptr;
+  double* pm = bm.get<double>((size_t)S * G * B);
+  double* pl = bl.get<double>((size_t)S * G * B);
+  double* pacc = bacc.get<double>((size_t)S * G * B * dp);
+  const int64_t nitems = G * nqc * S;
+#pragma omp parallel num_threads(T)
+  {
+    Work w;
+    w.init((int)d, dp, (int)qcs);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nitems; ++it) {
+      const int64_t s = it % S, qi = (it / S) % nqc, g = it / (S * nqc);
+      const int64_t q0 = qi * qcs;
+      const int nq = (int)imin(qcs, B - q0);
+      if (nq <= 0) continue;
+      const int64_t tb = s * ntiles / S, te = (s + 1) * ntiles / S;
+      const int64_t base = (s * G + g) * B + q0;
+      fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, pm + base, pl + base,
+                     pacc + base * dp, w);
+    }
+    // merge the splits and finish: mean = acc/l (+ c), lse = m + log l + const
+#pragma omp for schedule(static)
+    for (int64_t gb = 0; gb < G * B; ++gb) {
+      const int64_t g = gb / B, b = gb % B;
+      double M = -kInfD;
+      for (int64_t s = 0; s < S; ++s) M = pm[s * G * B + gb] > M ? pm[s * G * B + gb] : M;
+      double L = 0.0;
+      alignas(64) double f[64];
+      const int64_t Sc = S;
+      for (int64_t s = 0; s < Sc; ++s) {
+        const double m = pm[s * G * B + gb];
+        f[s] = m == -kInfD ? 0.0 : std::exp(m - M);
+        L += f[s] * pl[s * G * B + gb];
+      }
+      const double invL = 1.0 / L;
+      for (int64_t k = 0; k < d; ++k) {
+        double v = 0.0;
+        for (int64_t s = 0; s < Sc; ++s) v += f[s] * pacc[(s * G * B + gb) * dp + k];
+        v *= invL;
+        if (FAST) v += c[g * d + k];
+        a.mean_out[gb * d + k] = (float)v;
+      }
+      double cst;
+      if (FAST) {
+        const float* xr = a.x + g * a.x_gs + b * d;
+        const float alv = a.alpha[g * a.alpha_gs + b];
+        double x2 = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+          const double xp = xprime(xr[k], alv, c[g * d + k]);
+          x2 += xp * xp;
+        }
+        cst = -0.5 * x2 / (double)a.var[g * a.var_gs + b];
+      } else {
+        cst = -0.5 * (double)d;
+      }
+      const double lse = M + std::log(L) + cst;
+      a.lse_out[gb] = (float)lse;
+      if (a.lse64_out) a.lse64_out[gb] = lse;
+    }
+  }
+}
+
+}  // namespace
+
+void forward_f32(const SmArgs<float>& a) {
+  if (a.precision == 1) forward_impl<true>(a);
+  else forward_impl<false>(a);
+}
+
+#include "kernels_bwd_knn.h"
+
+}  // namespace DM_NS
+}  // namespace diffmem

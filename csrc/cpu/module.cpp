@@ -1,0 +1,246 @@
+// pybind11 module diffmem._C: CPU kernels on raw pointers (no libtorch).  The Python layer
+// passes tensor.data_ptr() values, sizes and element strides; 0 stands for "absent".  The
+// fp32 kernels exist in several instruction-set builds; the best one the CPU supports is
+// chosen once at import (DIFFMEM_ISA=generic|avx2|avx512 can force a lower one).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace diffmem;
+
+namespace {
+
+enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
+
+Isa detect_isa() {
+  Isa best = Isa::generic;
+#if DIFFMEM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+  if (best == Isa::avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    best = Isa::avx512;
+#endif
+  if (const char* env = std::getenv("DIFFMEM_ISA")) {
+    Isa want = best;
+    if (!std::strcmp(env, "generic")) want = Isa::generic;
+    else if (!std::strcmp(env, "avx2")) want = Isa::avx2;
+    else if (!std::strcmp(env, "avx512")) want = Isa::avx512;
+    if ((int)want < (int)best) best = want;  // never above what the CPU supports
+  }
+  return best;
+}
+
+const Isa g_isa = detect_isa();
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+void fwd32(const SmArgs<float>& a) {
+  switch (g_isa) {
+#if DIFFMEM_X86
+    case Isa::avx512: return isa_avx512::forward_f32(a);
+    case Isa::avx2: return isa_avx2::forward_f32(a);
+#endif
+    default: return isa_generic::forward_f32(a);
+  }
+}
+void bwd32(const SmArgs<float>& a) {
+  switch (g_isa) {
+#if DIFFMEM_X86
+    case Isa::avx512: return isa_avx512::backward_f32(a);
+    case Isa::avx2: return isa_avx2::backward_f32(a);
+#endif
+    default: return isa_generic::backward_f32(a);
+  }
+}
+void knn32(const KnnArgs<float>& a) {
+  switch (g_isa) {
+#if DIFFMEM_X86
+    case Isa::avx512: return isa_avx512::knn_f32(a);
+    case Isa::avx2: return isa_avx2::knn_f32(a);
+#endif
+    default: return isa_generic::knn_f32(a);
+  }
+}
+
+template <class T>
+const T* cp(std::uintptr_t p) { return reinterpret_cast<const T*>(p); }
+template <class T>
+T* mp(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+bool is_f32(const std::string& dtype) {
+  if (dtype == "float32") return true;
+  if (dtype == "float64") return false;
+  throw std::invalid_argument("diffmem._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+void check_sizes(int64_t G, int64_t B, int64_t N, int64_t d) {
+  if (G < 0 || B < 0 || N < 1 || d < 1) throw std::invalid_argument("diffmem._C: invalid sizes");
+}
+
+template <class T>
+SmArgs<T> make_args(int precision, int threads, int64_t G, int64_t B, int64_t N, int64_t d,
+                    std::uintptr_t x, int64_t x_gs, std::uintptr_t y, int64_t y_gs,
+                    std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var, int64_t var_gs,
+                    std::uintptr_t bias, int64_t bias_gs) {
+  SmArgs<T> a;
+  a.precision = precision;
+  a.threads = threads > 0 ? threads : 1;
+  a.G = G; a.B = B; a.N = N; a.d = d;
+  a.x = cp<T>(x); a.x_gs = x_gs;
+  a.y = cp<T>(y); a.y_gs = y_gs;
+  a.alpha = cp<T>(alpha); a.alpha_gs = alpha_gs;
+  a.var = cp<T>(var); a.var_gs = var_gs;
+  a.bias = cp<T>(bias); a.bias_gs = bias_gs;
+  return a;
+}
+
+void softmax_mean_forward(const std::string& dtype, int precision, int threads, int64_t G, int64_t B,
+                          int64_t N, int64_t d, std::uintptr_t x, int64_t x_gs, std::uintptr_t y,
+                          int64_t y_gs, std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var,
+                          int64_t var_gs, std::uintptr_t bias, int64_t bias_gs,
+                          std::uintptr_t mean_out, std::uintptr_t lse_out, std::uintptr_t lse64_out) {
+  check_sizes(G, B, N, d);
+  const bool f32 = is_f32(dtype);
+  if (G == 0 || B == 0) return;
+  py::gil_scoped_release nogil;
+  if (f32) {
+    auto a = make_args<float>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
+                              var_gs, bias, bias_gs);
+    a.mean_out = mp<float>(mean_out);
+    a.lse_out = mp<float>(lse_out);
+    a.lse64_out = mp<double>(lse64_out);
+    fwd32(a);
+  } else {
+    auto a = make_args<double>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
+                               var_gs, bias, bias_gs);
+    a.mean_out = mp<double>(mean_out);
+    a.lse_out = mp<double>(lse_out);
+    a.lse64_out = mp<double>(lse64_out);
+    forward_f64(a);
+  }
+}
+
+template <class T>
+void fill_bwd(SmArgs<T>& a, std::uintptr_t mean, std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse,
+              std::uintptr_t dx, std::uintptr_t dy, std::uintptr_t dalpha, std::uintptr_t dvar,
+              std::uintptr_t dbias) {
+  a.mean = cp<T>(mean);
+  a.lse64 = cp<double>(lse64);
+  a.grad_mean = cp<T>(grad_mean);
+  a.grad_lse = cp<T>(grad_lse);
+  a.dx = mp<T>(dx);
+  a.dy = mp<T>(dy);
+  a.dalpha = mp<T>(dalpha);
+  a.dvar = mp<T>(dvar);
+  a.dbias = mp<T>(dbias);
+}
+
+void softmax_mean_backward(const std::string& dtype, int precision, int threads, int64_t G, int64_t B,
+                           int64_t N, int64_t d, std::uintptr_t x, int64_t x_gs, std::uintptr_t y,
+                           int64_t y_gs, std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var,
+                           int64_t var_gs, std::uintptr_t bias, int64_t bias_gs, std::uintptr_t mean,
+                           std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse, std::uintptr_t dx,
+                           std::uintptr_t dy, std::uintptr_t dalpha, std::uintptr_t dvar,
+                           std::uintptr_t dbias) {
+  check_sizes(G, B, N, d);
+  const bool f32 = is_f32(dtype);
+  if (G == 0) return;
+  py::gil_scoped_release nogil;
+  if (B == 0) {  // nothing flows back: zero the point gradients
+    const size_t es = f32 ? 4 : 8;
+    if (dy) std::memset(mp<char>(dy), 0, es * G * N * d);
+    if (dbias) std::memset(mp<char>(dbias), 0, es * G * N);
+    return;
+  }
+  if (!lse64) throw std::invalid_argument("diffmem._C.softmax_mean_backward: lse64 is required");
+  if (grad_mean && !mean) throw std::invalid_argument("diffmem._C.softmax_mean_backward: mean is required");
+  if (f32) {
+    auto a = make_args<float>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
+                              var_gs, bias, bias_gs);
+    fill_bwd(a, mean, lse64, grad_mean, grad_lse, dx, dy, dalpha, dvar, dbias);
+    bwd32(a);
+  } else {
+    auto a = make_args<double>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
+                               var_gs, bias, bias_gs);
+    fill_bwd(a, mean, lse64, grad_mean, grad_lse, dx, dy, dalpha, dvar, dbias);
+    backward_f64(a);
+  }
+}
+
+void knn(const std::string& dtype, int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k,
+         std::uintptr_t x, int64_t x_gs, std::uintptr_t y, int64_t y_gs, std::uintptr_t dist_out,
+         std::uintptr_t idx_out) {
+  check_sizes(G, B, N, d);
+  if (k < 1 || k > N) throw std::invalid_argument("diffmem._C.knn: need 1 <= k <= N");
+  const bool f32 = is_f32(dtype);
+  if (G == 0 || B == 0) return;
+  py::gil_scoped_release nogil;
+  if (f32) {
+    KnnArgs<float> a;
+    a.threads = threads > 0 ? threads : 1;
+    a.G = G; a.B = B; a.N = N; a.d = d; a.k = k;
+    a.x = cp<float>(x); a.x_gs = x_gs; a.y = cp<float>(y); a.y_gs = y_gs;
+    a.dist_out = mp<float>(dist_out);
+    a.idx_out = mp<int64_t>(idx_out);
+    knn32(a);
+  } else {
+    KnnArgs<double> a;
+    a.threads = threads > 0 ? threads : 1;
+    a.G = G; a.B = B; a.N = N; a.d = d; a.k = k;
+    a.x = cp<double>(x); a.x_gs = x_gs; a.y = cp<double>(y); a.y_gs = y_gs;
+    a.dist_out = mp<double>(dist_out);
+    a.idx_out = mp<int64_t>(idx_out);
+    knn_f64(a);
+  }
+}
+
+py::dict info() {
+  py::dict d;
+  d["isa"] = isa_name(g_isa);
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["max_threads"] = 1;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "diffmem CPU kernels (softmax-weighted means over point sets, k-NN)";
+  m.def("info", &info, "Build/run-time facts: {'isa', 'openmp', 'max_threads'}");
+  m.def("softmax_mean_forward", &softmax_mean_forward, py::arg("dtype"), py::arg("precision"),
+        py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
+        py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),
+        py::arg("var"), py::arg("var_gs"), py::arg("bias"), py::arg("bias_gs"), py::arg("mean_out"),
+        py::arg("lse_out"), py::arg("lse64_out"));
+  m.def("softmax_mean_backward", &softmax_mean_backward, py::arg("dtype"), py::arg("precision"),
+        py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
+        py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),
+        py::arg("var"), py::arg("var_gs"), py::arg("bias"), py::arg("bias_gs"), py::arg("mean"),
+        py::arg("lse64"), py::arg("grad_mean"), py::arg("grad_lse"), py::arg("dx"), py::arg("dy"), py::arg("dalpha"),
+        py::arg("dvar"), py::arg("dbias"));
+  m.def("knn", &knn, py::arg("dtype"), py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"),
+        py::arg("d"), py::arg("k"), py::arg("x"), py::arg("x_gs"), py::arg("y"), py::arg("y_gs"),
+        py::arg("dist_out"), py::arg("idx_out"));
+}
