@@ -223,6 +223,28 @@ void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const double* 
   }
 }
 
+// One exact chunk [kc, ke) of at most 16 coordinates: subtract (ke - kc) * var, then add the
+// squared direct differences fma(-alpha, y, x)^2 of the chunk to acc.
+template <int Q>
+inline void k_exact_chunk(vf (&acc)[Q][NV], const vf (&a)[Q], const float* X, int64_t ldx,
+                          const float* va, const float* yT, int kc, int ke) {
+  for (int q = 0; q < Q; ++q) {
+    const vf sh = vb((float)(ke - kc) * va[q]);
+    for (int v = 0; v < NV; ++v) acc[q][v] -= sh;
+  }
+  for (int k = kc; k < ke; ++k) {
+    vf yv[NV];
+    for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+    for (int q = 0; q < Q; ++q) {
+      const vf xb = vb(X[q * ldx + k]);
+      for (int v = 0; v < NV; ++v) {
+        const vf df = vfnma(a[q], yv[v], xb);
+        acc[q][v] = vfma(df, df, acc[q][v]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward logit micro-kernel over coordinates [k0, k1) for Q queries (rows X[q*ldx]) and the
 // NT points of a packed tile.  exact: S = sum_k (fma(-alpha,y,x)^2 - var) with the shift applied
@@ -245,24 +267,8 @@ inline void k_logit(const float* X, int64_t ldx, const float* al, const float* v
   } else {
     vf a[Q];
     for (int q = 0; q < Q; ++q) a[q] = vb(al[q]);
-    for (int kc = k0; kc < k1; kc += 16) {
-      const int ke = (int)imin(kc + 16, k1);
-      for (int q = 0; q < Q; ++q) {
-        const vf sh = vb((float)(ke - kc) * va[q]);
-        for (int v = 0; v < NV; ++v) acc[q][v] -= sh;
-      }
-      for (int k = kc; k < ke; ++k) {
-        vf yv[NV];
-        for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
-        for (int q = 0; q < Q; ++q) {
-          const vf xb = vb(X[q * ldx + k]);
-          for (int v = 0; v < NV; ++v) {
-            const vf df = vfnma(a[q], yv[v], xb);
-            acc[q][v] = vfma(df, df, acc[q][v]);
-          }
-        }
-      }
-    }
+    for (int kc = k0; kc < k1; kc += 16)
+      k_exact_chunk<Q>(acc, a, X, ldx, va, yT, kc, (int)imin(kc + 16, k1));
   }
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < NV; ++v) vst(S + q * NT + v * W, acc[q][v]);
@@ -304,21 +310,9 @@ inline void k_logit_dbl(const float* X, int64_t ldx, const float* al, const floa
   for (int kc = k0; kc < k1; kc += 16) {
     const int ke = (int)imin(kc + 16, k1);
     vf acc[Q][NV];
-    for (int q = 0; q < Q; ++q) {
-      const vf sh = vb((float)(ke - kc) * va[q]);
-      for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f) - sh;
-    }
-    for (int k = kc; k < ke; ++k) {
-      vf yv[NV];
-      for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
-      for (int q = 0; q < Q; ++q) {
-        const vf xb = vb(X[q * ldx + k]);
-        for (int v = 0; v < NV; ++v) {
-          const vf df = vfnma(a[q], yv[v], xb);
-          acc[q][v] = vfma(df, df, acc[q][v]);
-        }
-      }
-    }
+    for (int q = 0; q < Q; ++q)
+      for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
+    k_exact_chunk<Q>(acc, a, X, ldx, va, yT, kc, ke);
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) {
         dl[q][v] += lo_d(acc[q][v]);

@@ -184,6 +184,19 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
   }
 }
 
+template <class T>
+KnnArgs<T> knn_args(int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k, std::uintptr_t x,
+                    int64_t x_gs, std::uintptr_t y, int64_t y_gs, std::uintptr_t dist_out,
+                    std::uintptr_t idx_out) {
+  KnnArgs<T> a;
+  a.threads = threads > 0 ? threads : 1;
+  a.G = G; a.B = B; a.N = N; a.d = d; a.k = k;
+  a.x = cp<T>(x); a.x_gs = x_gs; a.y = cp<T>(y); a.y_gs = y_gs;
+  a.dist_out = mp<T>(dist_out);
+  a.idx_out = mp<int64_t>(idx_out);
+  return a;
+}
+
 void knn(const std::string& dtype, int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k,
          std::uintptr_t x, int64_t x_gs, std::uintptr_t y, int64_t y_gs, std::uintptr_t dist_out,
          std::uintptr_t idx_out) {
@@ -192,23 +205,10 @@ void knn(const std::string& dtype, int threads, int64_t G, int64_t B, int64_t N,
   const bool f32 = is_f32(dtype);
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
-  if (f32) {
-    KnnArgs<float> a;
-    a.threads = threads > 0 ? threads : 1;
-    a.G = G; a.B = B; a.N = N; a.d = d; a.k = k;
-    a.x = cp<float>(x); a.x_gs = x_gs; a.y = cp<float>(y); a.y_gs = y_gs;
-    a.dist_out = mp<float>(dist_out);
-    a.idx_out = mp<int64_t>(idx_out);
-    knn32(a);
-  } else {
-    KnnArgs<double> a;
-    a.threads = threads > 0 ? threads : 1;
-    a.G = G; a.B = B; a.N = N; a.d = d; a.k = k;
-    a.x = cp<double>(x); a.x_gs = x_gs; a.y = cp<double>(y); a.y_gs = y_gs;
-    a.dist_out = mp<double>(dist_out);
-    a.idx_out = mp<int64_t>(idx_out);
-    knn_f64(a);
-  }
+  if (f32)
+    knn32(knn_args<float>(threads, G, B, N, d, k, x, x_gs, y, y_gs, dist_out, idx_out));
+  else
+    knn_f64(knn_args<double>(threads, G, B, N, d, k, x, x_gs, y, y_gs, dist_out, idx_out));
 }
 
 py::dict info() {
