@@ -1,7 +1,14 @@
 """Backend registry and call-time selection.
 
-A backend is a module with ``forward``, ``backward`` and ``knn`` over the canonical layout, plus a
-description of where it runs. ``backend="auto"`` (or the environment variable DIFFMEM_BACKEND)
+A backend is a module with these functions over the canonical layout of _canonical.py:
+
+    forward(x, points, alpha, var, bias, precision) -> mean (G, B, d), lse (G, B), lse64 (G, B)
+    backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision)
+        -> (dx, dpoints, dalpha, dvar, dbias), dense, None where needs[i] is False
+    knn(queries, points, k) -> dist (G, B, k), idx (G, B, k) int64
+
+lse64 is lse in float64 (weights recomputed from a rounded lse would not sum to one when |lse|
+is large); outputs are allocated with _alloc.new_output. BACKENDS says where each one runs. ``backend="auto"`` (or the environment variable DIFFMEM_BACKEND)
 picks, for CUDA tensors: cuda, then triton, then reference; for CPU tensors: cpu, then reference.
 An explicitly requested backend that cannot run the call is an error, never a silent fallback.
 """

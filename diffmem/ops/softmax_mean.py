@@ -36,10 +36,7 @@ def _softmax_mean_op(
     lse64 (G, B) is lse in float64, kept for the backward (weights recomputed from a rounded
     lse would not sum to one when |lse| is large).
     """
-    out = _backends.module(backend).forward(x, points, alpha, var, bias, precision)
-    if len(out) == 2:  # backend without a float64 lse of its own
-        out = (*out, out[1].to(torch.float64, copy=True))
-    return tuple(out)
+    return _backends.module(backend).forward(x, points, alpha, var, bias, precision)
 
 
 @_softmax_mean_op.register_fake

@@ -1,0 +1,141 @@
+"""Pieces shared by the Triton kernel families: tensor preparation and tile helpers.
+
+Conventions inside the kernels: a "group base" pointer is already offset to group g (group
+stride 0 = shared by all groups); rows are addressed with int64 offsets row * d; every tile
+helper streams the features in NUM_D chunks of BD.
+
+Exact logits are *shifted*: the helpers return
+    -(sum_k (diff_k^2 - var)) / (2 var)  =  logit + d / 2,   diff = fma(-alpha, y, x),
+which is O(sqrt(d)) instead of O(d) at high noise, so fp32 holds it (and its differences
+between points) to ~1e-7 relative. Softmax weights are unchanged; lse subtracts d / 2 at the end.
+Fast logits drop the per-query constant ||x - alpha c||^2 / (2 var) instead (see centred_shift).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_output  # noqa: F401  (re-exported for the kernel families)
+
+
+def check_float32(*tensors) -> None:
+    """The kernels compute in float32; the registry only routes float32 calls here."""
+    for t in tensors:
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"the triton backend supports float32 only, got {t.dtype}")
+
+
+def group_stride(t: torch.Tensor | None) -> int:
+    """Element stride between groups of a canonical tensor (0 when shared or G == 1)."""
+    if t is None or t.shape[0] == 1:
+        return 0
+    return t.stride(0)
+
+
+def groupwise(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Make each group contiguous, keeping a stride-0 group dimension shared (never copied)."""
+    if t is None:
+        return None
+    if t.shape[0] > 1 and t.stride(0) == 0:
+        one = t[:1]
+        return t if one.is_contiguous() else one.contiguous().expand(t.shape)
+    if t.shape[0] == 1 or t.stride(0) == 0:
+        return t if t[0].is_contiguous() else t.contiguous()
+    return t.contiguous()
+
+
+def centred_shift(x, points, alpha, var):
+    """Centre c (G or 1, d) of each group's points and kq = ||x - alpha c||^2 / (2 var), (G, B).
+
+    precision="fast" computes logits from the expansion around c and leaves out the per-query
+    constant kq; lse subtracts it at the end.
+    """
+    if points.shape[0] > 1 and points.stride(0) == 0:
+        c = points[:1].mean(dim=1).expand(points.shape[0], -1)
+    else:
+        c = points.mean(dim=1)
+    xc = torch.addcmul(x, alpha[:, :, None], c[:, None, :], value=-1.0)
+    kq = (xc * xc).sum(-1) / (2.0 * var)
+    return c, kq.contiguous()
+
+
+# Chunk partial sums are added in groups of GROUP_D before joining the running total, so the
+# sequential fp32 chain over d = 3072 is ~NUM_D / GROUP_D + GROUP_D long instead of NUM_D.
+GROUP_D = tl.constexpr(8)
+
+
+@triton.jit
+def shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                   FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr,
+                   DOT: tl.constexpr):
+    """Logits without bias for a (BB, BN) tile, shifted by a per-query constant.
+
+    rows_b (BB,) / rows_n (BN,) are int64 row offsets (row * d) into x_g / y_g; alpha, var (BB,).
+    exact: -(sum_k fma(diff, diff, -var)) / (2 var) with diff = fma(-alpha, y, x), summed per
+    BD-chunk, then in groups of chunks, then across groups. fast: alpha (x'.(y - c) -
+    alpha ||y - c||^2 / 2) / var with x' = x - alpha c, the dot on tensor cores.
+    """
+    BB: tl.constexpr = rows_b.shape[0]
+    BN: tl.constexpr = rows_n.shape[0]
+    acc = tl.zeros((BB, BN), dtype=tl.float32)
+    ynorm = tl.zeros((BN,), dtype=tl.float32)
+    for kc0 in range(0, NUM_D, GROUP_D):
+        part = tl.zeros((BB, BN), dtype=tl.float32)
+        for kc in range(kc0, tl.minimum(kc0 + GROUP_D, NUM_D)):
+            offs_k = kc * BD + tl.arange(0, BD)
+            mask_k = offs_k < d
+            xk = tl.load(x_g + rows_b[:, None] + offs_k[None, :],
+                         mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if FAST:
+                ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+                xc = tl.fma(-alpha[:, None], ck[None, :], xk)
+                yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
+                part += tl.dot(xc, tl.trans(yc), input_precision=DOT)
+                ynorm += tl.sum(yc * yc, axis=1)
+            else:
+                diff = tl.fma(-alpha[:, None, None], yk[None, :, :], xk[:, None, :])
+                vk = tl.where(mask_k[None, :], var[:, None], 0.0)
+                part += tl.sum(tl.fma(diff, diff, -vk[:, None, :]), axis=2)
+        acc += part
+    if FAST:
+        return alpha[:, None] * (acc - 0.5 * alpha[:, None] * ynorm[None, :]) / var[:, None]
+    else:
+        return -acc / (2.0 * var[:, None])
+
+
+@triton.jit
+def centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d,
+                     NUM_D: tl.constexpr, BD: tl.constexpr):
+    """(BB, BN) tile of g[b] . (y[n] - c) for the group's centre row c, by direct differences.
+
+    Centred, the dot is O(spread) instead of O(|offset|), so subtracting its weighted mean over
+    the points (the backward's D) does not cancel away the fp32 precision.
+    """
+    BB: tl.constexpr = rows_b.shape[0]
+    BN: tl.constexpr = rows_n.shape[0]
+    acc = tl.zeros((BB, BN), dtype=tl.float32)
+    for kc in range(NUM_D):
+        offs_k = kc * BD + tl.arange(0, BD)
+        mask_k = offs_k < d
+        gk = tl.load(g_g + rows_b[:, None] + offs_k[None, :],
+                     mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+        yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
+        acc += tl.sum(gk[:, None, :] * yc[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def zero_rows(rows_ptr, mask_r, d, NUM_D: tl.constexpr, BD: tl.constexpr):
+    """Write zeros to the (R, d) rows at rows_ptr (an (R, 1) pointer tensor)."""
+    R: tl.constexpr = rows_ptr.shape[0]
+    for kc in range(NUM_D):
+        offs_k = kc * BD + tl.arange(0, BD)
+        tl.store(rows_ptr + offs_k[None, :], tl.zeros((R, BD), dtype=tl.float32),
+                 mask=mask_r[:, None] & (offs_k < d)[None, :])

@@ -1,0 +1,166 @@
+"""Launch plans for the Triton kernels: block sizes, work splits and autotuning candidates.
+
+Vocabulary shared by all kernels:
+    BB  queries per program (or per query tile, in the point-gradient kernel)
+    BN  points per tile (or per program, in the point-gradient kernel)
+    BD  feature chunk: distances and accumulators are processed BD features at a time. When
+        d <= BD (SINGLE_D) accumulators live in registers; otherwise each program streams its
+        own rows of the (B, d) or (N, d) accumulator through global memory, chunk by chunk
+        ("split-d" path; the rows belong to one program, so there is no race and no atomic).
+    split
+        work split along the streamed dimension (points for the forward, knn and query-gradient
+        kernels; queries for the point-gradient kernel) across programs, merged afterwards
+        (flash-decoding style). Chosen from the shape so that small batches fill the GPU.
+
+Under TRITON_INTERPRET=1 one fixed configuration is used (no autotuning). ``force`` pins any of
+block_b / block_n / block_d / split, for tests that must exercise the split paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Dot-product precision of precision="fast". "tf32x3" (three TF32 products) keeps the expansion
+# at about fp32 accuracy while still using tensor cores; plain "tf32" has a 2^-11 relative
+# input rounding, too coarse for the centred expansion at moderate noise.
+FAST_DOT = "tf32x3"
+
+_forced: dict = {}
+
+# Largest partial-accumulator buffer a split may allocate, in elements (256 MiB of float32).
+_MAX_PARTIAL_ELEMENTS = 1 << 26
+
+
+@contextlib.contextmanager
+def force(**kwargs):
+    """Pin block_b, block_n, block_d and/or split (and split_b for the point kernel).
+
+    Forced plans bypass autotuning (also on GPU). Used by tests to reach the split-N merge and
+    the chunked split-d paths on small shapes.
+    """
+    allowed = {"block_b", "block_n", "block_d", "split", "split_b"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(f"unknown plan keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    previous = dict(_forced)
+    _forced.update({k: v for k, v in kwargs.items() if v is not None})
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(previous)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to launch one kernel. blocks is None when the autotuner picks BB/BN/num_warps."""
+
+    block_d: int
+    num_d: int
+    split: int
+    blocks: dict | None  # {"BB": .., "BN": .., "num_warps": .., "num_stages": ..}
+
+    @property
+    def single_d(self) -> bool:
+        return self.num_d == 1
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_d(d: int, fast: bool, on_gpu: bool) -> int:
+    if not on_gpu:  # interpreter: big chunks mean fewer (slow) Python-level iterations
+        bd = min(_pow2(d), 64)
+        return max(bd, 16) if fast else bd
+    if fast:  # 2-D tl.dot tiles; K must be >= 16
+        return max(16, _pow2(d)) if d <= 64 else 32
+    # exact: 3-D (BB, BN, BD) difference tiles; keep BD small, registers in the single-d case
+    return _pow2(d) if d <= 16 else 16
+
+
+def _split(programs: int, stream_len: int, rows: int, d: int, device: torch.device) -> int:
+    """Split the streamed dimension when there are too few programs to fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * _num_sms(device)
+    if programs >= target:
+        return 1
+    split = triton.cdiv(target, programs)
+    split = min(split, max(1, stream_len // 512), 64)  # keep >= 512 streamed items per split
+    split = min(split, max(1, _MAX_PARTIAL_ELEMENTS // max(1, rows * d)))
+    return max(1, split)
+
+
+def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.device) -> Plan:
+    """Plan for kind in {"forward", "query_grad", "point_grad", "knn"}.
+
+    For "point_grad" the roles swap: programs own BN points and stream over queries, so the
+    split is along B.
+    """
+    on_gpu = device.type == "cuda" and not INTERPRETED
+    # Only the forward is 2-D in fast mode; the gradient kernels always build (BB, BN, BD)
+    # difference tiles, so they take the exact chunk (at least 16, for the fast logits' tl.dot).
+    bd = _block_d(d, fast and kind == "forward", on_gpu)
+    if fast and kind in ("query_grad", "point_grad"):
+        bd = max(bd, 16)
+    bd = _forced.get("block_d") or bd
+    num_d = triton.cdiv(d, bd)
+    nominal = 32  # rows per program assumed when choosing the split before autotuning
+    if kind == "point_grad":
+        split = _forced.get("split_b") or _split(G * triton.cdiv(N, nominal), B, N, d, device)
+    else:
+        split = _forced.get("split") or _split(G * triton.cdiv(B, nominal), N, B, d, device)
+    blocks = None
+    if not on_gpu or "block_b" in _forced or "block_n" in _forced:
+        small = 16
+        blocks = {
+            "BB": _forced.get("block_b", small),
+            "BN": _forced.get("block_n", small),
+            "num_warps": 4,
+            "num_stages": 1,
+        }
+    return Plan(block_d=bd, num_d=num_d, split=split, blocks=blocks)
+
+
+def autotune_configs(fast: bool, block_d: int, single_d: bool, budget: int = 64) -> list[triton.Config]:
+    """At most two candidates per kernel so the first call (compile + tune) stays short.
+
+    fast=True only for the 2-D (tl.dot) forward; kernels with 3-D difference tiles pass False.
+    budget: fp32 elements per thread of the largest live tiles (3-D: one (BB, BN, BD) tile; the
+    gradient kernels hold several and pass 32). Checked for sm_90 with ptxas: within these
+    budgets the forward kernels compile without spills.
+    """
+    if fast:
+        prefs = [(64, 64, 8), (64, 32, 4), (128, 64, 8), (32, 32, 4)]
+    else:
+        prefs = [(32, 32, 4), (16, 32, 4), (32, 32, 8), (64, 32, 8), (16, 32, 8), (16, 16, 4)]
+    chosen = []
+    for bb, bn, warps in prefs:
+        threads = 32 * warps
+        if fast:  # logits and their partial sum, both operands, the register accumulator
+            live = 2 * bb * bn + (bb + bn) * block_d + (bb * block_d if single_d else 0)
+        else:
+            live = bb * bn * block_d
+        if live > budget * threads:
+            continue
+        chosen.append(triton.Config({"BB": bb, "BN": bn}, num_warps=warps,
+                                    num_stages=2 if single_d else 1))
+        if len(chosen) == 2:
+            break
+    if not chosen:
+        chosen.append(triton.Config({"BB": 16, "BN": 16}, num_warps=4, num_stages=1))
+    return chosen

@@ -1,0 +1,246 @@
+"""Forward kernels: online softmax over point tiles, giving the mean and lse per query.
+
+One program owns BB queries of one group and streams over its share of the point tiles with
+the running (max m, sum l, accumulator acc) of the online softmax; B x N is never stored. When
+the points are split across programs, each writes its partial (m, l, acc) and ``_merge_kernel``
+combines them. The accumulator stays in registers when d <= BD and is streamed through the
+program's own rows in global memory otherwise (see _config.py).
+
+The kernels write the final (m, l) of the shifted logits; lse = m + log(l) - shift is formed in
+float64 on the host (lse64, which the backward uses) and rounded once to float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from ._common import (centred_shift, check_float32, group_stride, groupwise, new_output,
+                      shifted_logits, zero_rows)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
+    acc_ptr, m_ptr, l_ptr,
+    G, B, N, d,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c,
+    SPLIT,
+    HAS_BIAS: tl.constexpr, FAST: tl.constexpr, FINAL: tl.constexpr,
+    NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr,
+):
+    """Grid: G * SPLIT * cdiv(B, BB) programs.
+
+    acc_ptr: (SPLIT, G, B, d) partial accumulators sum_n p (y_n - c), or the mean (G, B, d) when
+    FINAL (SPLIT = 1); c_ptr: centre row(s) c of each group (see forward()).
+    m_ptr, l_ptr: (SPLIT, G, B) max and sum of exp(logit - max) of the shifted logits (partial
+    unless FINAL).
+    """
+    pid = tl.program_id(0)
+    nqb = tl.cdiv(B, BB)
+    qb = pid % nqb
+    s = (pid // nqb) % SPLIT
+    g = (pid // nqb) // SPLIT
+    g64 = g.to(tl.int64)
+
+    offs_b = qb * BB + tl.arange(0, BB)
+    mask_b = offs_b < B
+    rows_b = offs_b.to(tl.int64) * d
+    x_g = x_ptr + g64 * gs_x
+    y_g = y_ptr + g64 * gs_y
+    c_g = c_ptr + g64 * gs_c
+    alpha = tl.load(alpha_ptr + g64 * gs_alpha + offs_b, mask=mask_b, other=0.0)
+    var = tl.load(var_ptr + g64 * gs_var + offs_b, mask=mask_b, other=1.0)
+    part = (s * G + g).to(tl.int64) * B + offs_b  # row of this split's partial results
+    acc_rows = acc_ptr + part[:, None] * d
+
+    n_tiles = tl.cdiv(N, BN)
+    per_split = tl.cdiv(n_tiles, SPLIT)
+    t_begin = s * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+
+    m = tl.full((BB,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BB,), dtype=tl.float32)
+    acc = tl.zeros((BB, BD), dtype=tl.float32)  # used when NUM_D == 1
+    if NUM_D > 1:
+        zero_rows(acc_rows, mask_b, d, NUM_D, BD)
+        tl.debug_barrier()
+
+    for t in range(t_begin, t_end):
+        offs_n = t * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        rows_n = offs_n.to(tl.int64) * d
+        logit = shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                               FAST, NUM_D, BD, DOT)
+        if HAS_BIAS:
+            logit += tl.load(bias_ptr + g64 * gs_bias + offs_n, mask=mask_n, other=0.0)[None, :]
+        logit = tl.where(mask_n[None, :], logit, float("-inf"))
+
+        m_new = tl.maximum(m, tl.max(logit, axis=1))
+        # While every point so far is masked m_new is -inf: use 0 so no exp sees -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        corr = tl.exp(m - m_safe)
+        p = tl.exp(logit - m_safe[:, None])
+        l = l * corr + tl.sum(p, axis=1)
+
+        for kc in range(NUM_D):
+            offs_k = kc * BD + tl.arange(0, BD)
+            mask_k = offs_k < d
+            yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            # Centred points keep acc small (mean = c + acc / l): fp32 sums of y ~ 1000 would
+            # cost several ulps of the mean, which the backward turns into gradient error.
+            ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+            yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
+            if FAST:
+                contrib = tl.dot(p, yc, input_precision=DOT)
+            elif BB >= 16 and BN >= 16 and BD >= 16:
+                # An explicit IEEE fp32 dot: the compiler rewrites a broadcast-multiply-sum of
+                # this shape into a TF32 dot (measured on an H200: 6e-4 relative error).
+                contrib = tl.dot(p, yc, input_precision="ieee")
+            else:
+                contrib = tl.sum(p[:, :, None] * yc[None, :, :], axis=1)
+            if NUM_D == 1:
+                acc = acc * corr[:, None] + contrib
+            else:
+                ptrs = acc_rows + offs_k[None, :]
+                mask = mask_b[:, None] & mask_k[None, :]
+                old = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(ptrs, old * corr[:, None] + contrib, mask=mask)
+        if NUM_D > 1:
+            tl.debug_barrier()  # this tile's stores are visible before the next tile's loads
+        m = m_new
+
+    tl.store(m_ptr + part, m, mask=mask_b)
+    tl.store(l_ptr + part, l, mask=mask_b)
+    l = tl.where(mask_b, l, 1.0)  # padded rows: keep the division finite
+    if NUM_D == 1:
+        offs_k = tl.arange(0, BD)
+        mask = mask_b[:, None] & (offs_k < d)[None, :]
+        if FINAL:
+            out = acc / l[:, None] + tl.load(c_g + offs_k, mask=offs_k < d, other=0.0)[None, :]
+            tl.store(acc_rows + offs_k[None, :], out, mask=mask)
+        else:
+            tl.store(acc_rows + offs_k[None, :], acc, mask=mask)
+    elif FINAL:  # normalize the streamed accumulator in place: it is the mean buffer
+        for kc in range(NUM_D):
+            offs_k = kc * BD + tl.arange(0, BD)
+            mask_k = offs_k < d
+            ptrs = acc_rows + offs_k[None, :]
+            mask = mask_b[:, None] & mask_k[None, :]
+            out = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg") / l[:, None]
+            tl.store(ptrs, out + tl.load(c_g + offs_k, mask=mask_k, other=0.0)[None, :], mask=mask)
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr, m_ptr, l_ptr, c_ptr, mean_ptr, m_out_ptr, l_out_ptr,
+    B, d, gs_c, SPLIT, stride_s,
+    NUM_D: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr,
+):
+    """Combine SPLIT partial (m, l, acc) into mean (G, B, d) and the final (m, l) (G, B).
+
+    Grid: G * cdiv(B, BB).
+
+    Partial results of split s start at row s * stride_s (stride_s = G * B).
+    """
+    pid = tl.program_id(0)
+    nqb = tl.cdiv(B, BB)
+    qb = pid % nqb
+    g64 = (pid // nqb).to(tl.int64)
+    offs_b = qb * BB + tl.arange(0, BB)
+    mask_b = offs_b < B
+    row = g64 * B + offs_b
+
+    m_max = tl.full((BB,), float("-inf"), dtype=tl.float32)
+    for s in range(SPLIT):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + s * stride_s + row, mask=mask_b,
+                                          other=float("-inf")))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # only for padded rows
+    l = tl.zeros((BB,), dtype=tl.float32)
+    for s in range(SPLIT):
+        m_s = tl.load(m_ptr + s * stride_s + row, mask=mask_b, other=float("-inf"))
+        l += tl.load(l_ptr + s * stride_s + row, mask=mask_b, other=1.0) * tl.exp(m_s - m_safe)
+    tl.store(m_out_ptr + row, m_max, mask=mask_b)
+    tl.store(l_out_ptr + row, l, mask=mask_b)
+    l = tl.where(mask_b, l, 1.0)  # padded rows: keep the division finite
+
+    c_g = c_ptr + g64 * gs_c
+    for kc in range(NUM_D):
+        offs_k = kc * BD + tl.arange(0, BD)
+        mask_k = offs_k < d
+        mask = mask_b[:, None] & mask_k[None, :]
+        acc = tl.zeros((BB, BD), dtype=tl.float32)
+        for s in range(SPLIT):
+            m_s = tl.load(m_ptr + s * stride_s + row, mask=mask_b, other=float("-inf"))
+            part = tl.load(acc_ptr + (s * stride_s + row)[:, None] * d + offs_k[None, :],
+                           mask=mask, other=0.0)
+            acc += part * tl.exp(m_s - m_safe)[:, None]
+        out = acc / l[:, None] + tl.load(c_g + offs_k, mask=mask_k, other=0.0)[None, :]
+        tl.store(mean_ptr + row[:, None] * d + offs_k[None, :], out, mask=mask)
+
+
+_KEY = ["d", "SPLIT", "HAS_BIAS", "FAST", "FINAL", "NUM_D", "BD"]
+_tuned: dict = {}
+
+
+def _launcher(plan, fast):
+    """The kernel with fixed blocks (interpreter, forced plans) or its autotuned wrapper."""
+    if plan.blocks is not None:
+        return _forward_kernel, dict(plan.blocks)
+    key = (fast, plan.block_d, plan.single_d)
+    if key not in _tuned:
+        configs = _config.autotune_configs(fast, plan.block_d, plan.single_d)
+        _tuned[key] = triton.autotune(configs=configs, key=_KEY)(_forward_kernel)
+    return _tuned[key], {}
+
+
+def forward(x, points, alpha, var, bias, precision="exact"):
+    """mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs."""
+    check_float32(x, points, alpha, var, bias)
+    x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
+    G, B, d = x.shape
+    N = points.shape[1]
+    fast = precision == "fast"
+    plan = _config.plan("forward", G, B, N, d, fast, x.device)
+    mean = new_output((G, B, d), x.dtype, x.device)
+    m = new_output((G, B), x.dtype, x.device)
+    l = new_output((G, B), x.dtype, x.device)
+    # Centre of the accumulator: the points' mean (fast, also the expansion centre) or simply
+    # each group's first point (exact; any point of the data is close enough).
+    c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
+    final = plan.split == 1
+    if final:
+        acc, m_part, l_part = mean, m, l
+    else:
+        acc = new_output((plan.split, G, B, d), x.dtype, x.device)
+        m_part = new_output((plan.split, G, B), x.dtype, x.device)
+        l_part = new_output((plan.split, G, B), x.dtype, x.device)
+
+    kernel, meta = _launcher(plan, fast)
+    grid = lambda META: (G * plan.split * triton.cdiv(B, META["BB"]),)  # noqa: E731
+    kernel[grid](
+        x, points, alpha, var, x if bias is None else bias, c,
+        acc, m_part, l_part,
+        G, B, N, d,
+        group_stride(x), group_stride(points), group_stride(alpha), group_stride(var),
+        group_stride(bias), group_stride(c),
+        plan.split,
+        HAS_BIAS=bias is not None, FAST=fast, FINAL=final,
+        NUM_D=plan.num_d, BD=plan.block_d, DOT=_config.FAST_DOT,
+        **meta,
+    )
+    if not final:
+        bb = 16 if plan.block_d >= 64 else 32
+        _merge_kernel[(G * triton.cdiv(B, bb),)](
+            acc, m_part, l_part, c, mean, m, l,
+            B, d, group_stride(c), plan.split, G * B,
+            NUM_D=plan.num_d, BD=plan.block_d, BB=bb,
+        )
+    # The shift the kernels' logits carry (see _common.py): d / 2, or kq for the expansion.
+    shift = kq.double() if fast else 0.5 * d
+    lse64 = m.double() + torch.log(l.double()) - shift
+    return mean, lse64.float(), lse64

@@ -1,0 +1,306 @@
+"""Triton-specific paths: split-N merge, chunked (split-d) accumulators, plans and autotuning.
+
+The shared suite runs the Triton backend through the public API with its default plans; here the
+kernels are called directly on the canonical layout (stride-0 shared groups included) with plans
+forced so that small shapes reach every path. Runs under TRITON_INTERPRET=1 on CPU tensors, or
+on CUDA with DIFFMEM_TEST_DEVICE=cuda; skipped when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro  # noqa: E402
+from diffmem.ops import _reference as ref  # noqa: E402
+
+if DEVICE.type != "cuda" and not INTERPRETED:
+    pytest.skip("Triton kernels need CUDA tensors or TRITON_INTERPRET=1", allow_module_level=True)
+
+from diffmem.ops import _triton as tri  # noqa: E402
+from diffmem.ops._triton import _config  # noqa: E402
+
+# GRAD_TOL is the shared suite's float32 gradient tolerance (measured here: <= 2e-6).
+MEAN_TOL, LSE_TOL, GRAD_TOL = 1e-5, 1e-4, 3e-5
+
+# Forced plans: default; points split across programs (merge); features in chunks of 16 with the
+# accumulators streamed through global memory (split-d); both at once.
+PLANS = {
+    "default": {},
+    "split_n": {"split": 3, "split_b": 2},
+    "split_d": {"block_d": 16},
+    "split_n_d": {"split": 2, "split_b": 3, "block_d": 16},
+}
+
+
+def make_case(G=1, B=5, N=7, d=3, t=0.5, offset=0.0, shared=False, bias=None, dup=False, seed=0,
+              shared_queries=False):
+    """Canonical float32 inputs: VP queries x = alpha y[j] + t eps, per-query alpha and var.
+
+    shared: one copy of the points for all G groups (group stride 0); shared_queries: one copy
+    of x, alpha and var for all groups. bias: None, "finite" or
+    "masked" (finite with every third point at -inf). dup: the second half of the points copies
+    the first.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    Gp = 1 if shared else G
+    n0 = (N + 1) // 2 if dup else N
+    y = torch.randn(Gp, n0, d, generator=gen, dtype=torch.float64) + offset
+    if dup:
+        y = torch.cat([y, y[:, : N - n0]], dim=1)
+    ts = torch.full((G, B), float(t), dtype=torch.float64)
+    ts[:, 1::2] = min(0.999, 1.5 * t)  # per-query noise levels
+    alpha = (1 - ts * ts).sqrt()
+    j = torch.randint(0, N, (G, B), generator=gen)
+    src = torch.stack([y[0 if shared else g, j[g]] for g in range(G)])
+    x = alpha[..., None] * src + ts[..., None] * torch.randn(G, B, d, generator=gen,
+                                                              dtype=torch.float64)
+    y = y.float()
+    y = y.expand(G, N, d) if shared else y
+    b = None
+    if bias is not None:
+        b = 0.5 * torch.randn(1 if shared else G, N, generator=gen)
+        if bias == "masked" and N > 1:
+            b[:, 1::3] = -math.inf
+        b = b.expand(G, N) if shared else b
+    out = [x.float(), y, alpha.float(), (ts * ts).float(), b]
+    out = [_to_device(a) for a in out]
+    if shared_queries:
+        out[0], out[2], out[3] = (a[:1].expand(a.shape) for a in out[:1] + out[2:4])
+    return out
+
+
+def _to_device(a):
+    """Move to DEVICE keeping a shared (stride-0) group dimension, which a copy would expand."""
+    if a is None:
+        return None
+    if a.shape[0] > 1 and a.stride(0) == 0:
+        return a[:1].to(DEVICE).expand(a.shape)
+    return a.to(DEVICE)
+
+
+def _double(args):
+    return [None if a is None else a.double() for a in args]
+
+
+def output_grads(G, B, d, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(G, B, d, generator=gen).to(DEVICE), torch.randn(G, B, generator=gen).to(DEVICE)
+
+
+def check_grads(got, want, tol=GRAD_TOL):
+    for name, a, b in zip(["x", "points", "alpha", "var", "bias"], got, want):
+        if b is None:
+            assert a is None
+            continue
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert rel_fro(a, b) <= tol, (name, rel_fro(a, b))
+
+
+def check_case(args, plan, precision="exact", grads=True, mean_tol=MEAN_TOL, lse_tol=LSE_TOL):
+    """Forward and backward against the float64 reference (whose backward recomputes its own
+    float64 weights, so this is the error of the whole float32 pipeline)."""
+    with _config.force(**plan):
+        mean, lse, lse64 = tri.forward(*args, precision)
+    ref_mean, ref_lse, _ = ref.forward(*_double(args))
+    assert mean.shape == ref_mean.shape and lse.shape == ref_lse.shape
+    assert lse.dtype == torch.float32 and lse64.dtype == torch.float64
+    assert rel_fro(mean, ref_mean) <= mean_tol
+    assert lse_err(lse, ref_lse) <= lse_tol and lse_err(lse64, ref_lse) <= lse_tol
+    if not grads:
+        return
+    G, B, d = args[0].shape
+    gm, gl = output_grads(G, B, d)
+    needs = (True, True, True, True, args[4] is not None)
+    with _config.force(**plan):
+        got = tri.backward(*args, mean, lse64, gm, gl, needs, precision)
+    want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
+    check_grads(got, want)
+
+
+SHAPES = [
+    # G, B, N, d, shared, bias, dup, offset, t
+    (1, 5, 1, 1, False, None, False, 0.0, 0.3),
+    (3, 5, 7, 2, True, "finite", False, 1000.0, 0.05),
+    (3, 5, 70, 30, True, "masked", True, 0.0, 0.999),
+    (1, 5, 70, 67, False, "masked", False, 1000.0, 0.3603),
+    (3, 5, 7, 67, False, None, True, 0.0, 0.001),
+]
+
+
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_shared_queries_own_points(plan):
+    """x, alpha, var shared by all groups (stride 0), points and bias per group."""
+    args = make_case(G=3, B=5, N=9, d=6, t=0.4, bias="masked", seed=12, shared_queries=True)
+    assert args[0].stride(0) == 0 and args[1].stride(0) != 0
+    check_case(args, PLANS[plan])
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "G{}B{}N{}d{}".format(*s[:4]))
+def test_forward_backward_against_reference(plan, shape):
+    G, B, N, d, shared, bias, dup, offset, t = shape
+    args = make_case(G, B, N, d, t, offset, shared, bias, dup, seed=N + d)
+    check_case(args, PLANS[plan])
+
+
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_noise_grid_far_from_origin(plan):
+    """Forward exactness at every t of the grid, data offset by 1000, duplicated points."""
+    for i, t in enumerate(T_GRID):
+        args = make_case(G=2, B=3, N=7, d=19, t=t, offset=1000.0, dup=True, seed=i)
+        check_case(args, PLANS[plan], grads=False)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("t", [0.999, 0.001])
+def test_pixel_dimension_small_n(t, offset):
+    """d = 3072 at small N: the shifted squared distances keep fp32 logits exact."""
+    args = make_case(G=1, B=3, N=8, d=3072, t=t, offset=offset, bias="finite", seed=5)
+    check_case(args, {"block_d": 256} if INTERPRETED else {})
+
+
+def test_outputs_do_not_depend_on_initial_contents():
+    """Two runs with differently poisoned buffers (NaN, by the conftest fixture) agree exactly."""
+    args = make_case(G=3, B=5, N=70, d=30, t=0.4, shared=True, bias="masked", seed=3)
+    with _config.force(**PLANS["split_n_d"]):
+        first = tri.forward(*args)
+        second = tri.forward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(bool(torch.isfinite(a).all()) for a in first)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_gradients_far_from_origin(plan, precision):
+    """Offset 1000: the backward centres the points, so no gradient loses accuracy to it.
+
+    "fast" gradients hold at every t too (the backward renormalises the weights), though its
+    forward lse does not at small t (hence no lse check), and without duplicated points: the
+    expansion's logit error can split the weight between two copies of a point unevenly.
+    """
+    fast = precision == "fast"
+    for i, t in enumerate([0.001, 0.3603, 0.8, 0.999]):
+        args = make_case(G=2, B=5, N=9, d=20, t=t, offset=1000.0, shared=True, bias="masked",
+                         dup=not fast, seed=20 + i)
+        check_case(args, PLANS[plan], precision=precision, lse_tol=math.inf if fast else LSE_TOL)
+
+
+def test_backward_renormalises_the_weights():
+    """The backward divides the recomputed weights by their sum: an lse off by a constant (or
+    rounded to float32) gives the same gradients, and sum_n P = h holds (sum of dbias)."""
+    args = make_case(G=2, B=5, N=9, d=6, t=0.3603, offset=1000.0, bias="finite", seed=13)
+    mean, lse, lse64 = tri.forward(*args)
+    gm, gl = output_grads(2, 5, 6, seed=3)
+    needs = (True, True, True, True, True)
+    want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
+    for saved in (lse64, lse, lse64 + 0.7, lse64 - 3.0):
+        got = tri.backward(*args, mean, saved, gm, gl, needs)
+        check_grads(got, want)
+        assert torch.allclose(got[4].double().sum(1), gl.double().sum(1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False, False),
+                                   (False, True, False, False, True),
+                                   (False, False, True, True, False)])
+@pytest.mark.parametrize("which", ["both", "mean_only", "lse_only"])
+def test_backward_subsets_and_missing_grads(needs, which):
+    args = make_case(G=1, B=5, N=7, d=5, t=0.5, bias="finite", seed=4)
+    mean, _, lse64 = tri.forward(*args)
+    gm, gl = output_grads(1, 5, 5, seed=2)
+    gm = gm if which != "lse_only" else None
+    gl = gl if which != "mean_only" else None
+    got = tri.backward(*args, mean, lse64, gm, gl, needs)
+    want = ref.backward(*_double(args), None, None,
+                        None if gm is None else gm.double(), None if gl is None else gl.double(),
+                        needs)
+    for need, a, b in zip(needs, got, want):
+        assert (a is None) == (not need)
+        if need:
+            assert rel_fro(a, b) <= GRAD_TOL
+
+
+def test_backward_without_any_output_gradient_is_zero():
+    args = make_case(G=2, B=3, N=4, d=3, seed=6)
+    mean, _, lse64 = tri.forward(*args)
+    got = tri.backward(*args, mean, lse64, None, None, (True, True, True, True, False))
+    assert all(bool((g == 0).all()) for g in got[:4]) and got[4] is None
+
+
+@pytest.mark.parametrize("t", [0.999, 0.5, 0.2])
+def test_fast_precision_at_moderate_noise(t):
+    """The centred expansion (fp32 here: the interpreter's tl.dot is numpy fp32)."""
+    args = make_case(G=2, B=5, N=70, d=30, t=t, shared=True, seed=7)
+    for plan in ("default", "split_n_d"):
+        check_case(args, PLANS[plan], precision="fast", mean_tol=1e-4, lse_tol=1e-4)
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_knn_paths(plan):
+    """Split points (merged by a stable sort) and chunked features; ties to the lower index."""
+    args = make_case(G=3, B=5, N=40, d=21, t=0.1, offset=1000.0, shared=True, dup=True, seed=8)
+    q, p = args[0], args[1]
+    for k in (1, 2, 3):
+        with _config.force(**PLANS[plan]):
+            dist, idx = tri.knn(q, p, k)
+        ref_dist, ref_idx = ref.knn(q, p, k)
+        assert idx.dtype == torch.int64 and dist.shape == (3, 5, k)
+        assert torch.equal(idx, ref_idx)
+        assert float(((dist.double() - ref_dist.double()).abs()
+                      / ref_dist.double().clamp_min(1e-30)).max()) <= 1e-5
+    # exact duplicates in different splits: point i and i + 20 are identical
+    points = p[:1, :20].repeat(1, 2, 1)
+    with _config.force(**PLANS[plan]):
+        dist, idx = tri.knn(points[:, :7].contiguous(), points, 2)
+    assert torch.equal(idx[0, :, 0], torch.arange(7, device=DEVICE))
+    assert torch.equal(idx[0, :, 1], torch.arange(7, device=DEVICE) + 20)
+    assert bool((dist == 0).all())
+
+
+def test_plans_and_autotune_configs():
+    """Interpreter: one fixed config, no split. GPU candidates: at most two, within budget."""
+    for fast in (False, True):
+        for d in (1, 2, 30, 67, 3072):
+            plan = _config.plan("forward", 1, 5, 70, d, fast, DEVICE)
+            assert plan.num_d == -(-d // plan.block_d)
+            if fast:
+                assert plan.block_d >= 16
+            if INTERPRETED:
+                assert plan.blocks is not None and plan.split == 1
+            block_d = _config._block_d(d, fast, on_gpu=True)
+            configs = _config.autotune_configs(fast, block_d, d <= block_d)
+            assert 1 <= len(configs) <= 2
+            for cfg in configs:
+                bb, bn = cfg.kwargs["BB"], cfg.kwargs["BN"]
+                if not fast:
+                    assert bb * bn * block_d <= 64 * 32 * cfg.num_warps
+                else:
+                    assert min(bb, bn, block_d) >= 16
+            for cfg in _config.autotune_configs(False, 16, False, budget=32):
+                assert cfg.kwargs["BB"] * cfg.kwargs["BN"] * 16 <= 32 * 32 * cfg.num_warps
+    for kind in ("query_grad", "point_grad"):  # 3-D tiles: small chunks even in fast mode
+        assert _config.plan(kind, 1, 5, 70, 3072, True, DEVICE).block_d <= 64
+    with _config.force(split=4, block_d=8):
+        plan = _config.plan("forward", 1, 1, 100, 30, False, DEVICE)
+        assert plan.split == 4 and plan.num_d == 4 and not plan.single_d
+    with pytest.raises(ValueError):
+        with _config.force(blocks=3):
+            pass
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or INTERPRETED, reason="autotuned launch needs a GPU")
+def test_gpu_default_plan_splits_small_batches():
+    """One query: the points are split across programs and merged (flash-decoding style)."""
+    plan = _config.plan("forward", 1, 1, 100_000, 64, False, DEVICE)
+    assert plan.split > 1 and plan.blocks is None
+    args = make_case(G=1, B=1, N=20_000, d=64, t=0.3, seed=9)
+    check_case(args, {})
+
+
+def test_status():
+    ok, reason = tri.status()
+    assert ok and reason == ""
