@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import _config
 from ._common import (centred_grad_dot, centred_shift, check_float32, group_stride, groupwise,
-                      new_output, shifted_logits, zero_rows)
+                      new_output, program_coords, shifted_logits, zero_rows)
 
 
 @triton.jit
@@ -63,12 +63,7 @@ def _stats_kernel(
     BB: tl.constexpr, BN: tl.constexpr,
 ):
     """Grid: G * SPLIT * cdiv(B, BB). Partial sums (SPLIT, G, B): z = sum_n e, eq = sum_n e q."""
-    pid = tl.program_id(0)
-    nqb = tl.cdiv(B, BB)
-    qb = pid % nqb
-    s = (pid // nqb) % SPLIT
-    g = (pid // nqb) // SPLIT
-    g64 = g.to(tl.int64)
+    qb, s, g64 = program_coords(tl.cdiv(B, BB), SPLIT)
 
     offs_b = qb * BB + tl.arange(0, BB)
     mask_b = offs_b < B
@@ -92,7 +87,7 @@ def _stats_kernel(
                      HAS_BIAS, HAS_GM, FAST, NUM_D, BD, DOT)
         z += tl.sum(e, axis=1)
         eq += tl.sum(e * q, axis=1)
-    part = (s * G + g).to(tl.int64) * B + offs_b
+    part = (s * G + g64) * B + offs_b
     tl.store(z_ptr + part, z, mask=mask_b)
     tl.store(eq_ptr + part, eq, mask=mask_b)
 
@@ -115,12 +110,7 @@ def _query_kernel(
     dx = -sum_n P diff / var, dalpha = sum_n P (y . diff) / var,
     dvar = sum_n P ||diff||^2 / (2 var^2) with ||diff||^2 = sum_k (diff_k^2 - var) + d var.
     """
-    pid = tl.program_id(0)
-    nqb = tl.cdiv(B, BB)
-    qb = pid % nqb
-    s = (pid // nqb) % SPLIT
-    g = (pid // nqb) // SPLIT
-    g64 = g.to(tl.int64)
+    qb, s, g64 = program_coords(tl.cdiv(B, BB), SPLIT)
 
     offs_b = qb * BB + tl.arange(0, BB)
     mask_b = offs_b < B
@@ -134,7 +124,7 @@ def _query_kernel(
     lse_s = _row(lse_ptr, dense_b, mask_b, float("inf"))  # padded queries: e = 0
     z = _row(z_ptr, dense_b, mask_b, 1.0)
     r = _row(r_ptr, dense_b, mask_b, 0.0)  # P = w (q + r), r = h - D
-    part = (s * G + g).to(tl.int64) * B + offs_b
+    part = (s * G + g64) * B + offs_b
     dx_rows = dx_ptr + part[:, None] * d
 
     n_tiles = tl.cdiv(N, BN)
@@ -212,12 +202,7 @@ def _point_kernel(
     Outputs (SPLIT, G, N, d) / (SPLIT, G, N) partial sums:
     dy = sum_b (w g + P alpha diff / var), dbias = sum_b P.
     """
-    pid = tl.program_id(0)
-    npb = tl.cdiv(N, BN)
-    pb = pid % npb
-    s = (pid // npb) % SPLIT
-    g = (pid // npb) // SPLIT
-    g64 = g.to(tl.int64)
+    pb, s, g64 = program_coords(tl.cdiv(N, BN), SPLIT)
 
     offs_n = pb * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -226,7 +211,7 @@ def _point_kernel(
     y_g = y_ptr + g64 * gs_y
     c_g = c_ptr + g64 * gs_c
     gm_g = gm_ptr + g64 * B * d
-    part = (s * G + g).to(tl.int64) * N + offs_n
+    part = (s * G + g64) * N + offs_n
     dy_rows = dy_ptr + part[:, None] * d
 
     b_tiles = tl.cdiv(B, BB)

@@ -67,6 +67,19 @@ GROUP_D = tl.constexpr(8)
 
 
 @triton.jit
+def program_coords(n_blocks, SPLIT):
+    """(block, split, group) of this program in a grid of G * SPLIT * n_blocks programs.
+
+    The group comes back as int64, ready for pointer arithmetic with group strides.
+    """
+    pid = tl.program_id(0)
+    block = pid % n_blocks
+    split = (pid // n_blocks) % SPLIT
+    group = ((pid // n_blocks) // SPLIT).to(tl.int64)
+    return block, split, group
+
+
+@triton.jit
 def shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
                    FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr,
                    DOT: tl.constexpr):

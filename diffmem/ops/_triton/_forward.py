@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _config
 from ._common import (centred_shift, check_float32, group_stride, groupwise, new_output,
-                      shifted_logits, zero_rows)
+                      program_coords, shifted_logits, zero_rows)
 
 
 @triton.jit
@@ -39,12 +39,7 @@ def _forward_kernel(
     m_ptr, l_ptr: (SPLIT, G, B) max and sum of exp(logit - max) of the shifted logits (partial
     unless FINAL).
     """
-    pid = tl.program_id(0)
-    nqb = tl.cdiv(B, BB)
-    qb = pid % nqb
-    s = (pid // nqb) % SPLIT
-    g = (pid // nqb) // SPLIT
-    g64 = g.to(tl.int64)
+    qb, s, g64 = program_coords(tl.cdiv(B, BB), SPLIT)
 
     offs_b = qb * BB + tl.arange(0, BB)
     mask_b = offs_b < B
@@ -54,7 +49,7 @@ def _forward_kernel(
     c_g = c_ptr + g64 * gs_c
     alpha = tl.load(alpha_ptr + g64 * gs_alpha + offs_b, mask=mask_b, other=0.0)
     var = tl.load(var_ptr + g64 * gs_var + offs_b, mask=mask_b, other=1.0)
-    part = (s * G + g).to(tl.int64) * B + offs_b  # row of this split's partial results
+    part = (s * G + g64) * B + offs_b  # row of this split's partial results
     acc_rows = acc_ptr + part[:, None] * d
 
     n_tiles = tl.cdiv(N, BN)

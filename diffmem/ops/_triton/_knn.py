@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import check_float32, group_stride, groupwise, new_output
+from ._common import check_float32, group_stride, groupwise, new_output, program_coords
 
 
 @triton.jit
@@ -25,12 +25,7 @@ def _knn_kernel(
     NUM_D: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
 ):
     """Grid: G * SPLIT * cdiv(B, BB). dist, idx: (SPLIT, G, B, K); dist squared unless SQRT."""
-    pid = tl.program_id(0)
-    nqb = tl.cdiv(B, BB)
-    qb = pid % nqb
-    s = (pid // nqb) % SPLIT
-    g = (pid // nqb) // SPLIT
-    g64 = g.to(tl.int64)
+    qb, s, g64 = program_coords(tl.cdiv(B, BB), SPLIT)
     offs_b = qb * BB + tl.arange(0, BB)
     mask_b = offs_b < B
     rows_b = offs_b.to(tl.int64) * d
@@ -82,7 +77,7 @@ def _knn_kernel(
         best_d = new_d
         best_i = new_i
 
-    out = ((s * G + g).to(tl.int64) * B + offs_b)[:, None] * K + cols[None, :]
+    out = ((s * G + g64) * B + offs_b)[:, None] * K + cols[None, :]
     mask = mask_b[:, None] & (cols < K)[None, :]
     tl.store(dist_ptr + out, tl.sqrt(best_d) if SQRT else best_d, mask=mask)
     tl.store(idx_ptr + out, best_i, mask=mask)
