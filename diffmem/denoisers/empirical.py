@@ -1,0 +1,48 @@
+"""The memorizing denoiser: the optimal denoiser of the empirical distribution of the data."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..diffusion.processes import Process, Time
+from ..ops import softmax_mean
+from .base import Denoiser, as_param, gaussian_log_norm
+
+
+class EmpiricalDenoiser(Denoiser):
+    """x0_hat(x, t) = sum_i softmax_i(-||x - alpha y_i||^2 / (2 sigma^2)) y_i over all N points.
+
+    data: (N, *data_shape), stored as a buffer (not trained). backend / precision are passed to
+    diffmem.softmax_mean.
+    """
+
+    def __init__(self, data: torch.Tensor, process: Process | None = None, prediction: str = "x0",
+                 *, backend: str = "auto", precision: str = "exact"):
+        super().__init__(process, prediction)
+        if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] == 0:
+            raise ValueError("data must be a tensor (N, *data_shape) with N >= 1")
+        self.register_buffer("data", data)
+        self.backend, self.precision = backend, precision
+
+    @property
+    def points(self) -> torch.Tensor:
+        """The training points flattened to (N, D)."""
+        return self.data.reshape(self.data.shape[0], -1)
+
+    def _posterior(self, x: torch.Tensor, t: Time, points: torch.Tensor, bias=None):
+        alpha = as_param(self.process.alpha(t), x)
+        var = as_param(self.process.sigma(t), x) ** 2
+        return softmax_mean(x, points, alpha, var, bias, backend=self.backend,
+                            precision=self.precision, return_lse=True)
+
+    def x0(self, x, t):
+        return self._posterior(x, t, self.points)[0]
+
+    def log_prob(self, x_t, t):
+        """log p_t(x) = logsumexp_i(-||x - alpha y_i||^2/(2 sigma^2)) - log N - (D/2) log(2 pi sigma^2)."""
+        x = x_t.reshape(x_t.shape[0], -1)
+        _, lse = self._posterior(x, t, self.points)
+        var = as_param(self.process.sigma(t), x) ** 2
+        return lse - math.log(self.points.shape[0]) + gaussian_log_norm(x.shape[1], var)
