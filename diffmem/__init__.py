@@ -1,7 +1,30 @@
-"""diffmem: fast exact denoisers and experiments on memorization in diffusion models."""
+"""diffmem: fast exact denoisers and experiments on memorization in diffusion models.
 
+The kernel layer (``softmax_mean``, ``knn``) and the laboratory of the paper "On the Edge of
+Memorization in Diffusion Models": processes, denoisers, losses, samplers, metrics, theory,
+data and training. See the README for the full API.
+"""
+
+from . import theory
+from .data import GMMData, TemplateData, make_gmm_data, make_template_data
+from .denoisers import (ColoredTemplates, Denoiser, EmpiricalDenoiser, IsotropicGMM,
+                        LearnableColoredTemplates, LearnableGMM, LearnableLowRankGMM, LowRankGMM,
+                        PartialMemorizingDenoiser, SplitLearnableGMM)
+from .diffusion import (VE, VP, FlowMatching, Process, convert, ddim_sample, ddpm_sample,
+                        dsm_loss, euler_ode_sample, loss_per_t, loss_scale, time_grid,
+                        time_weights, training_loss)
+from .metrics import learned_means_metrics, memorization_ratio
 from .ops import backends, knn, softmax_mean
+from .train import ReferenceOptimizer, TrainedGMM, train_gmm_models, wsd_schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "knn", "softmax_mean", "__version__"]
+__all__ = [
+    "ColoredTemplates", "Denoiser", "EmpiricalDenoiser", "FlowMatching", "GMMData", "IsotropicGMM",
+    "LearnableColoredTemplates", "LearnableGMM", "LearnableLowRankGMM", "LowRankGMM",
+    "PartialMemorizingDenoiser", "Process", "ReferenceOptimizer", "SplitLearnableGMM",
+    "TemplateData", "TrainedGMM", "VE", "VP", "__version__", "backends", "convert", "ddim_sample",
+    "ddpm_sample", "dsm_loss", "euler_ode_sample", "knn", "learned_means_metrics", "loss_per_t",
+    "loss_scale", "make_gmm_data", "make_template_data", "memorization_ratio", "softmax_mean",
+    "theory", "time_grid", "time_weights", "train_gmm_models", "training_loss", "wsd_schedule",
+]
