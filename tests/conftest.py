@@ -6,7 +6,6 @@ on CPU tensors only under TRITON_INTERPRET=1, with small shapes.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest

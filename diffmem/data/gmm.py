@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..denoisers.gmm import IsotropicGMM
 from ..diffusion.processes import VP, Process
+from ._record import NpzRecord, int_at_least
 
 
 @dataclass
-class GMMData:
+class GMMData(NpzRecord):
     """A GMM data set: train (N, d) with train_labels (N,), val (V, d) with val_labels (V,),
     means (K, d) on the sphere of radius sqrt(d), variance sigma0^2 and priors (K,)."""
+
+    SCALARS = {"variance": float, "seed": int}
 
     train: torch.Tensor
     train_labels: torch.Tensor
@@ -32,41 +33,15 @@ class GMMData:
         return IsotropicGMM(self.means, self.variance, self.priors,
                             process if process is not None else VP(), prediction, **kwargs)
 
-    def save(self, path) -> None:
-        """Write every field to a .npz file (no pickle)."""
-        arrays = {f.name: np.asarray(getattr(self, f.name).cpu().numpy()
-                                     if isinstance(getattr(self, f.name), torch.Tensor)
-                                     else getattr(self, f.name)) for f in fields(self)}
-        with open(Path(path), "wb") as fh:
-            np.savez(fh, **arrays)
-
-    @classmethod
-    def load(cls, path) -> "GMMData":
-        """Read a file written by save()."""
-        with np.load(Path(path), allow_pickle=False) as z:
-            missing = {f.name for f in fields(cls)} - set(z.files)
-            if missing:
-                raise ValueError(f"path {str(path)!r} lacks GMMData fields {sorted(missing)}")
-            kw = {f.name: torch.from_numpy(z[f.name].copy()) for f in fields(cls)}
-        kw["variance"] = float(kw["variance"])
-        kw["seed"] = int(kw["seed"])
-        return cls(**kw)
-
-
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
 
 def make_gmm_data(dim: int, components: int, samples: int, seed: int, *, val_samples: int = 100,
                   variance: float = 1.0, dtype: torch.dtype = torch.float32) -> GMMData:
     """Means mu_k = sqrt(d) z_k/||z_k||, z_k ~ N(0, I_d); priors 1/K; N train and val_samples
     validation points x = mu_label + sqrt(variance) z. Same seed, same data (torch.Generator)."""
-    dim = _positive_int(dim, "dim")
-    components = _positive_int(components, "components")
-    samples = _positive_int(samples, "samples")
-    val_samples = _positive_int(val_samples, "val_samples", 0)
+    dim = int_at_least(dim, "dim")
+    components = int_at_least(components, "components")
+    samples = int_at_least(samples, "samples")
+    val_samples = int_at_least(val_samples, "val_samples", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not variance > 0:

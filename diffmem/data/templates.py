@@ -7,7 +7,7 @@ per channel by a random color: x[c] = color[c] * T_y, color ~ N(color_means[y], 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +16,15 @@ import torch.nn.functional as F
 
 from ..denoisers.templates import ColoredTemplates
 from ..diffusion.processes import VP, Process
+from ._record import NpzRecord, int_at_least
 
 
 @dataclass
-class TemplateData:
+class TemplateData(NpzRecord):
     """train (N, C, H, W) with train_labels (N,), val (V, C, H, W) with val_labels (V,),
     templates (K, H, W) in [0, 1], color_means (K, C) and the shared color_var."""
+
+    SCALARS = {"color_var": float, "seed": int}
 
     train: torch.Tensor
     train_labels: torch.Tensor
@@ -38,37 +41,11 @@ class TemplateData:
         return ColoredTemplates(self.templates, self.color_means, self.color_var,
                                 process if process is not None else VP(), prediction, logdet)
 
-    def save(self, path) -> None:
-        """Write every field to a .npz file (no pickle)."""
-        arrays = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            arrays[f.name] = value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        with open(Path(path), "wb") as fh:
-            np.savez(fh, **arrays)
-
-    @classmethod
-    def load(cls, path) -> "TemplateData":
-        """Read a file written by save()."""
-        with np.load(Path(path), allow_pickle=False) as z:
-            missing = {f.name for f in fields(cls)} - set(z.files)
-            if missing:
-                raise ValueError(f"path {str(path)!r} lacks TemplateData fields {sorted(missing)}")
-            kw = {f.name: torch.from_numpy(z[f.name].copy()) for f in fields(cls)}
-        kw["color_var"], kw["seed"] = float(kw["color_var"]), int(kw["seed"])
-        return cls(**kw)
-
-
-def _int_at_least(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
 
 def resize_and_normalize(images: torch.Tensor, size: int) -> torch.Tensor:
     """(K, h, w) images -> (K, size, size): bicubic (align_corners=False), then min-max over the
     whole stack to [0, 1] (float64)."""
-    _int_at_least(size, "size", 1)
+    int_at_least(size, "size", 1)
     out = F.interpolate(images.to(torch.float64)[:, None], size=(size, size), mode="bicubic",
                         align_corners=False)[:, 0]
     lo, hi = out.min(), out.max()
@@ -86,7 +63,7 @@ def digit_templates(components: int, size: int = 15, seed: int = 1) -> torch.Ten
         raise ImportError("digit templates need scikit-learn: pip install 'diffmem[templates]' "
                           "(or pass your own templates)") from err
     images = torch.from_numpy(load_digits().images)                      # (1797, 8, 8), 0..16
-    _int_at_least(components, "components", 1)
+    int_at_least(components, "components", 1)
     if components > images.shape[0]:
         raise ValueError(f"components must be <= {images.shape[0]} digits, got {components}")
     gen = torch.Generator().manual_seed(seed)
@@ -124,9 +101,9 @@ def make_template_data(components: int = 6, samples: int = 100, seed: int = 0, *
     a (K, H, W) tensor or image paths), color_means = 0, train and val drawn from the ground truth.
 
     Same seed, same data; validation comes from an independent generator."""
-    samples = _int_at_least(samples, "samples", 1)
-    val_samples = _int_at_least(val_samples, "val_samples", 0)
-    channels = _int_at_least(channels, "channels", 1)
+    samples = int_at_least(samples, "samples", 1)
+    val_samples = int_at_least(val_samples, "val_samples", 0)
+    channels = int_at_least(channels, "channels", 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if isinstance(color_var, bool) or not isinstance(color_var, (int, float)) or not color_var > 0:

@@ -13,6 +13,7 @@ from ..diffusion.parametrization import FIELDS, from_x0
 from ..diffusion.processes import VP, Process, Time, time_grid
 from ..ops import softmax_mean
 from ._init import initial_means
+from .gmm import IsotropicGMM
 
 
 def _check_float_tensor(value, name: str, dims: tuple[int, ...]) -> torch.Tensor:
@@ -144,7 +145,7 @@ class LearnableGMM(nn.Module):
         out = self.field(x_t, t)
         return out[0] if self.single else out
 
-    def denoiser(self, g: int = 0, prediction: str = "x0") -> "IsotropicGMM":
+    def denoiser(self, g: int = 0, prediction: str = "x0") -> IsotropicGMM:
         """Model g as a fixed IsotropicGMM (valid means, variance std^2, uniform priors)."""
         from .gmm import IsotropicGMM
 
@@ -241,7 +242,7 @@ def init_pmem(data: torch.Tensor, M: int, *, generator: torch.Generator | None =
     """PMEM: M training points (without replacement if M <= N, else all N plus M - N drawn with
     replacement) plus sqrt(noise_var) N(0, I); std = sqrt(init_var). data: (N, d)."""
     data = _check_float_tensor(data, "data", (2,))
-    M, N = _check_size(M), data.shape[0]
+    M = _check_size(M)
     noise_var, init_var = _check_var(noise_var, "noise_var"), _check_var(init_var, "init_var")
     if init_var == 0:
         raise ValueError("init_var must be > 0")
