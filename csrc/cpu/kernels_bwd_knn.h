@@ -167,24 +167,28 @@ void tile_dxy(const float* X, const float* Gm, int dp, const float* al, const fl
 
 // Exact-mode loop 1 for d > DB over coordinates [k0, k1) (one DB block): the shifted distance
 // in 16-coordinate fp32 chunks added into double in the same order as the forward's
-// k_logit_dbl (bit-identical logits); g.(y - c) and y.diff likewise in 16-coordinate fp32
-// chunks.  The double sums live in memory (L1), which leaves registers for Q queries.  Continues the sums in Sd / GYd / YDd.
+// k_logit_dbl (bit-identical logits; the double sums are in registers, continuing Sd);
+// g.(y - c) and y.diff in fp32 over the whole block, then added into GYd / YDd.
 template <int Q, bool FULL>
 inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const float* al, const float* va,
                          const float* yT, const float* yTg, int k0, int k1, double* Sd, double* GYd,
                          double* YDd) {
-  constexpr int H = W / 2;
   vf aG[Q][NV], aY[Q][NV], a[Q];
-  for (int q = 0; q < Q; ++q) a[q] = vb(al[q]);
+  vd dl[Q][NV], dh[Q][NV];
+  for (int q = 0; q < Q; ++q) {
+    a[q] = vb(al[q]);
+    for (int v = 0; v < NV; ++v) {
+      aG[q][v] = aY[q][v] = vb(0.f);
+      dl[q][v] = vldd(Sd + q * NT + v * W);
+      dh[q][v] = vldd(Sd + q * NT + v * W + H);
+    }
+  }
   for (int kc = k0; kc < k1; kc += 16) {
     const int ke = (int)imin(kc + 16, k1);
     vf acc[Q][NV];
     for (int q = 0; q < Q; ++q) {
       const vf sh = vb((float)(ke - kc) * va[q]);
-      for (int v = 0; v < NV; ++v) {
-        acc[q][v] = vb(0.f) - sh;
-        aG[q][v] = aY[q][v] = vb(0.f);
-      }
+      for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f) - sh;
     }
     for (int k = kc; k < ke; ++k) {
       vf yv[NV], yg[NV];
@@ -205,19 +209,24 @@ inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const floa
     }
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) {
-        double* ps = Sd + q * NT + v * W;
-        vstd(ps, vldd(ps) + lo_d(acc[q][v]));
-        vstd(ps + H, vldd(ps + H) + hi_d(acc[q][v]));
-        double* pg = GYd + q * NT + v * W;
-        vstd(pg, vldd(pg) + lo_d(aG[q][v]));
-        vstd(pg + H, vldd(pg + H) + hi_d(aG[q][v]));
-        if (FULL) {
-          double* py = YDd + q * NT + v * W;
-          vstd(py, vldd(py) + lo_d(aY[q][v]));
-          vstd(py + H, vldd(py + H) + hi_d(aY[q][v]));
-        }
+        dl[q][v] += lo_d(acc[q][v]);
+        dh[q][v] += hi_d(acc[q][v]);
       }
   }
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) {
+      double* ps = Sd + q * NT + v * W;
+      vstd(ps, dl[q][v]);
+      vstd(ps + H, dh[q][v]);
+      double* pg = GYd + q * NT + v * W;
+      vstd(pg, vldd(pg) + lo_d(aG[q][v]));
+      vstd(pg + H, vldd(pg + H) + hi_d(aG[q][v]));
+      if (FULL) {
+        double* py = YDd + q * NT + v * W;
+        vstd(py, vldd(py) + lo_d(aY[q][v]));
+        vstd(py + H, vldd(py + H) + hi_d(aY[q][v]));
+      }
+    }
 }
 
 struct BWork {
@@ -334,7 +343,7 @@ struct BShared {
 // queries [q0, q0+nq): D' = sum_i w_i g.(y_i - c) / sum_i w_i with exactly the g.(y - c) values
 // of the main pass, so that sum_i P_i = h holds to rounding; stores c0 = h - D'.
 template <bool FAST>
-void bwd_pass1(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, const double* c, const BShared& sh,
+void bwd_pass1(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, const float* cf, const BShared& sh,
                Work& w, BWork& bw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N, ntiles = cdiv(N, NT);
@@ -351,7 +360,7 @@ void bwd_pass1(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, const doub
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
-    pack_tile(yg, i0, n, d, rstride(dp), FAST ? c : nullptr, w.yT, w.yR, w.yn, w.cy, FAST ? nullptr : bw.yTc, c);
+    pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, w.yR, w.yn, w.cy, FAST ? nullptr : bw.yTc, cf);
     load_bias(bg, i0, n, w.bt);
     tile_B<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
     for (int q = 0; q < nq; ++q) {
@@ -460,6 +469,7 @@ void backward_impl(const SmArgs<float>& a) {
     double* sums = sh.sums + (size_t)tid * B * 3;
     for (int64_t g = 0; g < G; ++g) {
       const double* cg = c ? c + g * d : nullptr;
+      const float* cfg = c ? cfloat(c, G, d) + g * d : nullptr;
       const float* xg = a.x + g * a.x_gs;
       const float* al = a.alpha + g * a.alpha_gs;
       const float* va = a.var + g * a.var_gs;
@@ -501,7 +511,7 @@ void backward_impl(const SmArgs<float>& a) {
 #pragma omp for schedule(static)
         for (int64_t ch = 0; ch < nch; ++ch) {
           const int64_t q0 = ch * B / nch, q1 = (ch + 1) * B / nch;
-          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cg, sh, w, bw);
+          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cfg, sh, w, bw);
         }
       }
       // one pass over the points (thread tid owns a contiguous range of tiles)
@@ -513,8 +523,8 @@ void backward_impl(const SmArgs<float>& a) {
       for (int64_t t = tb; t < te; ++t) {
         const int64_t i0 = t * NT;
         const int n = (int)imin(NT, N - i0);
-        pack_tile(yg, i0, n, (int)d, ldr, FAST ? cg : nullptr, w.yT, w.yR, w.yn, w.cy,
-                  FAST ? nullptr : bw.yTc, cg);
+        pack_tile(yg, i0, n, (int)d, ldr, FAST ? cfg : nullptr, w.yT, w.yR, w.yn, w.cy,
+                  FAST ? nullptr : bw.yTc, cfg);
         load_bias(bg, i0, n, w.bt);
         if (a.dx || a.dy) to_panels(w.yR, ldr, dp, n, bw.yP);
         if (a.dy) std::memset(dyR, 0, sizeof(float) * npan);
@@ -633,7 +643,9 @@ void knn_f32(const KnnArgs<float>& a) {
       const int64_t sp = it % S, g = (it / S) / nqc, q0 = ((it / S) % nqc) * qcs;
       const int64_t tb = sp * ntiles / S, te = (sp + 1) * ntiles / S;
       const int nq = (int)imin(qcs, B - q0);
-      const float* X = a.x + g * a.x_gs + q0 * d;
+      const float* xq = a.x + g * a.x_gs + q0 * d;
+      pack_x<false>(nq, (int)d, w.xc, [&](int q, int k) { return xq[q * d + k]; });
+      const float* X = w.xc;
       const float* yg = a.y + g * a.y_gs;
       Heap* hs = nullptr;
       Heap hq[64];
@@ -643,7 +655,7 @@ void knn_f32(const KnnArgs<float>& a) {
         const int64_t i0 = t * NT;
         const int n = (int)imin(NT, N - i0);
         pack_tile(yg, i0, n, (int)d, dp, nullptr, w.yT, w.yR, w.yn, w.cy);
-        tile_S<false>(X, d, ones, zeros, nq, (int)d, w.yT, w.Sf, w.Sd, w.tmp);
+        tile_S<false>(X, ones, zeros, nq, (int)d, w.yT, w.Sf, w.Sd, w.tmp);
         for (int q = 0; q < nq; ++q) {
           Heap& h = hs[q];
           for (int j = 0; j < n; ++j) {

@@ -21,7 +21,7 @@
 // accumulator (hierarchical summation), and for d > DB the logits are formed in double.
 // The internal logit is bias - s/(2 var), i.e. the true logit + d/2 (softmax-invariant); the
 // reported lse subtracts d/2 again.
-// "fast": logits from the expansion around the group centre c (in double):
+// "fast": logits from the expansion around the group centre c (the centroid rounded to float):
 //   x' = x - alpha c, yc = y - c,  logit = bias + alpha/var x'.yc - alpha^2/(2 var) |yc|^2,
 // true lse = internal lse - |x'|^2/(2 var).  One FMA per (query, point, coordinate).
 #include "common.h"
@@ -75,7 +75,17 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline vf vld(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
 inline void vst(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vb(float a) { return vf{} + a; }
+// broadcast (not vf{} + a: without -ffast-math that is a real addition, +0 + a, which the
+// compiler must keep before every broadcast)
+inline vf vb(float a) {
+#if DM_ISA == 2
+  return _mm512_set1_ps(a);
+#elif DM_ISA == 1
+  return _mm256_set1_ps(a);
+#else
+  return vf{a, a, a, a};
+#endif
+}
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // a*b + c (fused where the hardware has FMA)
@@ -180,45 +190,119 @@ inline void qblocks(int nq, F&& f) {
 
 // ---------------------------------------------------------------------------------------------
 // Tile packing.  Points [i0, i0+n) of one group go to yR[j*dp + k] (row-major, zero padded to
-// dp) and yT[k*NT + j] (transposed); missing points (j >= n) are zero.  With a centre c the
-// values are float(y - c), and yn[j] = |yc_j|^2, cy[j] = c.yc_j are produced (fast mode).
-void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const double* c, float* yT,
-               float* yR, float* yn, float* cy, float* yTc = nullptr, const double* cc = nullptr) {
-  if (yTc) {  // centred transposed copy float(y - cc) (exact-mode backward: g.(y - c))
-    for (int k = 0; k < d; ++k) {
-      float* row = yTc + (size_t)k * NT;
-      for (int j = 0; j < NT; ++j) row[j] = j < n ? (float)((double)yg[(i0 + j) * (int64_t)d + k] - cc[k]) : 0.f;
-    }
+// dp) and yT[k*NT + j] (transposed); missing points (j >= n) are zero.  With a centre cf (float
+// values, see centres) the values are yc = y - cf (one float subtraction: the exact difference
+// rounded once), and yn[j] = |yc_j|^2 and (if cy) cy[j] = c.yc_j are produced in double lanes
+// (fast mode).  With yTc, also the centred transposed copy y - ccf (exact-mode backward).
+typedef double vd __attribute__((vector_size(W * 4)));
+typedef float vh __attribute__((vector_size(W * 2)));
+constexpr int H = W / 2;
+inline vd vldd(const double* p) { vd r; std::memcpy(&r, p, sizeof r); return r; }
+inline void vstd(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+inline vd h2d(const float* p) { vh r; std::memcpy(&r, p, sizeof r); return __builtin_convertvector(r, vd); }
+inline double dsum(vd v) { double s = 0; for (int l = 0; l < H; ++l) s += v[l]; return s; }
+inline vd vdfma(vd a, vd b, vd c) {
+#if DM_ISA == 2
+  return _mm512_fmadd_pd(a, b, c);
+#elif DM_ISA == 1
+  return _mm256_fmadd_pd(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+#if DM_ISA == 2
+// dst[i*ds + j] = src[j*ss + i] for a 16 x 16 block (unpack / shuffle network, 64 shuffles).
+inline void tr16(const float* src, size_t ss, float* dst, size_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d a2 = _mm512_castps_pd(t[4 * i + 2]), a3 = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+  }
+  for (int i0 = 0; i0 < 8; ++i0) {
+    const int i = i0 < 4 ? i0 : i0 + 4;
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ds, r[i]);
+}
+#endif
+
+void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const float* cf, float* yT,
+               float* yR, float* yn, float* cy, float* yTc = nullptr, const float* ccf = nullptr) {
+  const int dw = d - d % W;
   for (int j = 0; j < NT; ++j) {
     float* r = yR + (size_t)j * dp;
     if (j < n) {
       const float* src = yg + (i0 + j) * (int64_t)d;
-      if (c) {
-        double s2 = 0, sc = 0;
-        for (int k = 0; k < d; ++k) {
-          float v = (float)((double)src[k] - c[k]);
+      if (cf) {
+        vd s2v = vd{}, scv = vd{};
+        for (int k = 0; k < dw; k += W) {
+          const vf v = vld(src + k) - vld(cf + k);
+          vst(r + k, v);
+          const vd lo = h2d(r + k), hi = h2d(r + k + H);
+          s2v = vdfma(lo, lo, s2v);
+          s2v = vdfma(hi, hi, s2v);
+          if (cy) {
+            scv = vdfma(h2d(cf + k), lo, scv);
+            scv = vdfma(h2d(cf + k + H), hi, scv);
+          }
+        }
+        double s2 = dsum(s2v), sc = dsum(scv);
+        for (int k = dw; k < d; ++k) {
+          const float v = src[k] - cf[k];
           r[k] = v;
           s2 += (double)v * v;
-          sc += c[k] * (double)v;
+          sc += (double)cf[k] * (double)v;
         }
         yn[j] = (float)s2;
-        cy[j] = (float)sc;
+        if (cy) cy[j] = (float)sc;
       } else {
         std::memcpy(r, src, sizeof(float) * d);
       }
       for (int k = d; k < dp; ++k) r[k] = 0.f;
     } else {
       std::memset(r, 0, sizeof(float) * dp);
-      if (c) { yn[j] = 0.f; cy[j] = 0.f; }
+      if (cf) { yn[j] = 0.f; if (cy) cy[j] = 0.f; }
     }
   }
   // transpose in W-column strips (the strip of yT rows stays in L1)
   for (int k0 = 0; k0 < d; k0 += W) {
     const int kn = (int)imin(W, d - k0);
+#if DM_ISA == 2
+    if (kn == W) {  // in-register 16 x 16 transposes
+      for (int v = 0; v < NV; ++v) tr16(yR + (size_t)v * W * dp + k0, dp, yT + (size_t)k0 * NT + v * W, NT);
+      continue;
+    }
+#endif
     for (int j = 0; j < NT; ++j) {
       vf v = vld(yR + (size_t)j * dp + k0);
       for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * NT + j] = v[l];
+    }
+  }
+  if (yTc) {  // y - ccf from the transposed copy (one subtraction per vector); missing points 0
+    vi valid[NV];
+    for (int v = 0; v < NV; ++v)
+      for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
+    for (int k = 0; k < d; ++k) {
+      const vf cb = vb(ccf[k]);
+      for (int v = 0; v < NV; ++v) {
+        const vf t = vld(yT + (size_t)k * NT + v * W) - cb;
+        vst(yTc + (size_t)k * NT + v * W, valid[v] ? t : vb(0.f));
+      }
     }
   }
 }
@@ -226,8 +310,7 @@ void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const double* 
 // One exact chunk [kc, ke) of at most 16 coordinates: subtract (ke - kc) * var, then add the
 // squared direct differences fma(-alpha, y, x)^2 of the chunk to acc.
 template <int Q>
-inline void k_exact_chunk(vf (&acc)[Q][NV], const vf (&a)[Q], const float* X, int64_t ldx,
-                          const float* va, const float* yT, int kc, int ke) {
+inline void k_exact_chunk(vf (&acc)[Q][NV], const vf (&a)[Q], const float* X, const float* va, const float* yT, int kc, int ke) {
   for (int q = 0; q < Q; ++q) {
     const vf sh = vb((float)(ke - kc) * va[q]);
     for (int v = 0; v < NV; ++v) acc[q][v] -= sh;
@@ -236,7 +319,7 @@ inline void k_exact_chunk(vf (&acc)[Q][NV], const vf (&a)[Q], const float* X, in
     vf yv[NV];
     for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
     for (int q = 0; q < Q; ++q) {
-      const vf xb = vb(X[q * ldx + k]);
+      const vf xb = vb(X[k * Q + q]);
       for (int v = 0; v < NV; ++v) {
         const vf df = vfnma(a[q], yv[v], xb);
         acc[q][v] = vfma(df, df, acc[q][v]);
@@ -246,11 +329,11 @@ inline void k_exact_chunk(vf (&acc)[Q][NV], const vf (&a)[Q], const float* X, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward logit micro-kernel over coordinates [k0, k1) for Q queries (rows X[q*ldx]) and the
+// Forward logit micro-kernel over coordinates [k0, k1) for Q queries and the
 // NT points of a packed tile.  exact: S = sum_k (fma(-alpha,y,x)^2 - var) with the shift applied
 // per 16-coordinate chunk (k0 must be a multiple of 16).  fast: S = sum_k x'_k yc_k.
 template <int Q, bool FAST>
-inline void k_logit(const float* X, int64_t ldx, const float* al, const float* va, const float* yT,
+inline void k_logit(const float* X, const float* al, const float* va, const float* yT,
                     int k0, int k1, float* S) {
   vf acc[Q][NV];
   for (int q = 0; q < Q; ++q)
@@ -260,7 +343,7 @@ inline void k_logit(const float* X, int64_t ldx, const float* al, const float* v
       vf yv[NV];
       for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
       for (int q = 0; q < Q; ++q) {
-        const vf xb = vb(X[q * ldx + k]);
+        const vf xb = vb(X[k * Q + q]);
         for (int v = 0; v < NV; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
       }
     }
@@ -268,7 +351,7 @@ inline void k_logit(const float* X, int64_t ldx, const float* al, const float* v
     vf a[Q];
     for (int q = 0; q < Q; ++q) a[q] = vb(al[q]);
     for (int kc = k0; kc < k1; kc += 16)
-      k_exact_chunk<Q>(acc, a, X, ldx, va, yT, kc, (int)imin(kc + 16, k1));
+      k_exact_chunk<Q>(acc, a, X, va, yT, kc, (int)imin(kc + 16, k1));
   }
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < NV; ++v) vst(S + q * NT + v * W, acc[q][v]);
@@ -277,8 +360,6 @@ inline void k_logit(const float* X, int64_t ldx, const float* al, const float* v
 // Exact-mode kernel for d > DB: the fp32 accumulator lives for ONE 16-coordinate chunk only
 // (it starts at -n*var) and each chunk result is added into double accumulators held in
 // registers (W/2 doubles per half vector).  Continues the sums already in Sd.
-typedef double vd __attribute__((vector_size(W * 4)));
-typedef float vh __attribute__((vector_size(W * 2)));
 // lower / upper half of a float vector, widened to double (kept in registers)
 #if DM_ISA == 2
 inline vd lo_d(vf v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
@@ -291,13 +372,9 @@ static_assert(W == 4, "generic path assumes 4 lanes");
 inline vd lo_d(vf v) { return __builtin_convertvector((vh){v[0], v[1]}, vd); }
 inline vd hi_d(vf v) { return __builtin_convertvector((vh){v[2], v[3]}, vd); }
 #endif
-inline vd vldd(const double* p) { vd r; std::memcpy(&r, p, sizeof r); return r; }
-inline void vstd(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
-
 template <int Q>
-inline void k_logit_dbl(const float* X, int64_t ldx, const float* al, const float* va, const float* yT,
+inline void k_logit_dbl(const float* X, const float* al, const float* va, const float* yT,
                         int k0, int k1, double* Sd) {
-  constexpr int H = W / 2;
   vd dl[Q][NV], dh[Q][NV];
   vf a[Q];
   for (int q = 0; q < Q; ++q) {
@@ -312,7 +389,7 @@ inline void k_logit_dbl(const float* X, int64_t ldx, const float* al, const floa
     vf acc[Q][NV];
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
-    k_exact_chunk<Q>(acc, a, X, ldx, va, yT, kc, ke);
+    k_exact_chunk<Q>(acc, a, X, va, yT, kc, ke);
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) {
         dl[q][v] += lo_d(acc[q][v]);
@@ -326,18 +403,35 @@ inline void k_logit_dbl(const float* X, int64_t ldx, const float* al, const floa
     }
 }
 
+// Queries for tile_S: the query blocks of tile_S (qblocks of tile_qm) stored one after the
+// other, each coordinate-major (element (q, k) of the block starting at query q0 of size Q at
+// out[q0*d + k*Q + (q - q0)]), so that the micro-kernels broadcast from one running pointer.
+template <bool FAST>
+inline int tile_qm(int d) { return FAST ? QB_FAST : d <= DB ? QB_EXACT : QB_EXACT_D; }
+template <bool FAST, class F>
+void pack_x(int nq, int d, float* out, F&& val) {
+  const int qm = tile_qm<FAST>(d);
+  for (int q0 = 0; q0 < nq; q0 += qm) {
+    const int Q = (int)imin(qm, nq - q0);
+    float* o = out + (size_t)q0 * d;
+    for (int q = 0; q < Q; ++q)
+      for (int k = 0; k < d; ++k) o[(size_t)k * Q + q] = val(q0 + q, k);
+  }
+}
+
 // S for all nq queries of a tile: fp32 result in Sf when d <= DB, else a double result in Sd,
 // computed in d-blocks of DB (d-block outer, so the yT block is reused from L1 by all queries).
 // exact: 16-coordinate fp32 chunks flushed into double (k_logit_dbl); fast: DB-coordinate
 // fp32 blocks flushed into double.
 template <bool FAST>
-void tile_S(const float* X, int64_t ldx, const float* al, const float* va, int nq, int d,
+void tile_S(const float* X, const float* al, const float* va, int nq, int d,
             const float* yT, float* Sf, double* Sd, float* tmp) {
   constexpr int QM = FAST ? QB_FAST : QB_EXACT;
+  const int64_t ldx = d;  // X is in pack_x layout: the block of query q starts at X + q*d
   if (d <= DB) {
     qblocks<QM>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
-      k_logit<Q, FAST>(X + q * ldx, ldx, al + q, va + q, yT, 0, d, Sf + q * NT);
+      k_logit<Q, FAST>(X + q * ldx, al + q, va + q, yT, 0, d, Sf + q * NT);
     });
     return;
   }
@@ -347,12 +441,12 @@ void tile_S(const float* X, int64_t ldx, const float* al, const float* va, int n
     if (!FAST) {
       qblocks<QB_EXACT_D>(nq, [&](auto qc, int q) {
         constexpr int Q = decltype(qc)::value;
-        k_logit_dbl<Q>(X + q * ldx, ldx, al + q, va + q, yT, k0, k1, Sd + q * NT);
+        k_logit_dbl<Q>(X + q * ldx, al + q, va + q, yT, k0, k1, Sd + q * NT);
       });
     } else {
       qblocks<QM>(nq, [&](auto qc, int q) {
         constexpr int Q = decltype(qc)::value;
-        k_logit<Q, FAST>(X + q * ldx, ldx, al + q, va + q, yT, k0, k1, tmp);
+        k_logit<Q, FAST>(X + q * ldx, al + q, va + q, yT, k0, k1, tmp);
         double* sd = Sd + q * NT;
         for (int i = 0; i < Q * NT; ++i) sd[i] += (double)tmp[i];
       });
@@ -437,38 +531,76 @@ void tile_wsum(const float* P, const float* yR, int nq, int dp, int n, double* a
   });
 }
 
-// Centre of each group's points (fast mode), in double; parallel over 16-column strips
-// (each column summed in point order: deterministic).
+// Centre of each group's points, rounded to float; parallel over column strips of up to CSW
+// columns (each column summed in point order, so the result does not depend on the strip width
+// or the thread count; wide strips read long contiguous row pieces).  One pass over the points.
+constexpr int CSW = 64;
 double* centres(const SmArgs<float>& a, Buf& buf, double* ss = nullptr) {
   // ss (optional, G x d): per column sum_i (y_ik - c_k)^2
   const int64_t G = a.G, N = a.N, d = a.d;
-  double* c = buf.get<double>((size_t)G * d);
+  double* c = buf.get<double>((size_t)G * d + cdiv(G * d, 2));
+  float* cf = reinterpret_cast<float*>(c + G * d);
   const int64_t Gd = a.y_gs == 0 ? 1 : G;  // distinct point sets
-  const int64_t nstrip = cdiv(d, 16);
-#pragma omp parallel for schedule(static) num_threads(a.threads > 0 ? a.threads : 1)
+  const int T = a.threads > 0 ? a.threads : 1;
+  // strip width: a multiple of 16, at most CSW, small enough for ~4 strips per thread
+  // (the per-column sums, and so c, do not depend on it)
+  const int64_t per_g = imax(1, cdiv(4 * T, Gd));
+  const int64_t sw = imax(16, imin(CSW, cdiv(cdiv(d, per_g), 16) * 16));
+  const int64_t nstrip = cdiv(d, sw);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
   for (int64_t it = 0; it < Gd * nstrip; ++it) {
-    const int64_t g = it / nstrip, k0 = (it % nstrip) * 16, k1 = imin(d, k0 + 16);
-    const float* yg = a.y + g * a.y_gs;
-    double s[16] = {0};
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t k = k0; k < k1; ++k) s[k - k0] += yg[i * d + k];
-    for (int64_t k = k0; k < k1; ++k) c[g * d + k] = s[k - k0] / (double)N;
-    if (ss) {
-      double q[16] = {0};
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t k = k0; k < k1; ++k) {
-          const double e = yg[i * d + k] - c[g * d + k];
-          q[k - k0] += e * e;
+    const int64_t g = it / nstrip, k0 = (it % nstrip) * sw, k1 = imin(d, k0 + sw);
+    const int kw = (int)(k1 - k0);
+    const float* yg = a.y + g * a.y_gs + k0;
+    // one pass: sums of e = y - y0 (y0 = the first point, a shift against cancellation) and,
+    // if ss is asked for, of e^2 (c depends on the sums of e only)
+    alignas(64) double s[CSW], q[CSW], y0[CSW];
+    for (int k = 0; k < kw; ++k) { s[k] = 0.0; q[k] = 0.0; y0[k] = (double)yg[k]; }
+    if (kw == CSW) {  // full strip: the sums in registers (CSW / H vectors each)
+      constexpr int NS = CSW / H;
+      vd vs[NS], vq[NS], v0[NS];
+      for (int u = 0; u < NS; ++u) { vs[u] = vq[u] = vd{}; v0[u] = vldd(y0 + u * H); }
+      for (int64_t i = 0; i < N; ++i) {
+        const float* r = yg + i * d;
+        for (int u = 0; u < NS; ++u) {
+          const vd e = h2d(r + u * H) - v0[u];
+          vs[u] += e;
+          if (ss) vq[u] = vdfma(e, e, vq[u]);
         }
-      for (int64_t k = k0; k < k1; ++k) ss[g * d + k] = q[k - k0];
+      }
+      for (int u = 0; u < NS; ++u) { vstd(s + u * H, vs[u]); vstd(q + u * H, vq[u]); }
+    } else {
+      for (int64_t i = 0; i < N; ++i) {
+        const float* r = yg + i * d;
+        for (int k = 0; k < kw; ++k) {
+          const double e = (double)r[k] - y0[k];
+          s[k] += e;
+          if (ss) q[k] += e * e;
+        }
+      }
+    }
+    double* cg = c + g * d + k0;
+    // the centre is rounded to float (any centre works; a float one makes y - c a single
+    // float subtraction), cf holds the same values as floats
+    for (int k = 0; k < kw; ++k) {
+      const double m = s[k] / (double)N;
+      cf[g * d + k0 + k] = (float)(y0[k] + m);
+      cg[k] = (double)cf[g * d + k0 + k];
+      if (ss) {  // sum_i (y_i - c)^2 = sum e^2 - N m^2 + N (y0 + m - c)^2
+        const double off = y0[k] + m - cg[k];
+        ss[g * d + k0 + k] = std::fmax(0.0, q[k] - (double)N * m * m) + (double)N * off * off;
+      }
     }
   }
   for (int64_t g = Gd; g < G; ++g) {
     std::memcpy(c + g * d, c, sizeof(double) * d);
+    std::memcpy(cf + g * d, cf, sizeof(float) * d);
     if (ss) std::memcpy(ss + g * d, ss, sizeof(double) * d);
   }
   return c;
 }
+// The float copy of the centres (G x d) stored after them by centres().
+inline const float* cfloat(const double* c, int64_t G, int64_t d) { return reinterpret_cast<const float*>(c + G * d); }
 inline float xprime(float x, float alpha, double c) { return (float)((double)x - (double)alpha * c); }
 
 // Thread-local workspace.
@@ -503,7 +635,7 @@ inline void load_bias(const float* bg, int64_t i0, int n, float* bt) {
 // online-softmax state (m, l, acc) of these queries.
 template <bool FAST>
 void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb, int64_t te,
-              const double* c, double* mo, double* lo, double* acc, Work& w) {
+              const double* c, const float* cf, double* mo, double* lo, double* acc, Work& w) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N;
   const float* xg = a.x + g * a.x_gs + q0 * a.d;
@@ -511,12 +643,11 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
   const float* al = a.alpha + g * a.alpha_gs + q0;
   const float* va = a.var + g * a.var_gs + q0;
   const float* bg = a.bias ? a.bias + g * a.bias_gs : nullptr;
-  const float* X = xg;
-  if (FAST) {
-    for (int q = 0; q < nq; ++q)
-      for (int k = 0; k < d; ++k) w.xc[q * d + k] = xprime(xg[q * d + k], al[q], c[k]);
-    X = w.xc;
-  }
+  if (FAST)
+    pack_x<FAST>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[q * d + k], al[q], c[k]); });
+  else
+    pack_x<FAST>(nq, d, w.xc, [&](int q, int k) { return xg[q * d + k]; });
+  const float* X = w.xc;
   for (int q = 0; q < nq; ++q) {
     w.qc[q] = qconst<FAST>(al[q], va[q]);
     mo[q] = -kInfD;
@@ -527,9 +658,9 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
   for (int64_t t = tb; t < te; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
-    pack_tile(yg, i0, n, d, dp, FAST ? c : nullptr, w.yT, w.yR, w.yn, w.cy);
+    pack_tile(yg, i0, n, d, dp, FAST ? cf : nullptr, w.yT, w.yR, w.yn, nullptr);
     load_bias(bg, i0, n, w.bt);
-    tile_S<FAST>(X, d, al, va, nq, d, w.yT, w.Sf, w.Sd, w.tmp);
+    tile_S<FAST>(X, al, va, nq, d, w.yT, w.Sf, w.Sd, w.tmp);
     // online softmax update
     for (int q = 0; q < nq; ++q) {
       float* p = w.P + q * NT;
@@ -612,7 +743,8 @@ void forward_impl(const SmArgs<float>& a) {
       if (nq <= 0) continue;
       const int64_t tb = s * ntiles / S, te = (s + 1) * ntiles / S;
       const int64_t base = (s * G + g) * B + q0;
-      fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, pm + base, pl + base,
+      fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr,
+                     c ? cfloat(c, G, d) + g * d : nullptr, pm + base, pl + base,
                      pacc + base * dp, w);
     }
     // merge the splits and finish: mean = acc/l (+ c), lse = m + log l + const
