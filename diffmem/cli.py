@@ -1,15 +1,26 @@
 """The ``diffmem`` command.
 
-    diffmem            the built-in default: ``diffmem demo``
-    diffmem demo       the op on a memorization-style problem: accuracy of each backend and
-                       precision against float64 across noise levels, then a quick benchmark
-    diffmem bench ...  the comparison benchmark (see ``diffmem bench --help``)
+    diffmem                   the built-in default: ``diffmem phase-transition`` with the default
+                              preset (d=30, K=4, N=100; a few minutes on a laptop CPU)
+    diffmem phase-transition  the paper's experiment on one configuration
+    diffmem sweep             the phase transition over the (d, K, N) grid, or a subset
+    diffmem crossover         theory-only predictions of the crossover M*/N (seconds)
+    diffmem demo              the op on a memorization-style problem: accuracy of each backend and
+                              precision against float64 across noise levels, then a quick benchmark
+    diffmem bench ...         the comparison benchmark (see ``diffmem bench --help``)
+
+Use ``diffmem <command> --help`` for every option.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .experiments.cli import OneLineParser, build_parsers
+from .experiments.cli import run as run_experiment
+
+EXPERIMENTS = ("phase-transition", "sweep", "crossover")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -26,19 +37,22 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="diffmem", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
+    parser = OneLineParser(prog="diffmem", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    build_parsers(sub)
     demo = sub.add_parser("demo", help="accuracy across noise levels and a quick benchmark")
     demo.add_argument("--full", action="store_true", help="run the full benchmark, not the quick one")
     sub.add_parser("bench", help="the comparison benchmark; options: diffmem bench --help",
                    add_help=False)
     if argv and argv[0] == "bench":
         return _bench(argparse.Namespace(), argv[1:])
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["phase-transition", *argv]  # the default command
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        if args.command is None:
-            args.full = False
+    if args.command in EXPERIMENTS:
+        return run_experiment(args.command, args)
+    if args.command == "demo":
         return _demo(args)
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -1,0 +1,179 @@
+"""Command-line front end of the experiments: argument definitions and handlers for
+``diffmem phase-transition``, ``diffmem sweep`` and ``diffmem crossover``.
+
+Bad input exits with code 2 and one line on stderr ("diffmem <command>: error: ..."), never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PRESETS, ConfigError, ExperimentConfig
+
+_D = ExperimentConfig()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line (no usage block) and exit code 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message.splitlines()[0]}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard i/n needs n >= 1 and 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """Options shared by the experiment commands (data, configuration, output)."""
+    g = p.add_argument_group("configuration")
+    g.add_argument("--preset", default="default", metavar="NAME",
+                   help=f"hyperparameter preset: {', '.join(sorted(PRESETS))} (default: default = "
+                        f"quick d=30 K=4 N=100 run; paper = SPEC F.5: 50,000 steps, warmup 5,000, "
+                        f"lr 0->1e-3->1e-6, 100 draws)")
+    g.add_argument("--data", choices=["gmm", "templates"], default="gmm",
+                   help="data: isotropic GMM (default) or colored templates (not implemented yet)")
+    if not sweep:
+        g.add_argument("--dim", type=int, help=f"data dimension d (default {_D.dim})")
+        g.add_argument("--components", type=int, help=f"mixture components K (default {_D.components})")
+        g.add_argument("--samples", type=int, help=f"training points N (default {_D.samples})")
+    g.add_argument("--seed", type=int, help=f"random seed (default {_D.seed})")
+    g.add_argument("--val-samples", type=int, help=f"validation points (default {_D.val_samples})")
+    g.add_argument("--variance", type=float, help=f"ground-truth variance sigma0^2 (default {_D.variance})")
+    g.add_argument("--out", metavar="DIR", help="output folder (default runs/<command>-<config>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: finished stages and models are not recomputed")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these small batched problems run fastest "
+                        "on one thread, far faster on a busy machine; 0 = torch's default)")
+
+
+def add_training(p: argparse.ArgumentParser) -> None:
+    """Training and evaluation hyperparameters (SPEC F.5, G); unset ones come from the preset."""
+    t = p.add_argument_group("training (defaults from --preset; shown: the default preset)")
+    t.add_argument("--steps", type=int, help=f"optimizer steps, full batch (default {_D.steps}; paper 50000)")
+    t.add_argument("--warmup", type=int, help=f"warmup steps (default {_D.warmup}; paper 5000)")
+    t.add_argument("--init-lr", type=float, help=f"initial lr (default {_D.init_lr})")
+    t.add_argument("--peak-lr", type=float, help=f"peak lr (default {_D.peak_lr}; paper 1e-3)")
+    t.add_argument("--final-lr", type=float, help=f"final lr (default {_D.final_lr}; paper 1e-6)")
+    t.add_argument("--draws", type=int, help=f"noise draws per sample per step (default {_D.draws}; paper 100)")
+    t.add_argument("--init-var", type=float, help=f"PMEM init variance (default {_D.init_var})")
+    t.add_argument("--clip", type=float, help=f"gradient clipping norm (default {_D.clip:g})")
+    t.add_argument("--ema", type=float, help=f"EMA of the updates (default {_D.ema})")
+    t.add_argument("--sizes", type=_int_list, metavar="M,M,...",
+                   help="trained sizes M (default range(N/10, N+1, N/10))")
+    t.add_argument("--no-refine", dest="refine", action="store_false", default=None,
+                   help="do not refine the sizes around the transition")
+    t.add_argument("--delta", type=float, help=f"transition threshold delta (default {_D.delta})")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-samples", type=int, help=f"DDIM samples for the memorization ratio (default {_D.eval_samples})")
+    e.add_argument("--eval-draws", type=int, help=f"noise draws per sample for per-t losses (default {_D.eval_draws})")
+    e.add_argument("--threshold", type=float, help="memorized iff d1 < threshold d2 (default 1/3)")
+    e.add_argument("--baseline-step", type=int,
+                   help="partially memorizing baseline sizes range(s, N+1, s)")
+    e.add_argument("--baseline-points", type=int,
+                   help=f"else about this many baseline sizes in steps of N/points (default "
+                        f"{_D.baseline_points}; paper preset 0 = every max(N//100, 1))")
+    e.add_argument("--no-plots", action="store_true", help="write no PNG files")
+
+
+_FIELDS = ("data", "dim", "components", "samples", "seed", "val_samples", "variance", "steps",
+           "warmup", "init_lr", "peak_lr", "final_lr", "draws", "init_var", "clip", "ema", "sizes",
+           "refine", "delta", "eval_samples", "eval_draws", "threshold", "baseline_step",
+           "baseline_points")
+
+
+def config_from_args(args, **fixed) -> ExperimentConfig:
+    from .config import make_config
+
+    values = {k: getattr(args, k, None) for k in _FIELDS}
+    values.update(fixed)
+    return make_config(args.preset, **values)
+
+
+def build_parsers(sub) -> None:
+    """Add the three experiment subcommands to an argparse subparsers object."""
+    pt = sub.add_parser("phase-transition", help="the paper's experiment on one configuration",
+                        description="Train the learnable GMM for a grid of sizes M, measure the "
+                                    "memorization ratio and losses, locate the transition and "
+                                    "compare with the predicted crossover M*/N.")
+    add_common(pt)
+    add_training(pt)
+    sw = sub.add_parser("sweep", help="phase transition over many (d, K, N) configurations",
+                        description="The 64-configuration sweep (or a subset): one result folder "
+                                    "per configuration and a summary table.")
+    sw.add_argument("--dims", type=_int_list, default=[30, 40, 50, 60], help="d values (default 30,40,50,60)")
+    sw.add_argument("--components", type=_int_list, default=[3, 6, 9, 12],
+                    help="K values (default 3,6,9,12)")
+    sw.add_argument("--samples", type=_int_list, default=[50, 100, 150, 200],
+                    help="N values (default 50,100,150,200)")
+    sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
+                    help="run only configurations with index %% n == i (default 0/1)")
+    add_common(sw, sweep=True)
+    add_training(sw)
+    cr = sub.add_parser("crossover", help="theory-only crossover predictions M*/N (seconds)",
+                        description="Coded, instance-wise and measured (skip with --no-measured) "
+                                    "predictions of M*/N under x0-uniform weighting.")
+    add_common(cr)
+    cr.add_argument("--no-measured", action="store_true", help="skip the measured-loss prediction")
+    cr.add_argument("--eval-draws", type=int, help="noise draws per sample for measured losses (default 100)")
+    cr.add_argument("--weighting", choices=["x0", "eps", "v", "score"], default="x0",
+                    help="time weighting of the losses (default x0-uniform)")
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"diffmem {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(command: str, args) -> int:
+    """Dispatch a parsed experiment command; ConfigError / OSError become exit code 2."""
+    threads = getattr(args, "threads", 1)
+    if threads < 0:
+        return _fail(command, f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    try:
+        if command == "phase-transition":
+            from .phase_transition import run_phase_transition
+            config = config_from_args(args)
+            out = args.out or f"runs/phase-transition-{config.tag()}"
+            run_phase_transition(config, out, resume=args.resume, quiet=args.quiet,
+                                 plots=not args.no_plots)
+            print(f"results: {out}/results.json")
+            return 0
+        if command == "sweep":
+            from .sweep import run_sweep
+            return run_sweep(args)
+        if command == "crossover":
+            from .crossover import run_crossover
+            return run_crossover(args)
+    except ConfigError as e:
+        return _fail(command, str(e))
+    except KeyboardInterrupt:
+        print(f"diffmem {command}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    raise ValueError(f"unknown command {command!r}")
+
+
+__all__ = ["OneLineParser", "build_parsers", "config_from_args", "run"]

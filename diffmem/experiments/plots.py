@@ -1,0 +1,132 @@
+"""PNG figures of a phase-transition run (SPEC I) and of a sweep; matplotlib is imported lazily,
+and every function returns [] when it is not installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _vlines(ax, results):
+    tr, pred = results["transition"], results["predictions"]
+    ax.axvline(tr["start_fraction"], color="gray", ls=":", label="transition start/end")
+    ax.axvline(tr["end_fraction"], color="gray", ls=":")
+    styles = {"coded": "tab:red", "instancewise": "tab:purple", "measured": "tab:green"}
+    for k, color in styles.items():
+        if pred.get(k) is not None:
+            ax.axvline(pred[k], color=color, ls="--", lw=1, label=f"predicted M*/N ({k})")
+
+
+def _save(fig, path, made):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    made.append(str(path))
+
+
+def plot_run(results: dict, folder) -> list[str]:
+    """Memorization ratio, learned variance, learned-means distances and losses (x0 units, at the
+    config's plot t indices, and averaged) against M/N. Returns the files written."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    made: list[str] = []
+    N = results["config"]["samples"]
+    f, trained = results["fractions"], results["trained"]
+    sizes = results["sizes"]
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(f, results["memorization_ratio"], "o-", color="tab:blue", label="trained")
+    _vlines(ax, results)
+    ax.set(xlabel="M / N", ylabel="memorization ratio", ylim=(-0.05, 1.05),
+           title=results["config"]["preset"] + " " + _tag(results))
+    ax.legend(fontsize=6)
+    _save(fig, folder / "memorization_ratio.png", made)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.semilogy(f, results["variance"], "o-")
+    ax.set(xlabel="M / N", ylabel="learned variance", title=_tag(results))
+    _save(fig, folder / "variance.png", made)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("mean_dT1", "to nearest true mean"), ("mean_dS1", "to nearest sample")):
+        ax.plot(f, [trained[str(m)]["learned_means"][key] for m in sizes], "o-", label=label)
+    ax.set(xlabel="M / N", ylabel="avg distance of learned means", title=_tag(results))
+    ax.legend(fontsize=7)
+    _save(fig, folder / "learned_means_distances.png", made)
+    plt.close(fig)
+
+    scale, base = results["x0_scale"], results["baselines"]
+    pm_sizes = sorted(int(m) for m in base["partial_mem"])
+    for split in ("train", "val"):
+        panels = [(f"t = {results['grid'][j]:.3f}", lambda v, j=j: v[j] * scale[j])
+                  for j in results["config"]["plot_t_indices"]]
+        panels.append(("average over t", lambda v: sum(a * b for a, b in zip(v, scale)) / len(v)))
+        for title, reduce in panels:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(f, [reduce(trained[str(m)][f"{split}_loss"]) for m in sizes], "o",
+                    color="tab:blue", label="trained")
+            ax.plot([m / N for m in pm_sizes],
+                    [reduce(base["partial_mem"][str(m)][split]) for m in pm_sizes],
+                    color="tab:red", label="partially memorizing")
+            if split == "train":
+                ax.plot([m / N for m in pm_sizes],
+                        [reduce(base["partial_mem_approx"][str(m)]["train"]) for m in pm_sizes],
+                        color="tab:red", ls=":", label="pmem approx (coded)")
+                ax.axhline(reduce(base["ground_truth_approx"]["train"]), color="green", ls=":",
+                           label="ground truth approx")
+            ax.axhline(reduce(base["memorizing"][split]), color="goldenrod", ls="--",
+                       label="memorizing")
+            ax.axhline(reduce(base["ground_truth"][split]), color="green", ls="--",
+                       label="ground truth")
+            ax.set_yscale("log")
+            ax.set(xlabel="M / N", ylabel=f"{split} loss (x0 units)", title=f"{title}, {_tag(results)}")
+            ax.legend(fontsize=6)
+            name = "avg" if title.startswith("average") else title.split("= ")[1].replace(".", "_")
+            _save(fig, folder / f"{split}_loss_{name}.png", made)
+            plt.close(fig)
+    return made
+
+
+def _tag(results) -> str:
+    c = results["config"]
+    return f"d={c['dim']} K={c['components']} N={c['samples']}"
+
+
+def plot_sweep(rows: list[dict], path) -> list[str]:
+    """Measured transition (start, rho=0.5, end as fractions of N) vs predicted M*/N per config."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return []
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(rows)), 3.5))
+    x = list(range(len(rows)))
+    get = lambda k: [r.get(k) if r.get(k) is not None else float("nan") for r in rows]  # noqa
+    ax.vlines(x, get("start_fraction"), get("end_fraction"), color="gray", label="transition")
+    ax.plot(x, get("midpoint_fraction"), "o", color="tab:blue", label="rho = 0.5")
+    for k, c in (("coded", "tab:red"), ("instancewise", "tab:purple"), ("measured", "tab:green")):
+        ax.plot(x, get(k), "_", ms=12, color=c, label=f"predicted ({k})")
+    ax.set_xticks(x, [r["tag"] for r in rows], rotation=90, fontsize=6)
+    ax.set(ylabel="M / N")
+    ax.legend(fontsize=6)
+    made: list[str] = []
+    _save(fig, path, made)
+    plt.close(fig)
+    return made
+
+
+__all__ = ["plot_run", "plot_sweep"]

@@ -1,0 +1,86 @@
+"""``diffmem sweep``: the phase-transition experiment over a (d, K, N) grid (SPEC F.5: 64
+configurations), one folder per configuration under the sweep folder, ``--shard i/n`` to split
+the configurations across processes, and a summary (summary.json, printed table, summary.png)
+of the measured transition against the predicted crossover."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from .config import ConfigError
+from .results import check_writable, read_json, write_json
+
+
+def configurations(dims, components, samples) -> list[tuple[int, int, int]]:
+    """All (d, K, N) in the order d, then K, then N."""
+    return list(itertools.product(dims, components, samples))
+
+
+def summary_row(results: dict) -> dict:
+    """One summary line of a results.json: transition (fractions of N) and predictions."""
+    c, tr, p = results["config"], results["transition"], results["predictions"]
+    return {"tag": f"d{c['dim']}-K{c['components']}-N{c['samples']}", "dim": c["dim"],
+            "components": c["components"], "samples": c["samples"],
+            "start_fraction": tr.get("start_fraction"), "end_fraction": tr.get("end_fraction"),
+            "midpoint_fraction": tr.get("midpoint_fraction"), "coded": p.get("coded"),
+            "instancewise": p.get("instancewise"), "measured": p.get("measured")}
+
+
+def summarize(root: Path) -> list[dict]:
+    """Rows for every finished configuration folder under root (sorted by d, K, N)."""
+    rows = []
+    for path in sorted(root.glob("*/results.json")):
+        r = read_json(path)
+        if r.get("transition", {}).get("start_fraction") is not None:
+            rows.append(summary_row(r))
+    return sorted(rows, key=lambda r: (r["dim"], r["components"], r["samples"]))
+
+
+def format_table(rows: list[dict]) -> str:
+    f = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
+    lines = ["config            start    rho=.5   end    | coded  inst.  measured",
+             "-" * 66]
+    for r in rows:
+        lines.append(f"{r['tag']:<16} {f(r['start_fraction'])} {f(r['midpoint_fraction'])} "
+                     f"{f(r['end_fraction'])} | {f(r['coded'])} {f(r['instancewise'])} "
+                     f"{f(r['measured'])}")
+    return "\n".join(lines)
+
+
+def run_sweep(args) -> int:
+    """Handler of the sweep subcommand; returns the exit code (ConfigError for bad input)."""
+    from .cli import config_from_args
+    from .phase_transition import run_phase_transition
+
+    for name, values in (("dims", args.dims), ("components", args.components),
+                         ("samples", args.samples)):
+        if any(v < 1 for v in values):
+            raise ConfigError(f"--{name} values must be positive, got {values}")
+    configs = configurations(args.dims, args.components, args.samples)
+    # validate every configuration before running any
+    built = [config_from_args(args, dim=d, components=k, samples=n) for d, k, n in configs]
+    root = Path(args.out or f"runs/sweep-{built[0].preset}-s{built[0].seed}")
+    try:
+        check_writable(root)
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {str(root)!r}: {e.strerror or e}") from None
+    i, n = args.shard
+    mine = [c for j, c in enumerate(built) if j % n == i]
+    for j, config in enumerate(mine):
+        folder = root / config.tag()
+        if not args.quiet:
+            print(f"[sweep {j + 1}/{len(mine)} of shard {i}/{n}] {config.tag()}", flush=True)
+        run_phase_transition(config, folder, resume=args.resume, quiet=args.quiet,
+                             plots=not args.no_plots)
+    rows = summarize(root)
+    write_json(root / "summary.json", {"schema": "diffmem.sweep/1", "rows": rows})
+    print(format_table(rows))
+    if not args.no_plots:
+        from .plots import plot_sweep
+        plot_sweep(rows, root / "summary.png")
+    print(f"summary: {root / 'summary.json'}")
+    return 0
+
+
+__all__ = ["configurations", "format_table", "run_sweep", "summarize", "summary_row"]
