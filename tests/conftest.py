@@ -95,4 +95,5 @@ def _poison_outputs():
 
 
 def pytest_report_header(config):
-    return f"diffmem device={DEVICE} backends={BACKENDS} triton_interpret={INTERPRETED}"
+    return (f"diffmem {diffmem.__file__} device={DEVICE} backends={BACKENDS} "
+            f"triton_interpret={INTERPRETED}")
