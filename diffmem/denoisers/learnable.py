@@ -251,18 +251,22 @@ def init_pmem(data: torch.Tensor, M: int, *, generator: torch.Generator | None =
     return means, init_var ** 0.5
 
 
-def init_gaussian(d: int, M: int, *, generator: torch.Generator | None = None,
-                  means_scale: float = 1.0, init_var: float = 1e-6,
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
-    """GAUSSIAN: means N(0, I) * means_scale / sqrt(d) (norm about means_scale); std = sqrt(init_var)."""
+def _init_random(kind: str, d: int, M: int, generator, means_scale: float, init_var: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     d, M = _check_size(d, "d"), _check_size(M)
     _check_var(means_scale, "means_scale")
     if _check_var(init_var, "init_var") == 0:
         raise ValueError("init_var must be > 0")
     _check_generator(generator)
-    means = initial_means("gaussian", M, dim=d, generator=generator, means_scale=means_scale,
-                          dtype=dtype)
+    means = initial_means(kind, M, dim=d, generator=generator, means_scale=means_scale, dtype=dtype)
     return means, init_var ** 0.5
+
+
+def init_gaussian(d: int, M: int, *, generator: torch.Generator | None = None,
+                  means_scale: float = 1.0, init_var: float = 1e-6,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """GAUSSIAN: means N(0, I) * means_scale / sqrt(d) (norm about means_scale); std = sqrt(init_var)."""
+    return _init_random("gaussian", d, M, generator, means_scale, init_var, dtype)
 
 
 def init_sphere(d: int, M: int, *, generator: torch.Generator | None = None,
@@ -270,14 +274,7 @@ def init_sphere(d: int, M: int, *, generator: torch.Generator | None = None,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
     """SPHERE: means uniform on the sphere of radius means_scale; std = sqrt(init_var)
     (the reference crashes here, SPEC F.1 [FLAG])."""
-    d, M = _check_size(d, "d"), _check_size(M)
-    _check_var(means_scale, "means_scale")
-    if _check_var(init_var, "init_var") == 0:
-        raise ValueError("init_var must be > 0")
-    _check_generator(generator)
-    means = initial_means("sphere", M, dim=d, generator=generator, means_scale=means_scale,
-                          dtype=dtype)
-    return means, init_var ** 0.5
+    return _init_random("sphere", d, M, generator, means_scale, init_var, dtype)
 
 
 def init_prior(gt, M: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
