@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 
@@ -25,12 +26,32 @@ def _try_load() -> tuple[ModuleType | None, str]:
 
             _loaded.append((_C, ""))
         except ImportError as exc:
-            reason = _build_info().get("cpu_reason") or (
+            reason = _build_info().get("cpu_reason") or _shadowed_reason() or (
                 f"the compiled module diffmem._C could not be imported ({exc}); reinstall "
                 "with a C++ compiler available"
             )
             _loaded.append((None, reason))
     return _loaded[0]
+
+
+def _shadowed_reason() -> str:
+    """Explain a source checkout imported in place of an installed copy that has diffmem._C."""
+    from importlib import metadata
+
+    here = Path(__file__).resolve().parent.parent
+    try:
+        dist = metadata.distribution("diffmem")
+    except metadata.PackageNotFoundError:
+        return ""
+    for f in dist.files or []:
+        if f.parent.name == "diffmem" and f.name.startswith("_C."):
+            installed = Path(dist.locate_file(f)).resolve().parent
+            if installed != here:
+                return (f"diffmem was imported from {here}, a source checkout without the compiled "
+                        f"module, instead of the installed copy in {installed}: run Python from "
+                        "outside the checkout, run the tests with `pytest` (not `python -m "
+                        "pytest`), or install in editable mode (`pip install -e .`)")
+    return ""
 
 
 def cpu_extension_status() -> tuple[bool, str]:
