@@ -5,7 +5,8 @@
   with one clipping norm per model when the leading dim of every parameter indexes models.
 - ``train_gmm_models``: full-batch training of one GMM per size M, all sizes batched into one
   padded ``LearnableGMM``; each model's randomness comes from its own generator seeded by
-  (seed, M), so batched training equals training the sizes one by one.
+  (seed, M), so batched training equals training the sizes one by one. It can hand out its
+  state mid-run (``checkpoint``) and continue from it (``resume_state``) with identical results.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -254,7 +256,9 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
                      process: Process | None = None, gt=None, backend: str = "auto",
                      precision: str = "exact",
                      progress: Callable[[int, int, torch.Tensor], None] | None = None,
-                     ) -> dict[int, TrainedGMM]:
+                     checkpoint: Callable[[dict], None] | None = None,
+                     checkpoint_every: int = 0, checkpoint_seconds: float | None = None,
+                     resume_state: dict | None = None) -> dict[int, TrainedGMM]:
     """Train one learnable GMM per size M on data (N, d), full batch, all sizes at once.
 
     Each step k: every model draws per-sample grid indices (N,) uniformly from grid (default the
@@ -262,6 +266,12 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
     (after its initialization draws), computes eps_losses, and takes one ReferenceOptimizer step
     with lr = wsd_schedule(k, steps, warmup, decay (default steps - warmup), init_lr, peak_lr,
     final_lr). progress(k, steps, losses (G,)) is called after each step. Returns {M: TrainedGMM}.
+
+    checkpoint(state) is called after every checkpoint_every-th step and/or once
+    checkpoint_seconds of wall time passed since the last call (never after the last step);
+    state (see training_state) holds tensors and plain scalars only. Passing it back as
+    resume_state (same data and settings) continues the run: the result equals an
+    uninterrupted one, since the per-step draws come from the restored generators.
     """
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or not data.is_floating_point():
         raise ValueError("data must be a floating-point (N, d) tensor")
@@ -281,6 +291,11 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
         raise ValueError(f"init must be one of {INIT_STRATEGIES}, got {init!r}")
     if progress is not None and not callable(progress):
         raise TypeError("progress must be callable or None")
+    if checkpoint is not None and not callable(checkpoint):
+        raise TypeError("checkpoint must be callable or None")
+    checkpoint_every = _check_int(checkpoint_every, "checkpoint_every")
+    if checkpoint_seconds is not None:
+        checkpoint_seconds = _check_number(checkpoint_seconds, "checkpoint_seconds", 0.0)
     grid = time_grid() if grid is None else grid
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() == 0:
         raise ValueError("grid must be a non-empty 1-D tensor of times")
@@ -306,7 +321,11 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
                                                     final_lr),
                              clip=clip, ema=ema, per_model=True)
     history = data.new_zeros(G, steps)
-    for k in range(steps):
+    start = 0
+    if resume_state is not None:
+        start = _load_training_state(resume_state, sizes, steps, seed, model, opt, gens, history)
+    last_save = time.monotonic()
+    for k in range(start, steps):
         idx = torch.stack([torch.randint(0, grid.numel(), (N,), generator=gen) for gen in gens])
         noise = torch.stack([torch.randn(N, draws, d, generator=gen, dtype=data.dtype)
                              for gen in gens]).to(data.device)
@@ -317,9 +336,47 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
         history[:, k] = losses.detach()
         if progress is not None:
             progress(k, steps, losses.detach())
+        if checkpoint is not None and k + 1 < steps and (
+                (checkpoint_every and (k + 1) % checkpoint_every == 0) or
+                (checkpoint_seconds is not None and
+                 time.monotonic() - last_save >= checkpoint_seconds)):
+            checkpoint(training_state(k + 1, sizes, steps, seed, model, opt, gens, history))
+            last_save = time.monotonic()
     parts = model.parts()
     return {M: TrainedGMM(M, mu, std, history[g].clone())
             for g, (M, (mu, std)) in enumerate(zip(sizes, parts))}
+
+
+def training_state(step, sizes, steps, seed, model, opt, gens, history) -> dict:
+    """State of train_gmm_models after `step` steps: scalars (step, steps, seed, sizes) and
+    cloned tensors (means, std, losses (G, step), generators (G, bytes), opt.<name>)."""
+    state = {"step": step, "steps": steps, "seed": seed, "sizes": list(sizes),
+             "means": model.means.detach().clone(), "std": model.std.detach().clone(),
+             "losses": history[:, :step].clone(),
+             "generators": torch.stack([gen.get_state() for gen in gens])}
+    state.update({f"opt.{k}": v for k, v in opt.state().items()})
+    return state
+
+
+def _load_training_state(state, sizes, steps, seed, model, opt, gens, history) -> int:
+    """Restore a training_state into the freshly built run; returns the step to continue at."""
+    if not isinstance(state, dict):
+        raise TypeError("resume_state must be a dict from a checkpoint")
+    found = (state.get("sizes"), state.get("steps"), state.get("seed"))
+    if found != (list(sizes), steps, seed):
+        raise ValueError(f"resume_state is for sizes, steps, seed = {found}, "
+                         f"not {(list(sizes), steps, seed)}")
+    step = _check_int(state["step"], "resume_state step")
+    if not step <= steps or state["means"].shape != model.means.shape:
+        raise ValueError("resume_state does not match this run (step or means shape)")
+    with torch.no_grad():
+        model.means.copy_(state["means"])
+        model.std.copy_(state["std"])
+    history[:, :step] = state["losses"]
+    opt.load_state({k[4:]: v for k, v in state.items() if k.startswith("opt.")})
+    for gen, s in zip(gens, state["generators"]):
+        gen.set_state(s.to(torch.uint8).clone())  # a fresh tensor: views with an offset crash
+    return step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,41 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
         _strip(json.loads((tmp_path / "a" / "results.json").read_text()))
 
 
+@pytest.mark.parametrize("phase", [1, 2])
+def test_resume_mid_training_phase_matches_uninterrupted(tmp_path, monkeypatch, phase):
+    """A kill inside a training phase loses only the steps since its last checkpoint: the
+    resumed run continues from the saved state and ends with the same results."""
+    config = make_config(**TINY)
+    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
+    monkeypatch.setattr(pt_module, "CHECKPOINT_STEPS", 7)  # steps = 20: checkpoints at 7, 14
+    seen = []
+
+    def kill_mid_phase(event, value):
+        seen.append((event, value))
+        if event == "checkpoint" and seen.count(("trained", 1)) == phase - 1 and value == 14:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False, hook=kill_mid_phase)
+    assert (tmp_path / "b" / "train_state.npz").exists()
+
+    calls = []
+    real_train = pt_module.train_gmm_models
+
+    def spy(data, sizes, **kw):
+        state = kw["resume_state"]
+        calls.append((list(sizes), None if state is None else state["step"]))
+        return real_train(data, sizes, **kw)
+
+    monkeypatch.setattr(pt_module, "train_gmm_models", spy)
+    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
+    assert calls[0][1] == 14 and all(step is None for _, step in calls[1:])
+    assert (calls[0][0] == config.train_sizes()) == (phase == 1)
+    assert not (tmp_path / "b" / "train_state.npz").exists()
+    assert not (tmp_path / "b" / "train_state.json").exists()
+    assert _strip(resumed) == _strip(full)
+
+
 def test_resume_requires_same_settings(tmp_path):
     run_phase_transition(make_config(**TINY), tmp_path, quiet=True, plots=False)
     with pytest.raises(ConfigError, match="already holds a run"):

@@ -278,6 +278,37 @@ def test_short_training_decreases_loss():
     assert res[5].denoiser("eps")(X, 0.5).shape == X.shape
 
 
+def test_resume_from_checkpoint_equals_uninterrupted_training():
+    """Train 9 steps straight vs 4 steps, checkpoint, then a new call from that state: bitwise
+    equal parameters and losses (cpu backend, same thread count)."""
+    X, kw = _toy_data(), {**KW, "steps": 9, "warmup": 2}
+    straight = train_gmm_models(X, [3, 7], **kw)
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def keep(state):
+        saved.append(state)
+        if state["step"] == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_gmm_models(X, [3, 7], checkpoint=keep, checkpoint_every=2, **kw)
+    assert [s["step"] for s in saved] == [2, 4] and saved[1]["losses"].shape == (2, 4)
+    resumed = train_gmm_models(X, [3, 7], resume_state=saved[1], **kw)
+    for M in (3, 7):
+        assert torch.equal(resumed[M].means, straight[M].means)
+        assert resumed[M].std == straight[M].std
+        assert torch.equal(resumed[M].losses, straight[M].losses)
+    with pytest.raises(ValueError, match="resume_state is for"):
+        train_gmm_models(X, [3, 8], resume_state=saved[1], **kw)
+    every = []  # checkpoint_seconds=0: after every step but the last
+    train_gmm_models(X, [3], checkpoint=lambda s: every.append(s["step"]), checkpoint_seconds=0,
+                     **kw)
+    assert every == list(range(1, 9))
+
+
 def test_save_load_results(tmp_path):
     res = train_gmm_models(_toy_data(), [3, 5], **{**KW, "steps": 2})
     path = tmp_path / "res.json"

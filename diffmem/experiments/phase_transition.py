@@ -4,7 +4,8 @@ run_phase_transition(config, out): data -> baselines -> predicted crossovers -> 
 M batched -> evaluate each M -> locate the transition (delta rule) -> train and evaluate the
 refinement sizes -> results.json (+ plots). Every stage is checkpointed in the run folder
 (see results.py), so resume=True recomputes nothing that finished; a killed run loses at most
-the stage in progress (one batched training phase, or one model's evaluation).
+the stage in progress: one model's evaluation, or the training steps since the last training
+checkpoint (every CHECKPOINT_SECONDS of wall time, or CHECKPOINT_STEPS steps if set).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from .config import ConfigError, ExperimentConfig
 from .evaluate import averages, evaluate_baselines, evaluate_trained, generator, to_x0_units
 from .predictions import predict
 from .progress import Progress
-from .results import (check_writable, environment, load_models, read_json, save_models,
-                      write_json)
+from .results import (check_writable, environment, load_models, load_train_state, read_json,
+                      remove_train_state, save_models, save_train_state, write_json)
 from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
 
 SCHEMA = "diffmem.phase_transition/1"
+CHECKPOINT_SECONDS = 30.0  # wall time between training checkpoints
+CHECKPOINT_STEPS = 0       # also checkpoint every this many steps (0: off; tests set it)
 
 
 def _prepare_folder(config: ExperimentConfig, out: Path, resume: bool) -> None:
@@ -68,23 +71,38 @@ class _Timings:
         write_json(self.path, self.values)
 
 
-def _train_phase(config, data, sizes, out, models, timings, progress, label):
-    """Train the sizes not yet in models (one batched call), checkpoint, return the new ones."""
+def _train_phase(config, data, sizes, out, models, timings, progress, label, resume, hook):
+    """Train the sizes not yet in models (one batched call, continuing from the phase's
+    training checkpoint on resume), save them, return the new ones."""
     todo = sorted(m for m in sizes if m not in models)
     if not todo:
         return []
-    progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws)")
+    state = load_train_state(out) if resume else None
+    if state is not None and state.get("sizes") != todo:
+        state = None  # a stale checkpoint of another phase
+    progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws)"
+                  + (f", resuming at step {state['step']}" if state is not None else ""))
+
+    def checkpoint(s):
+        save_train_state(out, s)
+        if hook is not None:
+            hook("checkpoint", s["step"])
+
     t0 = time.perf_counter()
     trained = train_gmm_models(
         data.train, todo, steps=config.steps, warmup=config.warmup, init_lr=config.init_lr,
         peak_lr=config.peak_lr, final_lr=config.final_lr, draws=config.draws, init=config.init,
         init_var=config.init_var, clip=config.clip, ema=config.ema, seed=config.seed,
-        progress=progress.task(f"{label} training ({len(todo)} models)", zero_based=True))
+        progress=progress.task(f"{label} training ({len(todo)} models)", zero_based=True),
+        checkpoint=checkpoint, checkpoint_every=CHECKPOINT_STEPS,
+        checkpoint_seconds=CHECKPOINT_SECONDS, resume_state=state)
     seconds = time.perf_counter() - t0
     models.update(trained)
     save_models(out / "models.npz", models)
+    remove_train_state(out)
     timings.add(f"{label}_train", seconds)
-    timings.add("train_steps_x_models", config.steps * len(todo))
+    run = config.steps - (state["step"] if state is not None else 0)  # steps this call ran
+    timings.add("train_steps_x_models", run * len(todo))
     timings.add("train_seconds_total", seconds)
     return todo
 
@@ -149,7 +167,8 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
                          quiet: bool = False, plots: bool = True, hook=None) -> dict:
     """Run (or resume) the experiment for config in folder out; returns the results dict that is
     also written to out/results.json. hook(event, value), if given, is called after each
-    checkpoint ("trained" phase index, "evaluated" M) -- tests use it to simulate a kill."""
+    checkpoint ("checkpoint" training step, "trained" phase index, "evaluated" M) -- tests use
+    it to simulate a kill."""
     out = Path(out)
     progress = Progress(quiet)
     if config.data != "gmm":
@@ -189,7 +208,7 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     evals = {m: r for m, r in evals.items() if m in models}
 
     initial = config.train_sizes()
-    _train_phase(config, data, initial, out, models, timings, progress, "phase 1")
+    _train_phase(config, data, initial, out, models, timings, progress, "phase 1", resume, hook)
     if hook is not None:
         hook("trained", 1)
     _evaluate_sizes(config, data, ts, x_init, models, evals, out, timings, progress, hook)
@@ -206,7 +225,8 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
         transition["refined_sizes"] = new
         if new:
             progress.note(f"transition between M={start} and M={end}; refining with {new}")
-            _train_phase(config, data, new, out, models, timings, progress, "phase 2")
+            _train_phase(config, data, new, out, models, timings, progress, "phase 2", resume,
+                         hook)
             if hook is not None:
                 hook("trained", 2)
             _evaluate_sizes(config, data, ts, x_init, models, evals, out, timings, progress, hook)

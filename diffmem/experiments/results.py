@@ -7,6 +7,8 @@ Layout of a run folder:
     models.npz             trained parameters of every finished size: means_<M> (M, d),
                            std_<M> (), losses_<M> (steps,)
     models/M<M>.json       evaluation of the trained size M
+    train_state.npz/.json  state of the training phase in progress (tensors / scalars; removed
+                           when the phase completes)
     results.json           everything (written last, and after each phase)
     plots/*.png            figures (if matplotlib is installed)
 """
@@ -64,14 +66,7 @@ def read_json(path):
         return json.load(f)
 
 
-def save_models(path, models: dict) -> None:
-    """Atomically write {M: TrainedGMM} as .npz: means_<M> (M, d), std_<M> (), losses_<M> (steps,)."""
-    path = Path(path)
-    arrays = {}
-    for M, r in sorted(models.items()):
-        arrays[f"means_{M}"] = r.means.detach().cpu().double().numpy()
-        arrays[f"std_{M}"] = np.asarray(float(r.std))
-        arrays[f"losses_{M}"] = r.losses.detach().cpu().double().numpy()
+def _atomic_npz(path: Path, arrays: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -81,6 +76,49 @@ def save_models(path, models: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_train_state(folder, state: dict) -> None:
+    """Write a train_gmm_models checkpoint: tensors (dtype kept) to train_state.npz, the rest
+    to train_state.json (written second; both carry the step, see load_train_state)."""
+    folder = Path(folder)
+    arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    arrays["_step"] = np.asarray(state["step"])
+    _atomic_npz(folder / "train_state.npz", arrays)
+    write_json(folder / "train_state.json",
+               {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
+
+
+def load_train_state(folder) -> dict | None:
+    """The checkpoint of save_train_state, or None if absent or the two files disagree (a kill
+    between the two writes)."""
+    folder = Path(folder)
+    npz, js = folder / "train_state.npz", folder / "train_state.json"
+    if not (npz.exists() and js.exists()):
+        return None
+    state = read_json(js)
+    with np.load(npz, allow_pickle=False) as z:
+        if int(z["_step"]) != state.get("step"):
+            return None
+        state.update({k: torch.from_numpy(z[k].copy()) for k in z.files if k != "_step"})
+    return state
+
+
+def remove_train_state(folder) -> None:
+    """Delete the training checkpoint (the phase completed)."""
+    for name in ("train_state.json", "train_state.npz"):
+        Path(folder, name).unlink(missing_ok=True)
+
+
+def save_models(path, models: dict) -> None:
+    """Atomically write {M: TrainedGMM} as .npz: means_<M> (M, d), std_<M> (), losses_<M> (steps,)."""
+    path = Path(path)
+    arrays = {}
+    for M, r in sorted(models.items()):
+        arrays[f"means_{M}"] = r.means.detach().cpu().double().numpy()
+        arrays[f"std_{M}"] = np.asarray(float(r.std))
+        arrays[f"losses_{M}"] = r.losses.detach().cpu().double().numpy()
+    _atomic_npz(path, arrays)
 
 
 def load_models(path, dtype=torch.float32) -> dict:
@@ -120,4 +158,5 @@ def check_writable(folder) -> Path:
     return folder
 
 
-__all__ = ["check_writable", "environment", "load_models", "read_json", "save_models", "write_json"]
+__all__ = ["check_writable", "environment", "load_models", "load_train_state", "read_json",
+           "remove_train_state", "save_models", "save_train_state", "write_json"]
