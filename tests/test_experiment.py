@@ -197,7 +197,7 @@ def test_memorization_ratio_pipeline_separates_generalizing_and_memorizing():
     (["phase-transition", "--warmup", "50", "--steps", "10"], "warmup"),
     (["phase-transition", "--steps", "x"], "invalid int"),
     (["phase-transition", "--data", "images"], "invalid choice"),
-    (["phase-transition", "--data", "templates"], "not implemented yet"),
+    (["crossover", "--data", "templates"], "not implemented yet"),
     (["phase-transition", "--out", "/proc/diffmem-no-such-dir"], "cannot write"),
     (["sweep", "--shard", "2/2"], "shard"),
     (["sweep", "--dims", "30,a"], "integers"),

@@ -50,7 +50,8 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                         f"quick d=30 K=4 N=100 run; paper = SPEC F.5: 50,000 steps, warmup 5,000, "
                         f"lr 0->1e-3->1e-6, 100 draws)")
     g.add_argument("--data", choices=["gmm", "templates"], default="gmm",
-                   help="data: isotropic GMM (default) or colored templates (not implemented yet)")
+                   help="data: isotropic GMM (default) or colored templates (phase-transition only; "
+                        "--dim is then the image side, images dim x dim x 3)")
     if not sweep:
         g.add_argument("--dim", type=int, help=f"data dimension d (default {_D.dim})")
         g.add_argument("--components", type=int, help=f"mixture components K (default {_D.components})")

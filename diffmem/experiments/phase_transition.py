@@ -169,10 +169,11 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     also written to out/results.json. hook(event, value), if given, is called after each
     checkpoint ("checkpoint" training step, "trained" phase index, "evaluated" M) -- tests use
     it to simulate a kill."""
+    if config.data == "templates":
+        from .templates_run import run_templates
+        return run_templates(config, out, resume=resume, quiet=quiet, plots=plots, hook=hook)
     out = Path(out)
     progress = Progress(quiet)
-    if config.data != "gmm":
-        raise ConfigError("--data templates is not implemented yet for phase-transition; use gmm")
     _prepare_folder(config, out, resume)
     timings = _Timings(out / "timings.json", resume)
     t_start = time.perf_counter()

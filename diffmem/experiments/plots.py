@@ -82,7 +82,7 @@ def plot_run(results: dict, folder) -> list[str]:
             ax.plot([m / N for m in pm_sizes],
                     [reduce(base["partial_mem"][str(m)][split]) for m in pm_sizes],
                     color="tab:red", label="partially memorizing")
-            if split == "train":
+            if split == "train" and "partial_mem_approx" in base:
                 ax.plot([m / N for m in pm_sizes],
                         [reduce(base["partial_mem_approx"][str(m)]["train"]) for m in pm_sizes],
                         color="tab:red", ls=":", label="pmem approx (coded)")
@@ -98,6 +98,36 @@ def plot_run(results: dict, folder) -> list[str]:
             name = "avg" if title.startswith("average") else title.split("= ")[1].replace(".", "_")
             _save(fig, folder / f"{split}_loss_{name}.png", made)
             plt.close(fig)
+    return made
+
+
+def plot_samples(samples: dict, folder, name: str = "generated_samples.png") -> list[str]:
+    """One row of generated images per size M: samples {M: (n, C, H, W)}, shown as RGB
+    (C = 3) or gray (first channel), each image min-max scaled to [0, 1]."""
+    plt = _pyplot()
+    if plt is None or not samples:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = sorted(samples)
+    n = max(v.shape[0] for v in samples.values())
+    fig, axes = plt.subplots(len(sizes), n, figsize=(0.9 * n + 0.6, 0.9 * len(sizes) + 0.3),
+                             squeeze=False)
+    for i, M in enumerate(sizes):
+        for j in range(n):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < samples[M].shape[0]:
+                x = samples[M][j].double()
+                x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+                img = x.permute(1, 2, 0).numpy() if x.shape[0] == 3 else x[0].numpy()
+                ax.imshow(img, cmap=None if x.shape[0] == 3 else "gray")
+            if j == 0:
+                ax.set_ylabel(f"M={M}", fontsize=7)
+    made: list[str] = []
+    _save(fig, folder / name, made)
+    plt.close(fig)
     return made
 
 
@@ -129,4 +159,4 @@ def plot_sweep(rows: list[dict], path) -> list[str]:
     return made
 
 
-__all__ = ["plot_run", "plot_sweep"]
+__all__ = ["plot_run", "plot_samples", "plot_sweep"]

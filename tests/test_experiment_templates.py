@@ -1,0 +1,105 @@
+"""The colored-template phase-transition run (--data templates): tiny end-to-end run through the
+CLI (results.json, plots, sample grid), resume after a simulated kill, template presets, and
+deterministic training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from diffmem.cli import main
+from diffmem.data.templates import make_template_data
+from diffmem.experiments import templates_run
+from diffmem.experiments.config import make_config
+from diffmem.experiments.phase_transition import run_phase_transition
+from diffmem.train_templates import train_template_model
+
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+TINY = dict(data="templates", dim=6, components=2, samples=20, val_samples=10, eval_samples=6,
+            steps=6, warmup=1, draws=2, eval_draws=2, baseline_step=10, sizes=[4, 10, 20])
+TINY_ARGS = ["--data", "templates", "--dim", "6", "--components", "2", "--samples", "20",
+             "--val-samples", "10", "--eval-samples", "6", "--steps", "6", "--warmup", "1",
+             "--draws", "2", "--eval-draws", "2", "--baseline-step", "10", "--sizes", "4,10,20",
+             "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _strip(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in ("timings", "environment")}
+
+
+def test_templates_end_to_end_cli(tmp_path):
+    out = tmp_path / "run"
+    assert main(["phase-transition", *TINY_ARGS, "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["data"]["kind"] == "templates" and r["data"]["image_shape"] == [3, 6, 6]
+    assert r["config"]["clip"] == 1e3 and r["config"]["ema"] == 0.1
+    assert {4, 10, 20} <= set(r["sizes"]) and len(r["memorization_ratio"]) == len(r["sizes"])
+    for M in r["sizes"]:
+        m = r["trained"][str(M)]
+        assert 0 <= m["memorization_ratio"] <= 1 and m["variance"] > 0
+        assert len(m["train_loss"]) == 26 and len(m["val_loss"]) == 26
+        assert "learned_means" in m
+    assert set(r["baselines"]["partial_mem"]) == {"10", "20"}
+    p = r["predictions"]
+    assert p["coded"] is None and p["instancewise"] is None and "measured" in p and p["note"]
+    assert r["trained"]["20"]["memorization_ratio"] == 1.0  # barely trained PMEM with M = N
+    if HAVE_MPL:
+        for name in ("memorization_ratio.png", "variance.png", "generated_samples.png",
+                     "train_loss_avg.png"):
+            assert (out / "plots" / name).stat().st_size > 1000
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_templates_resume_after_kill(tmp_path, monkeypatch):
+    config = make_config(**TINY)
+    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
+    seen = []
+
+    def kill(event, value):
+        seen.append(event)
+        if seen.count("evaluated") == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False, hook=kill)
+    trained = []
+    real = templates_run.train_template_model
+    monkeypatch.setattr(templates_run, "train_template_model",
+                        lambda data, M, **kw: trained.append(M) or real(data, M, **kw))
+    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
+    assert not set(trained) & set(config.train_sizes())
+    assert _strip(resumed) == _strip(full)
+
+
+def test_templates_presets():
+    c = make_config(data="templates")
+    assert (c.dim, c.components, c.clip, c.ema, c.init_var) == (15, 6, 1e3, 0.1, 1e-6)
+    p = make_config("paper", data="templates")
+    assert (p.steps, p.warmup, p.peak_lr, p.final_lr, p.baseline_step) == \
+        (100_000, 5_000, 1e-4, 1e-8, 2)
+    assert make_config("paper", data="templates", steps=200).warmup == 10
+    gmm = make_config()  # the GMM defaults are untouched
+    assert (gmm.dim, gmm.components, gmm.ema, gmm.steps) == (30, 4, 0.99, 10000)
+
+
+def test_train_template_model_deterministic():
+    data = make_template_data(2, 12, 3, size=5, val_samples=2)
+    kw = dict(steps=4, warmup=1, draws=2, peak_lr=1e-3, seed=7)
+    a, b = train_template_model(data, 5, **kw), train_template_model(data, 5, **kw)
+    assert torch.equal(a.templates, b.templates) and torch.equal(a.losses, b.losses)
+    assert a.templates.shape == (5, 5, 5) and a.color_means.shape == (5, 3)
+    assert a.means().shape == (5, 3, 5, 5) and a.variance > 0
