@@ -94,6 +94,20 @@ def _poison_outputs():
         yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny problems run fastest on one thread (and a busy machine makes more threads thrash)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def strip_volatile(results: dict) -> dict:
+    """A results dict without the parts that differ between identical runs."""
+    return {k: v for k, v in results.items() if k not in ("timings", "environment")}
+
+
 def pytest_report_header(config):
     return (f"diffmem {diffmem.__file__} device={DEVICE} backends={BACKENDS} "
             f"triton_interpret={INTERPRETED}")

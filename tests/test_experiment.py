@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from conftest import strip_volatile
 from diffmem import EmpiricalDenoiser, make_gmm_data, time_grid
 from diffmem.cli import main
 from diffmem.experiments import phase_transition as pt_module
@@ -35,17 +36,7 @@ MODEL_KEYS = {"size", "variance", "memorization_ratio", "median_d1_over_d2", "le
               "train_loss", "val_loss", "avg_train_loss", "avg_val_loss", "final_training_loss"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems run fastest on one thread (and a busy machine makes more threads thrash)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _strip(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k not in ("timings", "environment")}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_end_to_end_cli(tmp_path):
@@ -113,9 +104,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     phase1 = set(config.train_sizes())
     assert all(not (set(s) & phase1) for s in trained_sizes)  # phase 1 was not retrained
     assert not (set(evaluated) & finished)                     # finished models not re-evaluated
-    assert _strip(resumed) == _strip(full)
-    assert _strip(json.loads((tmp_path / "b" / "results.json").read_text())) == \
-        _strip(json.loads((tmp_path / "a" / "results.json").read_text()))
+    assert strip_volatile(resumed) == strip_volatile(full)
+    assert strip_volatile(json.loads((tmp_path / "b" / "results.json").read_text())) == \
+        strip_volatile(json.loads((tmp_path / "a" / "results.json").read_text()))
 
 
 @pytest.mark.parametrize("phase", [1, 2])
@@ -150,7 +141,7 @@ def test_resume_mid_training_phase_matches_uninterrupted(tmp_path, monkeypatch, 
     assert (calls[0][0] == config.train_sizes()) == (phase == 1)
     assert not (tmp_path / "b" / "train_state.npz").exists()
     assert not (tmp_path / "b" / "train_state.json").exists()
-    assert _strip(resumed) == _strip(full)
+    assert strip_volatile(resumed) == strip_volatile(full)
 
 
 def test_resume_requires_same_settings(tmp_path):

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import strip_volatile
 from diffmem.cli import main
 from diffmem.data.templates import make_template_data
 from diffmem.experiments import templates_run
@@ -26,16 +27,7 @@ TINY_ARGS = ["--data", "templates", "--dim", "6", "--components", "2", "--sample
              "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _strip(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k not in ("timings", "environment")}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_templates_end_to_end_cli(tmp_path):
@@ -82,7 +74,7 @@ def test_templates_resume_after_kill(tmp_path, monkeypatch):
                         lambda data, M, **kw: trained.append(M) or real(data, M, **kw))
     resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
     assert not set(trained) & set(config.train_sizes())
-    assert _strip(resumed) == _strip(full)
+    assert strip_volatile(resumed) == strip_volatile(full)
 
 
 def test_templates_presets():

@@ -163,6 +163,22 @@ def _assemble(config, data, ts, baselines, predictions, evals, transition, timin
     }
 
 
+def cached_baselines(evaluate, data, ts, config: ExperimentConfig, out: Path, resume: bool,
+                     progress, timings) -> dict:
+    """Baseline losses from out/baselines.json when resuming, else evaluate(...) and save them."""
+    base_path = out / "baselines.json"
+    if resume and base_path.exists():
+        return read_json(base_path)
+    t0 = time.perf_counter()
+    progress.note(f"baselines: ground truth, memorizing, {len(config.baseline_sizes())} "
+                  f"partially memorizing sizes")
+    baselines = evaluate(data, ts, sizes=config.baseline_sizes(), draws=config.eval_draws,
+                         seed=config.seed, progress=progress.task("baselines"))
+    write_json(base_path, baselines)
+    timings.add("baselines", time.perf_counter() - t0)
+    return baselines
+
+
 def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
                          quiet: bool = False, plots: bool = True, hook=None) -> dict:
     """Run (or resume) the experiment for config in folder out; returns the results dict that is
@@ -181,18 +197,8 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     data = _load_data(config, out, resume)
     ts = time_grid(dtype=torch.float64)
 
-    base_path = out / "baselines.json"
-    if resume and base_path.exists():
-        baselines = read_json(base_path)
-    else:
-        t0 = time.perf_counter()
-        progress.note(f"baselines: ground truth, memorizing, {len(config.baseline_sizes())} "
-                      f"partially memorizing sizes")
-        baselines = evaluate_baselines(data, ts, sizes=config.baseline_sizes(),
-                                       draws=config.eval_draws, seed=config.seed,
-                                       progress=progress.task("baselines"))
-        write_json(base_path, baselines)
-        timings.add("baselines", time.perf_counter() - t0)
+    baselines = cached_baselines(evaluate_baselines, data, ts, config, out, resume, progress,
+                                 timings)
 
     t0 = time.perf_counter()
     predictions = predict(data, ts, seed=config.seed, baselines=baselines)

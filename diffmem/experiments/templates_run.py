@@ -197,7 +197,7 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
     """Run (or resume) the colored-template experiment in folder out; returns the results dict
     (also out/results.json). hook(event, value): "checkpoint" M (a model trained and saved),
     "trained" phase, "evaluated" M."""
-    from .phase_transition import _prepare_folder, _Timings
+    from .phase_transition import _prepare_folder, _Timings, cached_baselines
 
     out = Path(out)
     progress = Progress(quiet)
@@ -208,18 +208,8 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
     data = _load_data(config, out, resume)
     ts = time_grid(dtype=torch.float64)
 
-    base_path = out / "baselines.json"
-    if resume and base_path.exists():
-        baselines = read_json(base_path)
-    else:
-        t0 = time.perf_counter()
-        progress.note(f"baselines: ground truth, memorizing, {len(config.baseline_sizes())} "
-                      f"partially memorizing sizes")
-        baselines = evaluate_template_baselines(data, ts, sizes=config.baseline_sizes(),
-                                                draws=config.eval_draws, seed=config.seed,
-                                                progress=progress.task("baselines"))
-        write_json(base_path, baselines)
-        timings.add("baselines", time.perf_counter() - t0)
+    baselines = cached_baselines(evaluate_template_baselines, data, ts, config, out, resume,
+                                 progress, timings)
     scan = measured_from_baselines(baselines, ts, config.samples)
     predictions = {"weighting": "x0", "coded": None, "instancewise": None,
                    "measured": scan["fraction"],
