@@ -7,6 +7,8 @@
   padded ``LearnableGMM``; each model's randomness comes from its own generator seeded by
   (seed, M), so batched training equals training the sizes one by one. It can hand out its
   state mid-run (``checkpoint``) and continue from it (``resume_state``) with identical results.
+- ``Checkpointer``, ``training_state``, ``load_training_state``: that checkpointing, shared with
+  the colored-template training (train_templates.py).
 """
 
 from __future__ import annotations
@@ -268,9 +270,9 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
     final_lr). progress(k, steps, losses (G,)) is called after each step. Returns {M: TrainedGMM}.
 
     checkpoint(state) is called after every checkpoint_every-th step and/or once
-    checkpoint_seconds of wall time passed since the last call (never after the last step);
-    state (see training_state) holds tensors and plain scalars only. Passing it back as
-    resume_state (same data and settings) continues the run: the result equals an
+    checkpoint_seconds of wall time passed since the last call (never after the last step, see
+    Checkpointer); state (see training_state) holds tensors and plain scalars only. Passing it
+    back as resume_state (same data and settings) continues the run: the result equals an
     uninterrupted one, since the per-step draws come from the restored generators.
     """
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or not data.is_floating_point():
@@ -291,11 +293,7 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
         raise ValueError(f"init must be one of {INIT_STRATEGIES}, got {init!r}")
     if progress is not None and not callable(progress):
         raise TypeError("progress must be callable or None")
-    if checkpoint is not None and not callable(checkpoint):
-        raise TypeError("checkpoint must be callable or None")
-    checkpoint_every = _check_int(checkpoint_every, "checkpoint_every")
-    if checkpoint_seconds is not None:
-        checkpoint_seconds = _check_number(checkpoint_seconds, "checkpoint_seconds", 0.0)
+    saver = Checkpointer(checkpoint, checkpoint_every, checkpoint_seconds)
     grid = time_grid() if grid is None else grid
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() == 0:
         raise ValueError("grid must be a non-empty 1-D tensor of times")
@@ -321,10 +319,10 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
                                                     final_lr),
                              clip=clip, ema=ema, per_model=True)
     history = data.new_zeros(G, steps)
+    params = {"means": model.means, "std": model.std}
     start = 0
     if resume_state is not None:
-        start = _load_training_state(resume_state, sizes, steps, seed, model, opt, gens, history)
-    last_save = time.monotonic()
+        start = load_training_state(resume_state, sizes, steps, seed, params, opt, gens, history)
     for k in range(start, steps):
         idx = torch.stack([torch.randint(0, grid.numel(), (N,), generator=gen) for gen in gens])
         noise = torch.stack([torch.randn(N, draws, d, generator=gen, dtype=data.dtype)
@@ -336,30 +334,54 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
         history[:, k] = losses.detach()
         if progress is not None:
             progress(k, steps, losses.detach())
-        if checkpoint is not None and k + 1 < steps and (
-                (checkpoint_every and (k + 1) % checkpoint_every == 0) or
-                (checkpoint_seconds is not None and
-                 time.monotonic() - last_save >= checkpoint_seconds)):
-            checkpoint(training_state(k + 1, sizes, steps, seed, model, opt, gens, history))
-            last_save = time.monotonic()
+        if saver.due(k + 1, steps):
+            saver.save(training_state(k + 1, sizes, steps, seed, params, opt, gens, history))
     parts = model.parts()
     return {M: TrainedGMM(M, mu, std, history[g].clone())
             for g, (M, (mu, std)) in enumerate(zip(sizes, parts))}
 
 
-def training_state(step, sizes, steps, seed, model, opt, gens, history) -> dict:
-    """State of train_gmm_models after `step` steps: scalars (step, steps, seed, sizes) and
-    cloned tensors (means, std, losses (G, step), generators (G, bytes), opt.<name>)."""
+class Checkpointer:
+    """When a training loop hands out its state: checkpoint(state) after every `every`-th step
+    and/or once `seconds` of wall time passed since the last call, never after the last step
+    (checkpoint None: never)."""
+
+    def __init__(self, checkpoint: Callable[[dict], None] | None, every: int = 0,
+                 seconds: float | None = None):
+        if checkpoint is not None and not callable(checkpoint):
+            raise TypeError("checkpoint must be callable or None")
+        self.checkpoint, self.every = checkpoint, _check_int(every, "checkpoint_every")
+        self.seconds = (None if seconds is None else
+                        _check_number(seconds, "checkpoint_seconds", 0.0))
+        self.last = time.monotonic()
+
+    def due(self, done: int, steps: int) -> bool:
+        """Whether to checkpoint after `done` of `steps` steps."""
+        if self.checkpoint is None or done >= steps:
+            return False
+        return bool((self.every and done % self.every == 0) or
+                    (self.seconds is not None and time.monotonic() - self.last >= self.seconds))
+
+    def save(self, state: dict) -> None:
+        self.checkpoint(state)
+        self.last = time.monotonic()
+
+
+def training_state(step, sizes, steps, seed, params, opt, gens, history) -> dict:
+    """State of a training loop after `step` steps: scalars (step, steps, seed, sizes) and cloned
+    tensors: each of params ({name: tensor}, e.g. means (G, M, d) and std (G,)), losses
+    (history[..., :step]), generators (G, bytes) and opt.<name> (ReferenceOptimizer.state())."""
     state = {"step": step, "steps": steps, "seed": seed, "sizes": list(sizes),
-             "means": model.means.detach().clone(), "std": model.std.detach().clone(),
-             "losses": history[:, :step].clone(),
+             "losses": history[..., :step].clone(),
              "generators": torch.stack([gen.get_state() for gen in gens])}
+    state.update({name: p.detach().clone() for name, p in params.items()})
     state.update({f"opt.{k}": v for k, v in opt.state().items()})
     return state
 
 
-def _load_training_state(state, sizes, steps, seed, model, opt, gens, history) -> int:
-    """Restore a training_state into the freshly built run; returns the step to continue at."""
+def load_training_state(state, sizes, steps, seed, params, opt, gens, history) -> int:
+    """Restore a training_state into a freshly built run (params, opt, gens, history are
+    updated in place); returns the step to continue at."""
     if not isinstance(state, dict):
         raise TypeError("resume_state must be a dict from a checkpoint")
     found = (state.get("sizes"), state.get("steps"), state.get("seed"))
@@ -367,12 +389,12 @@ def _load_training_state(state, sizes, steps, seed, model, opt, gens, history) -
         raise ValueError(f"resume_state is for sizes, steps, seed = {found}, "
                          f"not {(list(sizes), steps, seed)}")
     step = _check_int(state["step"], "resume_state step")
-    if not step <= steps or state["means"].shape != model.means.shape:
-        raise ValueError("resume_state does not match this run (step or means shape)")
+    if not step <= steps or any(state[name].shape != p.shape for name, p in params.items()):
+        raise ValueError("resume_state does not match this run (step or parameter shapes)")
     with torch.no_grad():
-        model.means.copy_(state["means"])
-        model.std.copy_(state["std"])
-    history[:, :step] = state["losses"]
+        for name, p in params.items():
+            p.copy_(state[name])
+    history[..., :step] = state["losses"]
     opt.load_state({k[4:]: v for k, v in state.items() if k.startswith("opt.")})
     for gen, s in zip(gens, state["generators"]):
         gen.set_state(s.to(torch.uint8).clone())  # a fresh tensor: views with an offset crash

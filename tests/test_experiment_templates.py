@@ -1,6 +1,6 @@
 """The colored-template phase-transition run (--data templates): tiny end-to-end run through the
-CLI (results.json, plots, sample grid), resume after a simulated kill, template presets, and
-deterministic training."""
+CLI (results.json, plots, sample grid), resume after a simulated kill (between models and in
+the middle of one), template presets, and deterministic, resumable training."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from conftest import strip_volatile
 from diffmem.cli import main
 from diffmem.data.templates import make_template_data
+from diffmem.experiments import phase_transition as pt_module
 from diffmem.experiments import templates_run
 from diffmem.experiments.config import make_config
 from diffmem.experiments.phase_transition import run_phase_transition
@@ -75,6 +76,55 @@ def test_templates_resume_after_kill(tmp_path, monkeypatch):
     resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
     assert not set(trained) & set(config.train_sizes())
     assert strip_volatile(resumed) == strip_volatile(full)
+
+
+def test_templates_resume_mid_model_matches_uninterrupted(tmp_path, monkeypatch):
+    """A kill while a model trains loses only the steps since its last checkpoint: the resumed
+    run continues that model from the saved state and ends with the same results."""
+    config = make_config(**TINY)
+    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
+    monkeypatch.setattr(pt_module, "CHECKPOINT_STEPS", 2)  # steps = 6: checkpoints at 2, 4
+    seen = []
+
+    def kill_mid_second_model(event, value):
+        seen.append((event, value))
+        if event == "checkpoint" and value == 4 and ("saved", 4) in seen:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False,
+                             hook=kill_mid_second_model)
+    assert (tmp_path / "b" / "train_state.npz").exists()
+    calls = []
+    real = templates_run.train_template_model
+
+    def spy(data, M, **kw):
+        state = kw["resume_state"]
+        calls.append((M, None if state is None else state["step"]))
+        return real(data, M, **kw)
+
+    monkeypatch.setattr(templates_run, "train_template_model", spy)
+    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
+    assert calls[0] == (10, 4) and all(step is None for _, step in calls[1:])
+    assert 4 not in [M for M, _ in calls]                      # the saved model is not retrained
+    assert not (tmp_path / "b" / "train_state.npz").exists()
+    assert strip_volatile(resumed) == strip_volatile(full)
+
+
+def test_train_template_model_resumes_exactly():
+    """4 steps, checkpoint, then a new call from that state equals 7 steps straight."""
+    data = make_template_data(2, 12, 3, size=5, val_samples=2)
+    kw = dict(steps=7, warmup=1, draws=2, peak_lr=1e-3, seed=7)
+    straight = train_template_model(data, 5, **kw)
+    saved = []
+    train_template_model(data, 5, checkpoint=saved.append, checkpoint_every=2, **kw)
+    assert [s["step"] for s in saved] == [2, 4, 6] and saved[1]["losses"].shape == (4,)
+    resumed = train_template_model(data, 5, resume_state=saved[1], **kw)
+    assert torch.equal(resumed.templates, straight.templates)
+    assert torch.equal(resumed.color_means, straight.color_means)
+    assert resumed.color_std == straight.color_std and torch.equal(resumed.losses, straight.losses)
+    with pytest.raises(ValueError, match="resume_state is for"):
+        train_template_model(data, 6, resume_state=saved[1], **kw)
 
 
 def test_templates_presets():

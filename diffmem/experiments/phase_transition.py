@@ -5,7 +5,8 @@ M batched -> evaluate each M -> locate the transition (delta rule) -> train and 
 refinement sizes -> results.json (+ plots). Every stage is checkpointed in the run folder
 (see results.py), so resume=True recomputes nothing that finished; a killed run loses at most
 the stage in progress: one model's evaluation, or the training steps since the last training
-checkpoint (every CHECKPOINT_SECONDS of wall time, or CHECKPOINT_STEPS steps if set).
+checkpoint (every CHECKPOINT_SECONDS of wall time, or CHECKPOINT_STEPS steps if set; the
+colored-template run checkpoints the same way, see checkpointing()).
 """
 
 from __future__ import annotations
@@ -71,39 +72,53 @@ class _Timings:
         write_json(self.path, self.values)
 
 
-def _train_phase(config, data, sizes, out, models, timings, progress, label, resume, hook):
-    """Train the sizes not yet in models (one batched call, continuing from the phase's
-    training checkpoint on resume), save them, return the new ones."""
-    todo = sorted(m for m in sizes if m not in models)
-    if not todo:
-        return []
+def checkpointing(out: Path, sizes: list[int], resume: bool, hook) -> dict:
+    """Keyword arguments that make a training call on `sizes` resumable in run folder out:
+    checkpoint (writes train_state.npz/.json, then hook("checkpoint", step)), checkpoint_every,
+    checkpoint_seconds and resume_state (the saved state of these sizes when resuming, else
+    None; a checkpoint of other sizes is stale and ignored)."""
     state = load_train_state(out) if resume else None
-    if state is not None and state.get("sizes") != todo:
-        state = None  # a stale checkpoint of another phase
-    progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws)"
-                  + (f", resuming at step {state['step']}" if state is not None else ""))
+    if state is not None and state.get("sizes") != list(sizes):
+        state = None
 
     def checkpoint(s):
         save_train_state(out, s)
         if hook is not None:
             hook("checkpoint", s["step"])
 
+    return {"checkpoint": checkpoint, "checkpoint_every": CHECKPOINT_STEPS,
+            "checkpoint_seconds": CHECKPOINT_SECONDS, "resume_state": state}
+
+
+def record_training(timings, label: str, seconds: float, steps: int, models: int) -> None:
+    """Add one training call to the timings: its wall time and steps x models it ran."""
+    timings.add(f"{label}_train", seconds)
+    timings.add("train_steps_x_models", steps * models)
+    timings.add("train_seconds_total", seconds)
+
+
+def _train_phase(config, data, sizes, out, models, timings, progress, label, resume, hook):
+    """Train the sizes not yet in models (one batched call, continuing from the phase's
+    training checkpoint on resume), save them, return the new ones."""
+    todo = sorted(m for m in sizes if m not in models)
+    if not todo:
+        return []
+    ck = checkpointing(out, todo, resume, hook)
+    state = ck["resume_state"]
+    progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws)"
+                  + (f", resuming at step {state['step']}" if state is not None else ""))
     t0 = time.perf_counter()
     trained = train_gmm_models(
         data.train, todo, steps=config.steps, warmup=config.warmup, init_lr=config.init_lr,
         peak_lr=config.peak_lr, final_lr=config.final_lr, draws=config.draws, init=config.init,
         init_var=config.init_var, clip=config.clip, ema=config.ema, seed=config.seed,
-        progress=progress.task(f"{label} training ({len(todo)} models)", zero_based=True),
-        checkpoint=checkpoint, checkpoint_every=CHECKPOINT_STEPS,
-        checkpoint_seconds=CHECKPOINT_SECONDS, resume_state=state)
+        progress=progress.task(f"{label} training ({len(todo)} models)", zero_based=True), **ck)
     seconds = time.perf_counter() - t0
     models.update(trained)
     save_models(out / "models.npz", models)
     remove_train_state(out)
-    timings.add(f"{label}_train", seconds)
     run = config.steps - (state["step"] if state is not None else 0)  # steps this call ran
-    timings.add("train_steps_x_models", run * len(todo))
-    timings.add("train_seconds_total", seconds)
+    record_training(timings, label, seconds, run, len(todo))
     return todo
 
 

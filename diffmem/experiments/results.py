@@ -7,8 +7,8 @@ Layout of a run folder:
     models.npz             trained parameters of every finished size: means_<M> (M, d),
                            std_<M> (), losses_<M> (steps,)
     models/M<M>.json       evaluation of the trained size M
-    train_state.npz/.json  state of the training phase in progress (tensors / scalars; removed
-                           when the phase completes)
+    train_state.npz/.json  state of the training phase (GMM) or model (templates) in progress
+                           (tensors / scalars; removed when it completes)
     results.json           everything (written last, and after each phase)
     plots/*.png            figures (if matplotlib is installed)
 """

@@ -7,8 +7,9 @@ color_std^2, losses -> transition (delta rule) and refinement -> results.json, p
 grid of generated samples per M. The GMM closed-form (coded, instance-wise) crossovers do not
 apply here and are reported as None with a note.
 
-Checkpoints in the run folder: data.npz, baselines.json, models.npz (after every trained M),
-models/M<M>.json and models/M<M>_samples.npy (n_show, C, H, W), results.json.
+Checkpoints in the run folder: data.npz, baselines.json, train_state.npz/.json (the model in
+training, every CHECKPOINT_SECONDS; removed when it is saved), models.npz (after every trained
+M), models/M<M>.json and models/M<M>_samples.npy (n_show, C, H, W), results.json.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..train_templates import TrainedTemplates, train_template_model
 from .evaluate import _losses, averages, generator, to_x0_units
 from .predictions import measured_from_baselines
 from .progress import Progress
-from .results import _atomic_npz, environment, read_json, write_json
+from .results import _atomic_npz, environment, read_json, remove_train_state, write_json
 from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
 
 SHOWN_SAMPLES = 9  # generated samples kept per M for the sample grid (SPEC I)
@@ -120,25 +121,31 @@ def load_template_models(path: Path, dtype=torch.float32) -> dict:
     return out
 
 
-def _train(config, data, sizes, out, models, timings, progress, label, hook) -> None:
+def _train(config, data, sizes, out, models, timings, progress, label, resume, hook) -> None:
+    """Train the sizes not yet in models one after another, each resumable mid-model from the
+    run folder's training checkpoint; save models.npz after each."""
+    from .phase_transition import checkpointing, record_training
+
     todo = sorted(m for m in sizes if m not in models)
     if todo:
         progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} "
                       f"draws, one after another)")
     for M in todo:
+        ck = checkpointing(out, [M], resume, hook)
+        start = ck["resume_state"]["step"] if ck["resume_state"] is not None else 0
+        if start:
+            progress.note(f"{label}: M={M} resumes at step {start}")
         t0 = time.perf_counter()
         models[M] = train_template_model(
             data, M, steps=config.steps, warmup=config.warmup, init_lr=config.init_lr,
             peak_lr=config.peak_lr, final_lr=config.final_lr, draws=config.draws,
             init_var=config.init_var, clip=config.clip, ema=config.ema, seed=config.seed,
-            progress=progress.task(f"{label} training M={M}", zero_based=True))
+            progress=progress.task(f"{label} training M={M}", zero_based=True), **ck)
         save_template_models(out / "models.npz", models)
-        seconds = time.perf_counter() - t0
-        timings.add(f"{label}_train", seconds)
-        timings.add("train_steps_x_models", config.steps)
-        timings.add("train_seconds_total", seconds)
+        remove_train_state(out)
+        record_training(timings, label, time.perf_counter() - t0, config.steps - start, 1)
         if hook is not None:
-            hook("checkpoint", M)
+            hook("saved", M)
 
 
 def _evaluate(config, data, ts, x_init, models, evals, out, timings, progress, hook) -> None:
@@ -195,8 +202,9 @@ def _assemble(config, data, ts, baselines, predictions, evals, transition, timin
 def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plots: bool = True,
                   hook=None) -> dict:
     """Run (or resume) the colored-template experiment in folder out; returns the results dict
-    (also out/results.json). hook(event, value): "checkpoint" M (a model trained and saved),
-    "trained" phase, "evaluated" M."""
+    (also out/results.json). hook(event, value): "checkpoint" step (the training state of the
+    model in progress saved), "saved" M (a model trained and saved), "trained" phase,
+    "evaluated" M."""
     from .phase_transition import _prepare_folder, _Timings, cached_baselines
 
     out = Path(out)
@@ -226,7 +234,7 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
                 evals[int(r["size"])] = r
 
     initial = config.train_sizes()
-    _train(config, data, initial, out, models, timings, progress, "phase 1", hook)
+    _train(config, data, initial, out, models, timings, progress, "phase 1", resume, hook)
     if hook is not None:
         hook("trained", 1)
     _evaluate(config, data, ts, x_init, models, evals, out, timings, progress, hook)
@@ -241,7 +249,8 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
         transition["refined_sizes"] = new
         if new:
             progress.note(f"transition between M={start} and M={end}; refining with {new}")
-            _train(config, data, new, out, models, timings, progress, "phase 2", hook)
+            _train(config, data, new, out, models, timings, progress, "phase 2", resume,
+                   hook)
             if hook is not None:
                 hook("trained", 2)
             _evaluate(config, data, ts, x_init, models, evals, out, timings, progress, hook)
