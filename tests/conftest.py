@@ -1,7 +1,8 @@
 """Shared fixtures: the device under test, the backends to test, and VP-process test cases.
 
 DIFFMEM_TEST_DEVICE=cuda runs the suite on CUDA tensors (on a machine with a GPU). Triton runs
-on CPU tensors only under TRITON_INTERPRET=1, with small shapes.
+on CPU tensors only under TRITON_INTERPRET=1, and the CUDA kernels only in a build with
+DIFFMEM_CUDA_EMULATE=ON (host emulator), both with small shapes.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def available_backends() -> list[str]:
 
 
 BACKENDS = available_backends()
-# Backends fast enough for large shapes (the Triton interpreter is not).
-FAST_BACKENDS = [b for b in BACKENDS if not (b == "triton" and INTERPRETED)]
+# The CUDA kernels' host-emulator build (DIFFMEM_CUDA_EMULATE=ON) runs on CPU tensors, slowly.
+CUDA_EMULATED = DEVICE.type == "cpu" and "cuda" in BACKENDS
+# Backends fast enough for large shapes (the Triton interpreter and the CUDA emulator are not).
+FAST_BACKENDS = [b for b in BACKENDS
+                 if not (b == "triton" and INTERPRETED) and not (b == "cuda" and CUDA_EMULATED)]
 
 
 def supports(backend: str, dtype: torch.dtype) -> bool:

@@ -81,8 +81,21 @@ BACKENDS: dict[str, BackendSpec] = {
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+def _cuda_devices() -> tuple[str, ...]:
+    # The host-emulator build of the CUDA kernels runs on CPU tensors (used by the tests).
+    try:
+        from ._cuda import devices
+    except ImportError:
+        return ("cuda",)
+    return devices()
+
+
 def _devices(spec: BackendSpec) -> tuple[str, ...]:
-    return _triton_devices() if spec.name == "triton" else spec.devices
+    if spec.name == "triton":
+        return _triton_devices()
+    if spec.name == "cuda":
+        return _cuda_devices()
+    return spec.devices
 
 
 def backends() -> dict[str, dict]:

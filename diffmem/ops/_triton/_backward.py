@@ -20,6 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._gpu_common import logit_shift, reduce_partials
 from . import _config
 from ._common import (centred_grad_dot, centred_shift, check_float32, group_stride, groupwise,
                       new_output, program_coords, shifted_logits, zero_rows)
@@ -291,10 +292,6 @@ def _partials(split, shape, like):
     return new_output((split, *shape), like.dtype, like.device)
 
 
-def _reduce(buf):
-    return buf[0] if buf.shape[0] == 1 else buf.sum(0)  # fixed order: deterministic
-
-
 def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
              precision="exact"):
     """(dx, dpoints, dalpha, dvar, dbias) in canonical shapes; None where needs[i] is False.
@@ -316,8 +313,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     # Centre: the expansion centre for "fast", else each group's first point (as the forward).
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
     # The lse of the kernels' shifted logits, formed in float64 and rounded once.
-    shift = kq.double() if fast else 0.5 * d
-    lse_s = (lse64.double() + shift).float().contiguous()
+    lse_s = (lse64.double() + logit_shift(fast, d, kq)).float().contiguous()
     common = dict(HAS_BIAS=bias is not None, HAS_GM=gm is not None, FAST=fast,
                   DOT=_config.FAST_DOT)
     args_in = (x, points, alpha, var, x if bias is None else bias, c)
@@ -333,8 +329,8 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     grid = lambda META: (G * plan.split * triton.cdiv(B, META["BB"]),)  # noqa: E731
     kernel[grid](*args_in, lse_s, gm_arg, z_p, eq_p, G, B, N, d, *strides, plan.split,
                  NUM_D=plan.num_d, BD=plan.block_d, **common, **meta)
-    z = _reduce(z_p)
-    r = -_reduce(eq_p) / z
+    z = reduce_partials(z_p)
+    r = -reduce_partials(eq_p) / z
     if grad_lse is not None:
         r = r + grad_lse
     rows = (lse_s, z.contiguous(), r.contiguous(), gm_arg)
@@ -351,9 +347,9 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         kernel[grid](*args_in, *rows, dx_p, da_p, dv_p, G, B, N, d, *strides, S,
                      NEED_DX=needs[0], NEED_DALPHA=needs[2], NEED_DVAR=needs[3],
                      NUM_D=plan.num_d, BD=plan.block_d, **common, **meta)
-        dx = _reduce(dx_p) if needs[0] else None
-        dalpha = _reduce(da_p) if needs[2] else None
-        dvar = _reduce(dv_p) if needs[3] else None
+        dx = reduce_partials(dx_p) if needs[0] else None
+        dalpha = reduce_partials(da_p) if needs[2] else None
+        dvar = reduce_partials(dv_p) if needs[3] else None
 
     if needs[1] or needs[4]:
         plan = _config.plan("point_grad", G, B, N, d, fast, x.device)
@@ -365,7 +361,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         kernel[grid](*args_in, *rows, dy_p, db_p, G, B, N, d, *strides, S,
                      NEED_DY=needs[1], NEED_DBIAS=needs[4],
                      NUM_D=plan.num_d, BD=plan.block_d, **common, **meta)
-        dpoints = _reduce(dy_p) if needs[1] else None
-        dbias = _reduce(db_p) if needs[4] else None
+        dpoints = reduce_partials(dy_p) if needs[1] else None
+        dbias = reduce_partials(db_p) if needs[4] else None
 
     return dx, dpoints, dalpha, dvar, dbias

@@ -13,52 +13,16 @@ Fast logits drop the per-query constant ||x - alpha c||^2 / (2 var) instead (see
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .._alloc import new_output  # noqa: F401  (re-exported for the kernel families)
+from .._gpu_common import centred_shift, group_stride, groupwise  # noqa: F401  (re-exported)
+from .._gpu_common import check_float32 as _check_float32
 
 
 def check_float32(*tensors) -> None:
-    """The kernels compute in float32; the registry only routes float32 calls here."""
-    for t in tensors:
-        if t is not None and t.dtype != torch.float32:
-            raise TypeError(f"the triton backend supports float32 only, got {t.dtype}")
-
-
-def group_stride(t: torch.Tensor | None) -> int:
-    """Element stride between groups of a canonical tensor (0 when shared or G == 1)."""
-    if t is None or t.shape[0] == 1:
-        return 0
-    return t.stride(0)
-
-
-def groupwise(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Make each group contiguous, keeping a stride-0 group dimension shared (never copied)."""
-    if t is None:
-        return None
-    if t.shape[0] > 1 and t.stride(0) == 0:
-        one = t[:1]
-        return t if one.is_contiguous() else one.contiguous().expand(t.shape)
-    if t.shape[0] == 1 or t.stride(0) == 0:
-        return t if t[0].is_contiguous() else t.contiguous()
-    return t.contiguous()
-
-
-def centred_shift(x, points, alpha, var):
-    """Centre c (G or 1, d) of each group's points and kq = ||x - alpha c||^2 / (2 var), (G, B).
-
-    precision="fast" computes logits from the expansion around c and leaves out the per-query
-    constant kq; lse subtracts it at the end.
-    """
-    if points.shape[0] > 1 and points.stride(0) == 0:
-        c = points[:1].mean(dim=1).expand(points.shape[0], -1)
-    else:
-        c = points.mean(dim=1)
-    xc = torch.addcmul(x, alpha[:, :, None], c[:, None, :], value=-1.0)
-    kq = (xc * xc).sum(-1) / (2.0 * var)
-    return c, kq.contiguous()
+    _check_float32(*tensors, backend="triton")
 
 
 # Chunk partial sums are added in groups of GROUP_D before joining the running total, so the

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .._gpu_common import work_split
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Dot-product precision of precision="fast". "tf32x3" (three TF32 products) keeps the expansion
@@ -33,9 +35,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FAST_DOT = "tf32x3"
 
 _forced: dict = {}
-
-# Largest partial-accumulator buffer a split may allocate, in elements (256 MiB of float32).
-_MAX_PARTIAL_ELEMENTS = 1 << 26
 
 
 @contextlib.contextmanager
@@ -76,12 +75,6 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _block_d(d: int, fast: bool, on_gpu: bool) -> int:
     if not on_gpu:  # interpreter: big chunks mean fewer (slow) Python-level iterations
         bd = min(_pow2(d), 64)
@@ -90,19 +83,6 @@ def _block_d(d: int, fast: bool, on_gpu: bool) -> int:
         return max(16, _pow2(d)) if d <= 64 else 32
     # exact: 3-D (BB, BN, BD) difference tiles; keep BD small, registers in the single-d case
     return _pow2(d) if d <= 16 else 16
-
-
-def _split(programs: int, stream_len: int, rows: int, d: int, device: torch.device) -> int:
-    """Split the streamed dimension when there are too few programs to fill the GPU."""
-    if device.type != "cuda":
-        return 1
-    target = 2 * _num_sms(device)
-    if programs >= target:
-        return 1
-    split = triton.cdiv(target, programs)
-    split = min(split, max(1, stream_len // 512), 64)  # keep >= 512 streamed items per split
-    split = min(split, max(1, _MAX_PARTIAL_ELEMENTS // max(1, rows * d)))
-    return max(1, split)
 
 
 def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.device) -> Plan:
@@ -121,9 +101,9 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
     num_d = triton.cdiv(d, bd)
     nominal = 32  # rows per program assumed when choosing the split before autotuning
     if kind == "point_grad":
-        split = _forced.get("split_b") or _split(G * triton.cdiv(N, nominal), B, N, d, device)
+        split = _forced.get("split_b") or work_split(G * triton.cdiv(N, nominal), B, N, d, device)
     else:
-        split = _forced.get("split") or _split(G * triton.cdiv(B, nominal), N, B, d, device)
+        split = _forced.get("split") or work_split(G * triton.cdiv(B, nominal), N, B, d, device)
     blocks = None
     if not on_gpu or "block_b" in _forced or "block_n" in _forced:
         small = 16

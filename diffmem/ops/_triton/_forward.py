@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._gpu_common import logit_shift
 from . import _config
 from ._common import (centred_shift, check_float32, group_stride, groupwise, new_output,
                       program_coords, shifted_logits, zero_rows)
@@ -236,6 +237,5 @@ def forward(x, points, alpha, var, bias, precision="exact"):
             NUM_D=plan.num_d, BD=plan.block_d, BB=bb,
         )
     # The shift the kernels' logits carry (see _common.py): d / 2, or kq for the expansion.
-    shift = kq.double() if fast else 0.5 * d
-    lse64 = m.double() + torch.log(l.double()) - shift
+    lse64 = m.double() + torch.log(l.double()) - logit_shift(fast, d, kq)
     return mean, lse64.float(), lse64

@@ -4,7 +4,7 @@ One program owns BB queries and streams over point tiles, keeping the k best (di
 pairs sorted in a (BB, KP) register tile (KP = next power of two >= k). Each tile is merged in k
 rounds, each taking the smaller head of the running list and of the tile; ties go to the lower
 index (running entries always come from earlier tiles). Splits of the points write partial
-lists that torch merges with a stable sort (earlier splits hold lower indices).
+lists, merged on the host (_gpu_common.merge_knn_partials).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _config
+from .._gpu_common import merge_knn_partials
 from ._common import check_float32, group_stride, groupwise, new_output, program_coords
 
 
@@ -94,22 +95,12 @@ def knn(queries, points, k):
     # (BB, BN, BD) difference tile of at most 8192 elements: 64 per thread with 4 warps
     blocks = plan.blocks or {"BB": 32, "BN": min(128, max(16, 256 // plan.block_d)),
                              "num_warps": 4, "num_stages": 2}
-    if S == 1:
-        dist = new_output((1, G, B, k), queries.dtype, queries.device)
-        idx = new_output((1, G, B, k), torch.int64, queries.device)
-    else:
-        dist = new_output((S, G, B, k), queries.dtype, queries.device)
-        idx = new_output((S, G, B, k), torch.int64, queries.device)
+    dist = new_output((S, G, B, k), queries.dtype, queries.device)
+    idx = new_output((S, G, B, k), torch.int64, queries.device)
     grid = (G * S * triton.cdiv(B, blocks["BB"]),)
     _knn_kernel[grid](
         queries, points, dist, idx, G, B, N, d, group_stride(queries), group_stride(points), S,
         K=k, KP=triton.next_power_of_2(k), SQRT=S == 1, NUM_D=plan.num_d, BD=plan.block_d,
         **blocks,
     )
-    if S == 1:
-        return dist[0], idx[0]
-    # (S, G, B, k) -> (G, B, S * k), splits in index order; a stable sort keeps ties ordered.
-    dist = dist.permute(1, 2, 0, 3).reshape(G, B, S * k)
-    idx = idx.permute(1, 2, 0, 3).reshape(G, B, S * k)
-    dist, order = torch.sort(dist, dim=-1, stable=True)
-    return dist[..., :k].sqrt(), torch.gather(idx, -1, order[..., :k])
+    return merge_knn_partials(dist, idx, k)

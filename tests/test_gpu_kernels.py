@@ -1,28 +1,63 @@
-"""Triton-specific paths: split-N merge, chunked (split-d) accumulators, plans and autotuning.
+"""GPU-kernel paths of the triton and cuda backends: split-N merge, chunked (split-d)
+accumulators, plans.
 
-The shared suite runs the Triton backend through the public API with its default plans; here the
-kernels are called directly on the canonical layout (stride-0 shared groups included) with plans
-forced so that small shapes reach every path. Runs under TRITON_INTERPRET=1 on CPU tensors, or
-on CUDA with DIFFMEM_TEST_DEVICE=cuda; skipped when triton is not installed.
+The shared suite runs these backends through the public API with their default plans; here the
+kernels are called directly on the canonical layout (stride-0 shared groups included) with
+plans forced so that small shapes reach every path. Triton runs under TRITON_INTERPRET=1 on CPU
+tensors, the cuda backend in its host-emulator build (DIFFMEM_CUDA_EMULATE=ON) on CPU tensors,
+and both on CUDA with DIFFMEM_TEST_DEVICE=cuda; a backend that cannot run here is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+import diffmem
+from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro
+from diffmem.ops import _reference as ref
 
-from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro  # noqa: E402
-from diffmem.ops import _reference as ref  # noqa: E402
 
-if DEVICE.type != "cuda" and not INTERPRETED:
-    pytest.skip("Triton kernels need CUDA tensors or TRITON_INTERPRET=1", allow_module_level=True)
+def _kernel_backends() -> list:
+    """(name, module, force(plan) context) of each GPU backend that can run on DEVICE."""
+    found = []
+    report = diffmem.backends()
+    if report["triton"]["available"] and DEVICE.type in report["triton"]["devices"]:
+        config = importlib.import_module("diffmem.ops._triton._config")
+        found.append(("triton", importlib.import_module("diffmem.ops._triton"),
+                      lambda plan: config.force(**plan)))
+    if report["cuda"]["available"] and DEVICE.type in report["cuda"]["devices"]:
+        cuda = importlib.import_module("diffmem.ops._cuda")
+        # The cuda kernels' feature chunk is fixed (64): d > 64 reaches the chunked path.
+        found.append(("cuda", cuda, lambda plan: cuda.force(split=plan.get("split"),
+                                                            split_b=plan.get("split_b"))))
+    return found
 
-from diffmem.ops import _triton as tri  # noqa: E402
-from diffmem.ops._triton import _config  # noqa: E402
+
+KERNEL_BACKENDS = _kernel_backends()
+if not KERNEL_BACKENDS:
+    pytest.skip("no GPU kernel backend can run here (needs CUDA tensors, TRITON_INTERPRET=1 or "
+                "the CUDA emulator build)", allow_module_level=True)
+
+
+@pytest.fixture(params=KERNEL_BACKENDS, ids=lambda b: b[0])
+def kern(request):
+    name, module, force = request.param
+    return SimpleNamespace(name=name, forward=module.forward, backward=module.backward,
+                           knn=module.knn, force=force, module=module)
+
+
+def _triton_config():
+    pytest.importorskip("triton")
+    if DEVICE.type != "cuda" and not INTERPRETED:
+        pytest.skip("Triton kernels need CUDA tensors or TRITON_INTERPRET=1")
+    return importlib.import_module("diffmem.ops._triton._config")
+
 
 # GRAD_TOL is the shared suite's float32 gradient tolerance (measured here: <= 2e-6).
 MEAN_TOL, LSE_TOL, GRAD_TOL = 1e-5, 1e-4, 3e-5
@@ -101,11 +136,12 @@ def check_grads(got, want, tol=GRAD_TOL):
         assert rel_fro(a, b) <= tol, (name, rel_fro(a, b))
 
 
-def check_case(args, plan, precision="exact", grads=True, mean_tol=MEAN_TOL, lse_tol=LSE_TOL):
+def check_case(kern, args, plan, precision="exact", grads=True, mean_tol=MEAN_TOL,
+               lse_tol=LSE_TOL):
     """Forward and backward against the float64 reference (whose backward recomputes its own
     float64 weights, so this is the error of the whole float32 pipeline)."""
-    with _config.force(**plan):
-        mean, lse, lse64 = tri.forward(*args, precision)
+    with kern.force(plan):
+        mean, lse, lse64 = kern.forward(*args, precision)
     ref_mean, ref_lse, _ = ref.forward(*_double(args))
     assert mean.shape == ref_mean.shape and lse.shape == ref_lse.shape
     assert lse.dtype == torch.float32 and lse64.dtype == torch.float64
@@ -116,8 +152,8 @@ def check_case(args, plan, precision="exact", grads=True, mean_tol=MEAN_TOL, lse
     G, B, d = args[0].shape
     gm, gl = output_grads(G, B, d)
     needs = (True, True, True, True, args[4] is not None)
-    with _config.force(**plan):
-        got = tri.backward(*args, mean, lse64, gm, gl, needs, precision)
+    with kern.force(plan):
+        got = kern.backward(*args, mean, lse64, gm, gl, needs, precision)
     want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
     check_grads(got, want)
 
@@ -133,50 +169,50 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("plan", ["default", "split_n_d"])
-def test_shared_queries_own_points(plan):
+def test_shared_queries_own_points(kern, plan):
     """x, alpha, var shared by all groups (stride 0), points and bias per group."""
     args = make_case(G=3, B=5, N=9, d=6, t=0.4, bias="masked", seed=12, shared_queries=True)
     assert args[0].stride(0) == 0 and args[1].stride(0) != 0
-    check_case(args, PLANS[plan])
+    check_case(kern, args, PLANS[plan])
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "G{}B{}N{}d{}".format(*s[:4]))
-def test_forward_backward_against_reference(plan, shape):
+def test_forward_backward_against_reference(kern, plan, shape):
     G, B, N, d, shared, bias, dup, offset, t = shape
     args = make_case(G, B, N, d, t, offset, shared, bias, dup, seed=N + d)
-    check_case(args, PLANS[plan])
+    check_case(kern, args, PLANS[plan])
 
 
 @pytest.mark.parametrize("plan", ["default", "split_n_d"])
-def test_noise_grid_far_from_origin(plan):
+def test_noise_grid_far_from_origin(kern, plan):
     """Forward exactness at every t of the grid, data offset by 1000, duplicated points."""
     for i, t in enumerate(T_GRID):
         args = make_case(G=2, B=3, N=7, d=19, t=t, offset=1000.0, dup=True, seed=i)
-        check_case(args, PLANS[plan], grads=False)
+        check_case(kern, args, PLANS[plan], grads=False)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 @pytest.mark.parametrize("t", [0.999, 0.001])
-def test_pixel_dimension_small_n(t, offset):
+def test_pixel_dimension_small_n(kern, t, offset):
     """d = 3072 at small N: the shifted squared distances keep fp32 logits exact."""
     args = make_case(G=1, B=3, N=8, d=3072, t=t, offset=offset, bias="finite", seed=5)
-    check_case(args, {"block_d": 256} if INTERPRETED else {})
+    check_case(kern, args, {"block_d": 256} if INTERPRETED else {})
 
 
-def test_outputs_do_not_depend_on_initial_contents():
+def test_outputs_do_not_depend_on_initial_contents(kern):
     """Two runs with differently poisoned buffers (NaN, by the conftest fixture) agree exactly."""
     args = make_case(G=3, B=5, N=70, d=30, t=0.4, shared=True, bias="masked", seed=3)
-    with _config.force(**PLANS["split_n_d"]):
-        first = tri.forward(*args)
-        second = tri.forward(*args)
+    with kern.force(PLANS["split_n_d"]):
+        first = kern.forward(*args)
+        second = kern.forward(*args)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert all(bool(torch.isfinite(a).all()) for a in first)
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("plan", ["default", "split_n_d"])
-def test_gradients_far_from_origin(plan, precision):
+def test_gradients_far_from_origin(kern, plan, precision):
     """Offset 1000: the backward centres the points, so no gradient loses accuracy to it.
 
     "fast" gradients hold at every t too (the backward renormalises the weights), though its
@@ -187,19 +223,19 @@ def test_gradients_far_from_origin(plan, precision):
     for i, t in enumerate([0.001, 0.3603, 0.8, 0.999]):
         args = make_case(G=2, B=5, N=9, d=20, t=t, offset=1000.0, shared=True, bias="masked",
                          dup=not fast, seed=20 + i)
-        check_case(args, PLANS[plan], precision=precision, lse_tol=math.inf if fast else LSE_TOL)
+        check_case(kern, args, PLANS[plan], precision=precision, lse_tol=math.inf if fast else LSE_TOL)
 
 
-def test_backward_renormalises_the_weights():
+def test_backward_renormalises_the_weights(kern):
     """The backward divides the recomputed weights by their sum: an lse off by a constant (or
     rounded to float32) gives the same gradients, and sum_n P = h holds (sum of dbias)."""
     args = make_case(G=2, B=5, N=9, d=6, t=0.3603, offset=1000.0, bias="finite", seed=13)
-    mean, lse, lse64 = tri.forward(*args)
+    mean, lse, lse64 = kern.forward(*args)
     gm, gl = output_grads(2, 5, 6, seed=3)
     needs = (True, True, True, True, True)
     want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
     for saved in (lse64, lse, lse64 + 0.7, lse64 - 3.0):
-        got = tri.backward(*args, mean, saved, gm, gl, needs)
+        got = kern.backward(*args, mean, saved, gm, gl, needs)
         check_grads(got, want)
         assert torch.allclose(got[4].double().sum(1), gl.double().sum(1), rtol=0, atol=1e-5)
 
@@ -208,13 +244,13 @@ def test_backward_renormalises_the_weights():
                                    (False, True, False, False, True),
                                    (False, False, True, True, False)])
 @pytest.mark.parametrize("which", ["both", "mean_only", "lse_only"])
-def test_backward_subsets_and_missing_grads(needs, which):
+def test_backward_subsets_and_missing_grads(kern, needs, which):
     args = make_case(G=1, B=5, N=7, d=5, t=0.5, bias="finite", seed=4)
-    mean, _, lse64 = tri.forward(*args)
+    mean, _, lse64 = kern.forward(*args)
     gm, gl = output_grads(1, 5, 5, seed=2)
     gm = gm if which != "lse_only" else None
     gl = gl if which != "mean_only" else None
-    got = tri.backward(*args, mean, lse64, gm, gl, needs)
+    got = kern.backward(*args, mean, lse64, gm, gl, needs)
     want = ref.backward(*_double(args), None, None,
                         None if gm is None else gm.double(), None if gl is None else gl.double(),
                         needs)
@@ -224,29 +260,29 @@ def test_backward_subsets_and_missing_grads(needs, which):
             assert rel_fro(a, b) <= GRAD_TOL
 
 
-def test_backward_without_any_output_gradient_is_zero():
+def test_backward_without_any_output_gradient_is_zero(kern):
     args = make_case(G=2, B=3, N=4, d=3, seed=6)
-    mean, _, lse64 = tri.forward(*args)
-    got = tri.backward(*args, mean, lse64, None, None, (True, True, True, True, False))
+    mean, _, lse64 = kern.forward(*args)
+    got = kern.backward(*args, mean, lse64, None, None, (True, True, True, True, False))
     assert all(bool((g == 0).all()) for g in got[:4]) and got[4] is None
 
 
 @pytest.mark.parametrize("t", [0.999, 0.5, 0.2])
-def test_fast_precision_at_moderate_noise(t):
+def test_fast_precision_at_moderate_noise(kern, t):
     """The centred expansion (fp32 here: the interpreter's tl.dot is numpy fp32)."""
     args = make_case(G=2, B=5, N=70, d=30, t=t, shared=True, seed=7)
     for plan in ("default", "split_n_d"):
-        check_case(args, PLANS[plan], precision="fast", mean_tol=1e-4, lse_tol=1e-4)
+        check_case(kern, args, PLANS[plan], precision="fast", mean_tol=1e-4, lse_tol=1e-4)
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_knn_paths(plan):
+def test_knn_paths(kern, plan):
     """Split points (merged by a stable sort) and chunked features; ties to the lower index."""
     args = make_case(G=3, B=5, N=40, d=21, t=0.1, offset=1000.0, shared=True, dup=True, seed=8)
     q, p = args[0], args[1]
     for k in (1, 2, 3):
-        with _config.force(**PLANS[plan]):
-            dist, idx = tri.knn(q, p, k)
+        with kern.force(PLANS[plan]):
+            dist, idx = kern.knn(q, p, k)
         ref_dist, ref_idx = ref.knn(q, p, k)
         assert idx.dtype == torch.int64 and dist.shape == (3, 5, k)
         assert torch.equal(idx, ref_idx)
@@ -254,15 +290,16 @@ def test_knn_paths(plan):
                       / ref_dist.double().clamp_min(1e-30)).max()) <= 1e-5
     # exact duplicates in different splits: point i and i + 20 are identical
     points = p[:1, :20].repeat(1, 2, 1)
-    with _config.force(**PLANS[plan]):
-        dist, idx = tri.knn(points[:, :7].contiguous(), points, 2)
+    with kern.force(PLANS[plan]):
+        dist, idx = kern.knn(points[:, :7].contiguous(), points, 2)
     assert torch.equal(idx[0, :, 0], torch.arange(7, device=DEVICE))
     assert torch.equal(idx[0, :, 1], torch.arange(7, device=DEVICE) + 20)
     assert bool((dist == 0).all())
 
 
-def test_plans_and_autotune_configs():
+def test_triton_plans_and_autotune_configs():
     """Interpreter: one fixed config, no split. GPU candidates: at most two, within budget."""
+    _config = _triton_config()
     for fast in (False, True):
         for d in (1, 2, 30, 67, 3072):
             plan = _config.plan("forward", 1, 5, 70, d, fast, DEVICE)
@@ -293,14 +330,15 @@ def test_plans_and_autotune_configs():
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda" or INTERPRETED, reason="autotuned launch needs a GPU")
-def test_gpu_default_plan_splits_small_batches():
+def test_gpu_default_plan_splits_small_batches(kern):
     """One query: the points are split across programs and merged (flash-decoding style)."""
-    plan = _config.plan("forward", 1, 1, 100_000, 64, False, DEVICE)
-    assert plan.split > 1 and plan.blocks is None
+    if kern.name == "triton":
+        plan = _triton_config().plan("forward", 1, 1, 100_000, 64, False, DEVICE)
+        assert plan.split > 1 and plan.blocks is None
     args = make_case(G=1, B=1, N=20_000, d=64, t=0.3, seed=9)
-    check_case(args, {})
+    check_case(kern, args, {})
 
 
-def test_status():
-    ok, reason = tri.status()
+def test_status(kern):
+    ok, reason = kern.module.status()
     assert ok and reason == ""

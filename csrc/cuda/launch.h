@@ -1,0 +1,39 @@
+// Host entry points of the CUDA kernels (launch.cu), called by the pybind11 module
+// (module.cpp). Plain C++ types only, so the module compiles without CUDA headers. Every
+// function checks its launches and throws std::runtime_error with the CUDA message.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "problem.h"
+
+namespace dmc {
+
+// True when the kernels run in the host emulator (CPU memory) instead of on a GPU.
+bool emulated();
+
+// Number of usable CUDA devices; 0 with the reason in *why when there are none.
+int device_count(std::string* why);
+
+// Forward. split == 1: writes mean (G, B, d), m, l (G, B) directly. split > 1: the kernel
+// writes partials acc (split, G, B, d), m_part, l_part (split, G, B) and a merge fills
+// mean, m, l.
+void forward(const Problem& p, int64_t split, float* acc, float* m_part, float* l_part,
+             float* mean, float* m, float* l, std::uintptr_t stream);
+
+// Backward passes (see backward.cuh); outputs are partial sums with a leading split dim.
+void backward_stats(const Problem& p, const RowInputs& in, int64_t split, float* z, float* eq,
+                    std::uintptr_t stream);
+void backward_query(const Problem& p, const RowInputs& in, int64_t split, float* dx,
+                    float* dalpha, float* dvar, std::uintptr_t stream);
+void backward_point(const Problem& p, const RowInputs& in, int64_t split, float* dy,
+                    float* dbias, std::uintptr_t stream);
+
+// k nearest neighbours; dist, idx: (split, G, B, k), square roots taken when take_sqrt.
+void knn(const Problem& p, int64_t k, int64_t split, bool take_sqrt, float* dist, int64_t* idx,
+         std::uintptr_t stream);
+
+// Largest k the knn kernel accepts (its lists live in shared memory).
+int64_t knn_max_k();
+
+}  // namespace dmc

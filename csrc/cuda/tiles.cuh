@@ -1,0 +1,227 @@
+// Tile machinery shared by all CUDA kernels: the problem description, shared-memory layout,
+// chunk loaders and the (queries x points) logit tile.
+//
+// Geometry: a block has 256 threads seen as a 16 x 16 grid (tx = tid % 16, ty = tid / 16) and
+// works on 64 x 64 tiles. A thread owns rows ty + 16 i and columns tx + 16 j (i, j < 4), so in
+// every shared-memory read of an inner loop a warp touches either one or two addresses
+// (broadcast) or 16 consecutive floats (no bank conflict). Features are processed in chunks of
+// 64; tiles in shared memory have a padded leading dimension of 65 floats so that both the
+// row-major and the feature-major copies are written without bank conflicts.
+//
+// Exact logits are shifted like the Triton kernels': -(sum_k fma(diff, diff, -var)) / (2 var)
+// = logit + d / 2 with diff = fma(-alpha, y, x), summed in chains of 16 features, per chunk, then
+// across chunks. Fast logits come from the expansion around the centre c: alpha (x'.(y - c) -
+// alpha |y - c|^2 / 2) / var with x' = x - alpha c, which drops the per-query constant
+// |x'|^2 / (2 var) (subtracted from lse on the host).
+#pragma once
+#include "device.cuh"
+#include "problem.h"
+
+namespace dmc {
+
+constexpr int kThreads = 256;
+constexpr int kSide = 16;   // threads per side of the 16 x 16 thread grid
+constexpr int kTile = 64;   // rows (queries or points) per tile
+constexpr int kChunk = 64;  // features per chunk
+constexpr int kLd = 65;     // padded leading dimension of shared tiles
+constexpr int kTileFloats = kTile * kLd;
+constexpr int kChain = 16;  // features per inner fp32 summation chain
+
+DM_DEVICE int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid coordinates of a 1-D grid of G * split * blocks programs: (block, split, group).
+struct Coords {
+  int64_t block, split, group;
+};
+DM_DEVICE Coords program_coords(int64_t blocks, int64_t split) {
+  const int64_t pid = DM_BLOCK_X;
+  return {pid % blocks, (pid / blocks) % split, (pid / blocks) / split};
+}
+
+// Range [begin, end) of 64-row tiles of a streamed dimension of length len owned by split s.
+struct TileRange {
+  int64_t begin, end;
+};
+DM_DEVICE TileRange split_tiles(int64_t len, int64_t split, int64_t s) {
+  const int64_t tiles = cdiv(len, kTile);
+  const int64_t per = cdiv(tiles, split);
+  const int64_t begin = s * per;
+  const int64_t end = begin + per < tiles ? begin + per : tiles;
+  return {begin, end};
+}
+
+// Load rows [row0, row0 + 64) x features [k0, k0 + 64) of a (rows, d) matrix into shared
+// memory, zero outside the matrix. kmaj (feature-major, [k][r]) and rmaj (row-major, [r][k])
+// may be null. Before storing, a value v becomes v - scale[r] * shift[k] for the copies whose
+// flag is set (scale null = 1): centring points (shift = c) or queries (scale = alpha).
+DM_DEVICE void load_chunk(float* kmaj, bool kmaj_shifted, float* rmaj, bool rmaj_shifted,
+                          const float* DM_RESTRICT src, int64_t row0, int64_t rows, int64_t k0,
+                          int64_t d, const float* shift, const float* scale) {
+  for (int e = DM_THREAD_X; e < kTile * kChunk; e += kThreads) {
+    const int k = e % kChunk, r = e / kChunk;
+    const int64_t gr = row0 + r, gk = k0 + k;
+    float v = 0.f, vs = 0.f;
+    if (gr < rows && gk < d) {
+      v = src[gr * d + gk];
+      vs = v;
+      if (shift) vs = fmaf(scale ? -scale[r] : -1.f, shift[gk], v);
+    }
+    if (kmaj) kmaj[k * kLd + r] = kmaj_shifted ? vs : v;
+    if (rmaj) rmaj[r * kLd + k] = rmaj_shifted ? vs : v;
+  }
+}
+
+// Per-thread 4 x 4 register tile.
+struct Tile4 {
+  float v[4][4];
+  DM_DEVICE void fill(float value) {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) v[i][j] = value;
+  }
+};
+
+// Shared-memory work space of the (queries x points) logit tile.
+struct LogitSmem {
+  float* xs;     // [k][b] query chunk, feature-major (queries centred when fast)
+  float* ys;     // [k][n] point chunk, feature-major (points centred when fast)
+  float* yr;     // [n][k] point chunk, row-major, centred (shift = c) when yr_centred
+  float* gs;     // [k][b] chunk of the mean's gradient (backward only)
+  float* cs;     // [64] centre chunk
+  float* ynorm;  // [64] |y - c|^2 of the tile's points (fast only)
+  const float* alpha;  // [64] per-query alpha of the tile (shared memory)
+  const float* var;    // [64] per-query var
+};
+
+// Logits (and optionally q = g . (y - c)) of queries b0 + ty + 16 i against points
+// n0 + tx + 16 j, over all d features streamed in chunks; bias added, points >= N get -inf.
+// x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller).
+// On return ls.yr (if not null) holds the last point chunk row-major (the only one when
+// d <= 64). raw (exact only, with alpha = 1 and var = 0): return the squared distances
+// sum_k (x - y)^2 instead of logits, +inf for points >= N.
+template <bool kFast, bool kWithQ>
+DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, const LogitSmem& ls,
+                          bool x_resident, bool yr_centred, const float* gm_g, Tile4& logit,
+                          Tile4& q, bool raw = false) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  const float* x_g = p.x + g * p.gs_x;
+  const float* y_g = p.y + g * p.gs_y;
+  const float* c_g = p.c + g * p.gs_c;
+  float a[4], v[4];
+  for (int i = 0; i < 4; ++i) {
+    a[i] = ls.alpha[ty + kSide * i];
+    v[i] = ls.var[ty + kSide * i];
+  }
+  Tile4 total;
+  total.fill(0.f);
+  if (kWithQ) q.fill(0.f);
+  float yn[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
+    const int kc = static_cast<int>(p.d - k0 < kChunk ? p.d - k0 : kChunk);
+    DM_SYNC();  // the previous chunk (or the caller's use of the tiles) is finished
+    if (!x_resident)
+      load_chunk(ls.xs, true, nullptr, false, x_g, b0, p.B, k0, p.d, kFast ? c_g : nullptr,
+                 ls.alpha);
+    load_chunk(ls.ys, kFast, ls.yr, yr_centred, y_g, n0, p.N, k0, p.d,
+               (kFast || yr_centred) ? c_g : nullptr, nullptr);
+    if (kWithQ) {
+      load_chunk(ls.gs, false, nullptr, false, gm_g, b0, p.B, k0, p.d, nullptr, nullptr);
+      for (int k = DM_THREAD_X; k < kChunk; k += kThreads) ls.cs[k] = k0 + k < p.d ? c_g[k0 + k] : 0.f;
+    }
+    DM_SYNC();
+    Tile4 part;
+    part.fill(0.f);
+    for (int kk = 0; kk < kc; kk += kChain) {
+      const int kend = kk + kChain < kc ? kk + kChain : kc;
+      Tile4 s;
+      s.fill(0.f);
+      for (int k = kk; k < kend; ++k) {
+        float xv[4], yv[4];
+        for (int i = 0; i < 4; ++i) xv[i] = ls.xs[k * kLd + ty + kSide * i];
+        for (int j = 0; j < 4; ++j) yv[j] = ls.ys[k * kLd + tx + kSide * j];
+        if (kFast) {
+          for (int j = 0; j < 4; ++j) yn[j] = fmaf(yv[j], yv[j], yn[j]);
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) s.v[i][j] = fmaf(xv[i], yv[j], s.v[i][j]);
+        } else {
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) {
+              const float diff = fmaf(-a[i], yv[j], xv[i]);
+              s.v[i][j] += fmaf(diff, diff, -v[i]);
+            }
+        }
+        if (kWithQ) {
+          float gv[4];
+          for (int i = 0; i < 4; ++i) gv[i] = ls.gs[k * kLd + ty + kSide * i];
+          const float ck = kFast ? 0.f : ls.cs[k];  // fast points are already centred
+          for (int j = 0; j < 4; ++j) {
+            const float yc = yv[j] - ck;
+            for (int i = 0; i < 4; ++i) q.v[i][j] = fmaf(gv[i], yc, q.v[i][j]);
+          }
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) part.v[i][j] += s.v[i][j];
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) total.v[i][j] += part.v[i][j];
+  }
+  const float* bias_g = p.bias ? p.bias + g * p.gs_bias : nullptr;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = n0 + tx + kSide * j;
+    const bool valid = n < p.N;
+    const float b = (bias_g && valid) ? bias_g[n] : 0.f;
+    for (int i = 0; i < 4; ++i) {
+      float l;
+      if (raw) {
+        logit.v[i][j] = valid ? total.v[i][j] : INFINITY;
+        continue;
+      }
+      if (kFast)
+        l = a[i] * (total.v[i][j] - 0.5f * a[i] * yn[j]) / v[i];
+      else
+        l = -total.v[i][j] / (2.f * v[i]);
+      logit.v[i][j] = valid ? l + b : -INFINITY;
+    }
+  }
+}
+
+// Sum over the 16 threads of a thread row (same ty) of one value per owned row i: the result
+// for row ty + 16 i lands in out[ty + 16 i]. red: shared scratch of 64 * 17 floats.
+DM_DEVICE void row_sums(const float (&vals)[4], float* red, float* out, bool take_max) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i) red[(ty + kSide * i) * (kSide + 1) + tx] = vals[i];
+  DM_SYNC();
+  if (DM_THREAD_X < kTile) {
+    const int r = DM_THREAD_X;
+    float acc = red[r * (kSide + 1)];
+    for (int t = 1; t < kSide; ++t) {
+      const float w = red[r * (kSide + 1) + t];
+      acc = take_max ? (w > acc ? w : acc) : acc + w;
+    }
+    out[r] = acc;
+  }
+  DM_SYNC();
+}
+
+// Sum over the 16 threads of a thread column (same tx) of one value per owned column j: the
+// result for column tx + 16 j lands in out[tx + 16 j].
+DM_DEVICE void col_sums(const float (&vals)[4], float* red, float* out) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int j = 0; j < 4; ++j) red[(tx + kSide * j) * (kSide + 1) + ty] = vals[j];
+  DM_SYNC();
+  if (DM_THREAD_X < kTile) {
+    const int r = DM_THREAD_X;
+    float acc = 0.f;
+    for (int t = 0; t < kSide; ++t) acc += red[r * (kSide + 1) + t];
+    out[r] = acc;
+  }
+  DM_SYNC();
+}
+
+// Load a per-row value of a (G or shared) x rows vector for rows row0 .. row0 + 63.
+DM_DEVICE void load_rows(float* dst, const float* src, int64_t row0, int64_t rows, float other) {
+  for (int r = DM_THREAD_X; r < kTile; r += kThreads)
+    dst[r] = row0 + r < rows ? src[row0 + r] : other;
+}
+
+}  // namespace dmc

@@ -1,0 +1,211 @@
+"""CUDA backend: the kernels of ``diffmem._cuda`` (csrc/cuda), called on raw device pointers.
+
+Same contract as ``_reference.py`` over the canonical layout of ``_canonical.py``; float32
+only. The algorithms are the Triton backend's (exact: fp32 direct differences with explicit
+FMA and chained sums; fast: the expansion around the points' mean, in fp32 FMA on the CUDA
+cores), in hand-written 64 x 64 tiles; see csrc/cuda/tiles.cuh. The kernels run on the current
+stream of the tensors' device. A build with DIFFMEM_CUDA_EMULATE=ON runs the same kernel source
+on CPU tensors in a host emulator (slow; used to test the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+
+from ._alloc import new_output
+from ._extension import cuda_reason
+from ._gpu_common import (centred_shift, check_float32, group_stride, groupwise, logit_shift,
+                          merge_knn_partials, reduce_partials, work_split)
+
+_TILE = 64  # queries (or points) per block, csrc/cuda/tiles.cuh
+_PRECISION = {"exact": 0, "fast": 1}
+_loaded: list = []
+_forced: dict = {}
+
+
+@contextlib.contextmanager
+def force(split: int | None = None, split_b: int | None = None):
+    """Pin the split of the points (forward, knn, query gradients) and/or of the queries
+    (point gradients). Used by tests to reach the split-and-merge paths on small shapes."""
+    previous = dict(_forced)
+    _forced.update({k: v for k, v in (("split", split), ("split_b", split_b)) if v is not None})
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(previous)
+
+
+def _split(key: str, programs: int, stream_len: int, rows: int, d: int, device) -> int:
+    return _forced.get(key) or work_split(programs, stream_len, rows, d, device)
+
+
+def _module():
+    """The compiled module, or None with the reason (cached)."""
+    if not _loaded:
+        try:
+            _loaded.append((importlib.import_module("diffmem._cuda"), ""))
+        except ImportError as exc:
+            _loaded.append((None, cuda_reason() or f"diffmem._cuda could not be imported ({exc})"))
+    return _loaded[0]
+
+
+def emulated() -> bool:
+    """True when diffmem._cuda is the host-emulator build (it then runs on CPU tensors)."""
+    ext, _ = _module()
+    return ext is not None and bool(ext.info()["emulated"])
+
+
+def status() -> tuple[bool, str]:
+    """(True, "") when the kernels can run: a built module and a CUDA device (or the emulator)."""
+    ext, reason = _module()
+    if ext is None:
+        return False, reason
+    info = ext.info()
+    if info["emulated"] or info["devices"] > 0:
+        return True, ""
+    return False, f"diffmem._cuda is built but no CUDA device can be used ({info['reason']})"
+
+
+def devices() -> tuple[str, ...]:
+    return ("cpu",) if emulated() else ("cuda",)
+
+
+def _ext():
+    ext, reason = _module()
+    if ext is None:
+        raise RuntimeError(f"the cuda backend is unavailable: {reason}")
+    return ext
+
+
+@contextlib.contextmanager
+def _launch_context(t: torch.Tensor):
+    """Make t's device current and yield the handle of its current stream (0 on the CPU)."""
+    if t.device.type != "cuda":
+        yield 0
+        return
+    with torch.cuda.device(t.device):
+        yield torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _problem(fast, x, points, alpha, var, bias, c) -> tuple:
+    """The leading arguments of every kernel entry point (see csrc/cuda/module.cpp)."""
+    G, B, d = x.shape
+    N = points.shape[1]
+    args = [_PRECISION["fast" if fast else "exact"], G, B, N, d]
+    for t in (x, points, alpha, var, bias, c):
+        args += [_ptr(t), group_stride(t)]
+    return tuple(args)
+
+
+def _blocks(rows: int) -> int:
+    return -(-rows // _TILE)
+
+
+def _prepare(x, points, alpha, var, bias, fast):
+    check_float32(x, points, alpha, var, bias, backend="cuda")
+    x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
+    # Centre: the expansion centre for "fast", else each group's first point.
+    c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
+    return x, points, alpha, var, bias, c.contiguous() if fast else c, kq
+
+
+def forward(x, points, alpha, var, bias, precision="exact"):
+    """mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs."""
+    ext = _ext()
+    fast = precision == "fast"
+    x, points, alpha, var, bias, c, kq = _prepare(x, points, alpha, var, bias, fast)
+    G, B, d = x.shape
+    N = points.shape[1]
+    dev = x.device
+    split = _split("split", G * _blocks(B), N, B, d, dev)
+    mean = new_output((G, B, d), x.dtype, dev)
+    m = new_output((G, B), x.dtype, dev)
+    l = new_output((G, B), x.dtype, dev)
+    acc = m_part = l_part = None
+    if split > 1:
+        acc = new_output((split, G, B, d), x.dtype, dev)
+        m_part = new_output((split, G, B), x.dtype, dev)
+        l_part = new_output((split, G, B), x.dtype, dev)
+    with _launch_context(x) as stream:
+        ext.forward(*_problem(fast, x, points, alpha, var, bias, c), split, _ptr(acc),
+                    _ptr(m_part), _ptr(l_part), _ptr(mean), _ptr(m), _ptr(l), stream)
+    lse64 = m.double() + torch.log(l.double()) - logit_shift(fast, d, kq)
+    return mean, lse64.float(), lse64
+
+
+def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
+             precision="exact"):
+    """(dx, dpoints, dalpha, dvar, dbias) in canonical shapes; None where needs[i] is False.
+
+    ``mean`` is not used: the kernels recompute the weights from lse64 (see backward.cuh).
+    """
+    ext = _ext()
+    fast = precision == "fast"
+    x, points, alpha, var, bias, c, kq = _prepare(x, points, alpha, var, bias, fast)
+    G, B, d = x.shape
+    N = points.shape[1]
+    dev = x.device
+    needs = tuple(bool(n) for n in needs)
+    shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
+    if grad_mean is None and grad_lse is None:
+        return tuple(new_output(s, x.dtype, dev).zero_() if need else None
+                     for s, need in zip(shapes, needs))
+    gm = None if grad_mean is None else grad_mean.contiguous()
+    lse_s = (lse64.double() + logit_shift(fast, d, kq)).float().contiguous()
+    problem = _problem(fast, x, points, alpha, var, bias, c)
+    out = [None] * 5
+    with _launch_context(x) as stream:
+        split = _split("split", G * _blocks(B), N, B, d, dev)
+        z_p = new_output((split, G, B), x.dtype, dev)
+        eq_p = new_output((split, G, B), x.dtype, dev)
+        ext.backward_stats(*problem, _ptr(lse_s), _ptr(gm), split, _ptr(z_p), _ptr(eq_p), stream)
+        z = reduce_partials(z_p)
+        r = -reduce_partials(eq_p) / z
+        if grad_lse is not None:
+            r = r + grad_lse
+        z, r = z.contiguous(), r.contiguous()
+        rows = (_ptr(lse_s), _ptr(z), _ptr(r), _ptr(gm))
+
+        if needs[0] or needs[2] or needs[3]:
+            parts = [new_output((split, *shapes[i]), x.dtype, dev) if needs[i] else None
+                     for i in (0, 2, 3)]
+            ext.backward_query(*problem, *rows, split, *(_ptr(t) for t in parts), stream)
+            for i, t in zip((0, 2, 3), parts):
+                out[i] = None if t is None else reduce_partials(t)
+
+        if needs[1] or needs[4]:
+            split_b = _split("split_b", G * _blocks(N), B, N, d, dev)
+            parts = [new_output((split_b, *shapes[i]), x.dtype, dev) if needs[i] else None
+                     for i in (1, 4)]
+            ext.backward_point(*problem, *rows, split_b, *(_ptr(t) for t in parts), stream)
+            for i, t in zip((1, 4), parts):
+                out[i] = None if t is None else reduce_partials(t)
+    return tuple(out)
+
+
+def knn(queries, points, k):
+    """Distances (G, B, k) ascending and int64 indices (G, B, k); ties to the lower index."""
+    ext = _ext()
+    check_float32(queries, points, backend="cuda")
+    max_k = ext.info()["knn_max_k"]
+    if k > max_k:
+        raise ValueError(f"the cuda backend's knn supports k <= {max_k}, got k = {k}")
+    queries, points = groupwise(queries), groupwise(points)
+    G, B, d = queries.shape
+    N = points.shape[1]
+    dev = queries.device
+    split = _split("split", G * _blocks(B), N, B, d, dev)
+    dist = new_output((split, G, B, k), queries.dtype, dev)
+    idx = new_output((split, G, B, k), torch.int64, dev)
+    with _launch_context(queries) as stream:
+        ext.knn(G, B, N, d, k, _ptr(queries), group_stride(queries), _ptr(points),
+                group_stride(points), split, split == 1, _ptr(dist), _ptr(idx), stream)
+    return merge_knn_partials(dist, idx, k)

@@ -1,0 +1,100 @@
+"""Host-side pieces shared by the GPU backends (triton and cuda): layout, centring, work splits
+and the float64 lse. Pure torch, so either backend works without the other's package.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Largest partial-result buffer a split may allocate, in elements (256 MiB of float32).
+MAX_PARTIAL_ELEMENTS = 1 << 26
+
+
+def check_float32(*tensors, backend: str) -> None:
+    """The GPU kernels compute in float32; the registry only routes float32 calls to them."""
+    for t in tensors:
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"the {backend} backend supports float32 only, got {t.dtype}")
+
+
+def group_stride(t: torch.Tensor | None) -> int:
+    """Element stride between groups of a canonical tensor (0 when shared or G == 1)."""
+    if t is None or t.shape[0] == 1:
+        return 0
+    return t.stride(0)
+
+
+def groupwise(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Make each group contiguous, keeping a stride-0 group dimension shared (never copied)."""
+    if t is None:
+        return None
+    if t.shape[0] > 1 and t.stride(0) == 0:
+        one = t[:1]
+        return t if one.is_contiguous() else one.contiguous().expand(t.shape)
+    if t.shape[0] == 1 or t.stride(0) == 0:
+        return t if t[0].is_contiguous() else t.contiguous()
+    return t.contiguous()
+
+
+def centred_shift(x, points, alpha, var):
+    """Centre c (G or 1, d) of each group's points and kq = ||x - alpha c||^2 / (2 var), (G, B).
+
+    precision="fast" computes logits from the expansion around c and leaves out the per-query
+    constant kq; lse subtracts it at the end.
+    """
+    if points.shape[0] > 1 and points.stride(0) == 0:
+        c = points[:1].mean(dim=1).expand(points.shape[0], -1)
+    else:
+        c = points.mean(dim=1)
+    xc = torch.addcmul(x, alpha[:, :, None], c[:, None, :], value=-1.0)
+    kq = (xc * xc).sum(-1) / (2.0 * var)
+    return c, kq.contiguous()
+
+
+def logit_shift(fast: bool, d: int, kq: torch.Tensor | None):
+    """What the kernels' logits carry on top of the true ones: d / 2 (exact) or kq (fast)."""
+    return kq.double() if fast else 0.5 * d
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def work_split(programs: int, stream_len: int, rows: int, d: int, device: torch.device) -> int:
+    """Split the streamed dimension when `programs` blocks are too few to fill the GPU.
+
+    Keeps >= 512 streamed items per split, at most 64 splits, and the partial buffer
+    (split x rows x d) under MAX_PARTIAL_ELEMENTS.
+    """
+    if device.type != "cuda":
+        return 1
+    target = 2 * num_sms(device)
+    if programs >= target:
+        return 1
+    split = -(-target // programs)
+    split = min(split, max(1, stream_len // 512), 64)
+    split = min(split, max(1, MAX_PARTIAL_ELEMENTS // max(1, rows * d)))
+    return max(1, split)
+
+
+def reduce_partials(buf: torch.Tensor) -> torch.Tensor:
+    """Sum a (split, ...) partial buffer in a fixed order (deterministic)."""
+    return buf[0] if buf.shape[0] == 1 else buf.sum(0)
+
+
+def merge_knn_partials(dist: torch.Tensor, idx: torch.Tensor, k: int):
+    """(split, G, B, k) per-split top-k lists -> (G, B, k) distances and indices.
+
+    With one split the lists are final (distances already square-rooted by the kernel).
+    Otherwise they hold squared distances; splits are in index order and a stable sort keeps
+    ties on the lower index.
+    """
+    S, G, B, _ = dist.shape
+    if S == 1:
+        return dist[0], idx[0]
+    dist = dist.permute(1, 2, 0, 3).reshape(G, B, S * k)
+    idx = idx.permute(1, 2, 0, 3).reshape(G, B, S * k)
+    dist, order = torch.sort(dist, dim=-1, stable=True)
+    return dist[..., :k].sqrt(), torch.gather(idx, -1, order[..., :k])
