@@ -209,7 +209,7 @@ def test_memorization_ratio_pipeline_separates_generalizing_and_memorizing():
     (["phase-transition", "--warmup", "50", "--steps", "10"], "warmup"),
     (["phase-transition", "--steps", "x"], "invalid int"),
     (["phase-transition", "--data", "images"], "invalid choice"),
-    (["crossover", "--data", "templates"], "not implemented yet"),
+    (["crossover", "--data", "templates", "--no-measured"], "nothing to predict"),
     (["phase-transition", "--out", "/proc/diffmem-no-such-dir"], "cannot write"),
     (["sweep", "--shard", "2/2"], "shard"),
     (["sweep", "--dims", "30,a"], "integers"),

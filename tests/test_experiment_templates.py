@@ -127,6 +127,49 @@ def test_train_template_model_resumes_exactly():
         train_template_model(data, 6, resume_state=saved[1], **kw)
 
 
+def test_templates_crossover_command(tmp_path, capsys):
+    """Only the measured crossover applies to templates; over seeds 1-3 this tiny configuration
+    gives 0.80-0.88."""
+    out = tmp_path / "cr"
+    assert main(["crossover", "--data", "templates", "--dim", "5", "--components", "2",
+                 "--samples", "20", "--eval-draws", "4", "--out", str(out)]) == 0
+    r = json.loads((out / "crossover.json").read_text())
+    p = r["predictions"]
+    assert r["config"]["data"] == "templates" and p["coded"] is None and p["instancewise"] is None
+    assert 0.6 < p["measured"] < 1.0 and p["note"] and len(p["measured_scan"]["sizes"]) == 20
+    text = capsys.readouterr().out
+    assert "n/a (GMM theory)" in text and "measured      0." in text
+
+
+def test_templates_sweep_with_shards(tmp_path, capsys):
+    base = ["sweep", "--data", "templates", "--dims", "5", "--components", "2", "--samples",
+            "20,30", *TINY_ARGS[8:], "--no-refine", "--no-plots", "--out", str(tmp_path)]
+    assert main([*base, "--shard", "0/2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["templates-d5-K2-N20-s1"]
+    assert main([*base, "--shard", "1/2"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data"] == "templates"
+    assert [(r["data"], r["samples"]) for r in summary["rows"]] == [("templates", 20),
+                                                                     ("templates", 30)]
+    assert all(r["coded"] is None and r["measured"] is not None for r in summary["rows"])
+    r = json.loads((tmp_path / "templates-d5-K2-N30-s1" / "results.json").read_text())
+    assert r["data"]["image_shape"] == [3, 5, 5] and r["sizes"] == [4, 10, 20]
+    assert "d5-K2-N30" in capsys.readouterr().out
+
+
+def test_sweep_grid_defaults_follow_the_data(tmp_path, monkeypatch):
+    """Without --dims/--components/--samples the template sweep runs its own 2 x 2 x 2 grid."""
+    from diffmem.experiments import sweep
+
+    ran = []
+    monkeypatch.setattr(pt_module, "run_phase_transition",
+                        lambda config, folder, **kw: ran.append(config.tag()))
+    assert main(["sweep", "--data", "templates", "--quiet", "--no-plots",
+                 "--out", str(tmp_path)]) == 0
+    dims, ks, ns = sweep.GRIDS["templates"]
+    assert ran == [f"templates-d{d}-K{k}-N{n}-s1" for d in dims for k in ks for n in ns]
+
+
 def test_templates_presets():
     c = make_config(data="templates")
     assert (c.dim, c.components, c.clip, c.ema, c.init_var) == (15, 6, 1e3, 0.1, 1e-6)

@@ -1,8 +1,11 @@
 """The paper's experiments (``diffmem phase-transition | sweep | crossover``).
 
 - config.py            ExperimentConfig, presets ("default", "paper"), validation (ConfigError)
+- datasets.py          the data set of a configuration (GMM or colored templates)
 - phase_transition.py  run_phase_transition(config, out, resume=...): one configuration
-- sweep.py             the (d, K, N) sweep with shards and a summary table
+- templates_run.py     the same experiment on colored templates (--data templates)
+- sweep.py             the (d, K, N) sweep (or image side, K, N for templates) with shards and a
+                       summary table
 - crossover.py         theory-only predictions of M*/N
 - evaluate.py          baselines and trained-model evaluation per t and per M
 - predictions.py       coded / instance-wise / measured crossover

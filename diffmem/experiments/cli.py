@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .config import PRESETS, ConfigError, ExperimentConfig
+from .sweep import GRIDS
 
 _D = ExperimentConfig()
 
@@ -50,15 +51,17 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                         f"quick d=30 K=4 N=100 run; paper = SPEC F.5: 50,000 steps, warmup 5,000, "
                         f"lr 0->1e-3->1e-6, 100 draws)")
     g.add_argument("--data", choices=["gmm", "templates"], default="gmm",
-                   help="data: isotropic GMM (default) or colored templates (phase-transition only; "
-                        "--dim is then the image side, images dim x dim x 3)")
+                   help="data: isotropic GMM (default) or colored templates (--dim, --dims are "
+                        "then the image side, images dim x dim x 3; template presets: clip 1e3, "
+                        "ema 0.1)")
     if not sweep:
         g.add_argument("--dim", type=int, help=f"data dimension d (default {_D.dim})")
         g.add_argument("--components", type=int, help=f"mixture components K (default {_D.components})")
         g.add_argument("--samples", type=int, help=f"training points N (default {_D.samples})")
     g.add_argument("--seed", type=int, help=f"random seed (default {_D.seed})")
     g.add_argument("--val-samples", type=int, help=f"validation points (default {_D.val_samples})")
-    g.add_argument("--variance", type=float, help=f"ground-truth variance sigma0^2 (default {_D.variance})")
+    g.add_argument("--variance", type=float, help=f"ground-truth variance sigma0^2, for templates the color variance "
+                        f"(default {_D.variance})")
     g.add_argument("--out", metavar="DIR", help="output folder (default runs/<command>-<config>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out: finished stages and models are not recomputed")
@@ -121,19 +124,25 @@ def build_parsers(sub) -> None:
     add_training(pt)
     sw = sub.add_parser("sweep", help="phase transition over many (d, K, N) configurations",
                         description="The 64-configuration sweep (or a subset): one result folder "
-                                    "per configuration and a summary table.")
-    sw.add_argument("--dims", type=_int_list, default=[30, 40, 50, 60], help="d values (default 30,40,50,60)")
-    sw.add_argument("--components", type=_int_list, default=[3, 6, 9, 12],
-                    help="K values (default 3,6,9,12)")
-    sw.add_argument("--samples", type=_int_list, default=[50, 100, 150, 200],
-                    help="N values (default 50,100,150,200)")
+                                    "per configuration and a summary table. With --data templates: "
+                                    "image side x K x N, by default the 8 configurations "
+                                    "{10,15} x {3,6} x {50,100}.")
+    grid = lambda kind, i: ",".join(map(str, GRIDS[kind][i]))  # noqa: E731
+    sw.add_argument("--dims", type=_int_list,
+                    help=f"d values (default {grid('gmm', 0)}; templates: image sides "
+                         f"{grid('templates', 0)})")
+    sw.add_argument("--components", type=_int_list,
+                    help=f"K values (default {grid('gmm', 1)}; templates: {grid('templates', 1)})")
+    sw.add_argument("--samples", type=_int_list,
+                    help=f"N values (default {grid('gmm', 2)}; templates: {grid('templates', 2)})")
     sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
                     help="run only configurations with index %% n == i (default 0/1)")
     add_common(sw, sweep=True)
     add_training(sw)
     cr = sub.add_parser("crossover", help="theory-only crossover predictions M*/N (seconds)",
                         description="Coded, instance-wise and measured (skip with --no-measured) "
-                                    "predictions of M*/N under x0-uniform weighting.")
+                                    "predictions of M*/N under x0-uniform weighting; colored "
+                                    "templates (--data templates) have only the measured one.")
     add_common(cr)
     cr.add_argument("--no-measured", action="store_true", help="skip the measured-loss prediction")
     cr.add_argument("--eval-draws", type=int, help="noise draws per sample for measured losses (default 100)")

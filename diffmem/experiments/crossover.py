@@ -2,7 +2,9 @@
 
 coded (closed form, no data), instance-wise (nearest-neighbour excess on generated training
 data) and measured (Monte-Carlo losses of the ground truth and partially memorizing denoisers;
-the slowest, skip with --no-measured). Writes out/crossover.json and prints a table.
+the slowest, skip with --no-measured). Colored templates (--data templates) have only the
+measured one: the coded and instance-wise closed forms are GMM theory. Writes
+out/crossover.json and prints a table.
 """
 
 from __future__ import annotations
@@ -12,11 +14,19 @@ from pathlib import Path
 
 import torch
 
-from ..data import make_gmm_data
 from ..diffusion.processes import time_grid
 from .config import ConfigError, make_config
+from .datasets import make_data
 from .predictions import predict
 from .results import check_writable, environment, write_json
+
+
+def _text(value, skipped: bool, samples: int) -> str:
+    if value is None:
+        return "skipped" if skipped else "n/a (GMM theory)"
+    if value != value:
+        return "no crossing in the scanned sizes"
+    return f"{value:.4f}  (M* = {value * samples:.1f})"
 
 
 def run_crossover(args) -> int:
@@ -24,16 +34,16 @@ def run_crossover(args) -> int:
     values = {k: getattr(args, k, None) for k in ("data", "dim", "components", "samples", "seed",
                                                   "val_samples", "variance", "eval_draws")}
     config = make_config(args.preset, sizes=[1], **values)  # sizes: not used here
-    if config.data != "gmm":
-        raise ConfigError("--data templates is not implemented yet for crossover; use gmm")
+    if config.data == "templates" and args.no_measured:
+        raise ConfigError("--no-measured leaves nothing to predict for --data templates: its only "
+                          "crossover is the measured one (coded and instance-wise are GMM theory)")
     out = Path(args.out or f"runs/crossover-{config.tag()}")
     try:
         check_writable(out)
     except OSError as e:
         raise ConfigError(f"cannot write to output folder {str(out)!r}: {e.strerror or e}") from None
     t0 = time.perf_counter()
-    data = make_gmm_data(config.dim, config.components, config.samples, config.seed,
-                         val_samples=config.val_samples, variance=config.variance)
+    data = make_data(config)
     ts = time_grid(dtype=torch.float64)
     pred = predict(data, ts, seed=config.seed, measured=not args.no_measured,
                    draws=config.eval_draws, weighting=args.weighting)
@@ -42,9 +52,7 @@ def run_crossover(args) -> int:
     write_json(out / "crossover.json", result)
     print(f"predicted M*/N for {config.tag()} ({args.weighting}-uniform weighting):")
     for k in ("coded", "instancewise", "measured"):
-        v = pred.get(k)
-        text = "skipped" if v is None else f"{v:.4f}  (M* = {v * config.samples:.1f})"
-        print(f"  {k:<13} {text}")
+        print(f"  {k:<13} {_text(pred.get(k), args.no_measured, config.samples)}")
     print(f"written: {out / 'crossover.json'} ({result['seconds']:.1f} s)")
     return 0
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..data import GMMData, make_gmm_data
 from ..diffusion.processes import time_grid
 from ..train import train_gmm_models
 from .config import ConfigError, ExperimentConfig
+from .datasets import load_or_make_data
 from .evaluate import averages, evaluate_baselines, evaluate_trained, generator, to_x0_units
 from .predictions import predict
 from .progress import Progress
@@ -48,16 +48,6 @@ def _prepare_folder(config: ExperimentConfig, out: Path, resume: bool) -> None:
             raise ConfigError(f"--resume: settings differ from the run in {str(out)!r}: {diff}")
     else:
         write_json(cfg_path, config.to_dict())
-
-
-def _load_data(config: ExperimentConfig, out: Path, resume: bool) -> GMMData:
-    path = out / "data.npz"
-    if resume and path.exists():
-        return GMMData.load(path)
-    data = make_gmm_data(config.dim, config.components, config.samples, config.seed,
-                         val_samples=config.val_samples, variance=config.variance)
-    data.save(path)
-    return data
 
 
 class _Timings:
@@ -209,7 +199,7 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     timings = _Timings(out / "timings.json", resume)
     t_start = time.perf_counter()
     progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
-    data = _load_data(config, out, resume)
+    data = load_or_make_data(config, out, resume)
     ts = time_grid(dtype=torch.float64)
 
     baselines = cached_baselines(evaluate_baselines, data, ts, config, out, resume, progress,

@@ -1,7 +1,12 @@
 """``diffmem sweep``: the phase-transition experiment over a (d, K, N) grid (SPEC F.5: 64
 configurations), one folder per configuration under the sweep folder, ``--shard i/n`` to split
 the configurations across processes, and a summary (summary.json, printed table, summary.png)
-of the measured transition against the predicted crossover."""
+of the measured transition against the predicted crossover.
+
+With --data templates the grid is over the colored templates' own parameters: image side
+(d = 3 side^2), number of templates K and N (default GRIDS["templates"]: 2 x 2 x 2 around the
+paper's 15x15, K = 6, N = 100 run), asking the same question: does the transition stay near
+the measured crossover as the configuration changes?"""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from .config import ConfigError
 from .results import check_writable, read_json, write_json
 
 
+GRIDS = {  # default (dims, components, samples) of each data kind
+    "gmm": ([30, 40, 50, 60], [3, 6, 9, 12], [50, 100, 150, 200]),
+    "templates": ([10, 15], [3, 6], [50, 100]),
+}
+
+
 def configurations(dims, components, samples) -> list[tuple[int, int, int]]:
     """All (d, K, N) in the order d, then K, then N."""
     return list(itertools.product(dims, components, samples))
@@ -20,20 +31,24 @@ def configurations(dims, components, samples) -> list[tuple[int, int, int]]:
 def summary_row(results: dict) -> dict:
     """One summary line of a results.json: transition (fractions of N) and predictions."""
     c, tr, p = results["config"], results["transition"], results["predictions"]
-    return {"tag": f"d{c['dim']}-K{c['components']}-N{c['samples']}", "dim": c["dim"],
+    return {"tag": f"d{c['dim']}-K{c['components']}-N{c['samples']}",
+            "data": c.get("data", "gmm"), "dim": c["dim"],
             "components": c["components"], "samples": c["samples"],
             "start_fraction": tr.get("start_fraction"), "end_fraction": tr.get("end_fraction"),
             "midpoint_fraction": tr.get("midpoint_fraction"), "coded": p.get("coded"),
             "instancewise": p.get("instancewise"), "measured": p.get("measured")}
 
 
-def summarize(root: Path) -> list[dict]:
-    """Rows for every finished configuration folder under root (sorted by d, K, N)."""
+def summarize(root: Path, data: str | None = None) -> list[dict]:
+    """Rows for every finished configuration folder under root (sorted by d, K, N); only those
+    of data kind `data` ("gmm" or "templates") when given."""
     rows = []
     for path in sorted(root.glob("*/results.json")):
         r = read_json(path)
         if r.get("transition", {}).get("start_fraction") is not None:
-            rows.append(summary_row(r))
+            row = summary_row(r)
+            if data is None or row["data"] == data:
+                rows.append(row)
     return sorted(rows, key=lambda r: (r["dim"], r["components"], r["samples"]))
 
 
@@ -53,14 +68,18 @@ def run_sweep(args) -> int:
     from .cli import config_from_args
     from .phase_transition import run_phase_transition
 
-    for name, values in (("dims", args.dims), ("components", args.components),
-                         ("samples", args.samples)):
-        if any(v < 1 for v in values):
-            raise ConfigError(f"--{name} values must be positive, got {values}")
-    configs = configurations(args.dims, args.components, args.samples)
+    grid = dict(zip(("dims", "components", "samples"), GRIDS[args.data]))
+    for name in grid:
+        values = getattr(args, name)
+        if values is not None:
+            if any(v < 1 for v in values):
+                raise ConfigError(f"--{name} values must be positive, got {values}")
+            grid[name] = values
+    configs = configurations(grid["dims"], grid["components"], grid["samples"])
     # validate every configuration before running any
     built = [config_from_args(args, dim=d, components=k, samples=n) for d, k, n in configs]
-    root = Path(args.out or f"runs/sweep-{built[0].preset}-s{built[0].seed}")
+    kind = "" if args.data == "gmm" else f"{args.data}-"
+    root = Path(args.out or f"runs/sweep-{kind}{built[0].preset}-s{built[0].seed}")
     try:
         check_writable(root)
     except OSError as e:
@@ -73,8 +92,9 @@ def run_sweep(args) -> int:
             print(f"[sweep {j + 1}/{len(mine)} of shard {i}/{n}] {config.tag()}", flush=True)
         run_phase_transition(config, folder, resume=args.resume, quiet=args.quiet,
                              plots=not args.no_plots)
-    rows = summarize(root)
-    write_json(root / "summary.json", {"schema": "diffmem.sweep/1", "rows": rows})
+    rows = summarize(root, args.data)
+    write_json(root / "summary.json", {"schema": "diffmem.sweep/1", "data": args.data,
+                                       "rows": rows})
     print(format_table(rows))
     if not args.no_plots:
         from .plots import plot_sweep
@@ -83,4 +103,4 @@ def run_sweep(args) -> int:
     return 0
 
 
-__all__ = ["configurations", "format_table", "run_sweep", "summarize", "summary_row"]
+__all__ = ["GRIDS", "configurations", "format_table", "run_sweep", "summarize", "summary_row"]

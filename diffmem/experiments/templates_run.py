@@ -20,33 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.templates import TemplateData, make_template_data
+from ..data.templates import TemplateData
 from ..denoisers.empirical import EmpiricalDenoiser
 from ..denoisers.partial import PartialMemorizingDenoiser
 from ..diffusion.processes import VP, time_grid
 from ..diffusion.samplers import ddim_sample
 from ..metrics import learned_means_metrics, memorization_ratio, nearest_two
 from ..train_templates import TrainedTemplates, train_template_model
+from .datasets import load_or_make_data
 from .evaluate import _losses, averages, generator, to_x0_units
-from .predictions import measured_from_baselines
+from .predictions import predict
 from .progress import Progress
 from .results import _atomic_npz, environment, read_json, remove_train_state, write_json
 from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
 
 SHOWN_SAMPLES = 9  # generated samples kept per M for the sample grid (SPEC I)
-NOTE = ("coded and instance-wise crossovers are GMM theory and do not apply to colored "
-        "templates; measured = where the x0-weighted pmem train loss meets the ground-truth "
-        "template denoiser's")
-
-
-def _load_data(config, out: Path, resume: bool) -> TemplateData:
-    path = out / "data.npz"
-    if resume and path.exists():
-        return TemplateData.load(path)
-    data = make_template_data(config.components, config.samples, config.seed, size=config.dim,
-                              color_var=config.variance, val_samples=config.val_samples)
-    data.save(path)
-    return data
 
 
 def evaluate_template_baselines(data: TemplateData, ts, *, sizes, draws: int, seed: int,
@@ -213,15 +201,12 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
     timings = _Timings(out / "timings.json", resume)
     t_start = time.perf_counter()
     progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
-    data = _load_data(config, out, resume)
+    data = load_or_make_data(config, out, resume)
     ts = time_grid(dtype=torch.float64)
 
     baselines = cached_baselines(evaluate_template_baselines, data, ts, config, out, resume,
                                  progress, timings)
-    scan = measured_from_baselines(baselines, ts, config.samples)
-    predictions = {"weighting": "x0", "coded": None, "instancewise": None,
-                   "measured": scan["fraction"],
-                   "measured_scan": {"sizes": scan["sizes"], "gaps": scan["gaps"]}, "note": NOTE}
+    predictions = predict(data, ts, seed=config.seed, baselines=baselines)
 
     x_init = torch.randn(config.eval_samples, *data.train.shape[1:],
                          generator=generator(config.seed, "x_init"), dtype=data.train.dtype)
