@@ -1,38 +1,63 @@
 #!/usr/bin/env bash
 # GPU check for a lent H100/H200 machine without network access.
 #   1. install diffmem editable against the machine's own torch/triton (no build isolation, no
-#      dependency resolution); if that fails, fall back to running from the source tree
-#   2. the whole test suite on CUDA tensors (DIFFMEM_TEST_DEVICE=cuda)
-#   3. python benchmarks/compare.py --device cuda
+#      dependency resolution; CUDA module for this card's architecture only)
+#   2. the kernel test suites on CUDA tensors (DIFFMEM_TEST_DEVICE=cuda), triton and cuda
+#   3. compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
+#   4. the comparison benchmark at GPU sizes (benchmarks/compare.py --device cuda)
 # Logs go to $OUT (or benchmarks/results/gpu_check). Exit status: non-zero if any step failed.
-# Time limits (seconds) can be overridden: INSTALL_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
-set -euo pipefail
+# Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT.
+# TESTS (default: the op and kernel suites) and SIZES (benchmark sizes) can be overridden.
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/benchmarks/results/gpu_check}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # real kernels only
+TESTS="${TESTS:-tests/test_softmax_mean.py tests/test_softmax_mean_grad.py tests/test_knn.py tests/test_gpu_kernels.py tests/test_cuda_module.py tests/test_op_registration.py}"
+SIZES="${SIZES:-256,1000000,64;64,50000,3072;1,1000000,64;1024,100000,128}"
 
 {
     date
-    nvidia-smi || true
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true
     "$PY" -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
-if ! timeout "${INSTALL_TIMEOUT:-900}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
+arch=$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')
+start=$(date +%s)
+if ! timeout "${INSTALL_TIMEOUT:-600}" "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+        -C cmake.define.DIFFMEM_CUDA=ON -C cmake.define.DIFFMEM_CUDA_ARCHS="$arch" -e . \
         >"$OUT_DIR/install.txt" 2>&1; then
-    echo "editable install failed (see install.txt); running from the source tree" | tee -a "$OUT_DIR/install.txt"
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    echo "editable install failed (see install.txt)" | tee -a "$OUT_DIR/env.txt"
+    tail -30 "$OUT_DIR/install.txt"
+    exit 1
 fi
-"$PY" -c 'import diffmem, json; print(json.dumps(diffmem.backends(), indent=1))' 2>&1 | tee "$OUT_DIR/backends.txt"
+echo "install: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+"$PY" -c 'import diffmem, json; print(json.dumps({k: (v["available"], v["reason"]) for k, v in diffmem.backends().items()}))' 2>&1 | tee "$OUT_DIR/backends.txt"
 
 status=0
-DIFFMEM_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-1500}" "$PY" -m pytest -x -q -p no:cacheprovider tests \
-    2>&1 | tee "$OUT_DIR/pytest.txt" || status=$?
-timeout "${BENCH_TIMEOUT:-1200}" "$PY" benchmarks/compare.py --device cuda \
-    2>&1 | tee "$OUT_DIR/compare.txt" || status=$?
+start=$(date +%s)
+# shellcheck disable=SC2086
+DIFFMEM_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider \
+    -o addopts="" $TESTS >"$OUT_DIR/pytest.txt" 2>&1 || status=$?
+echo "tests: $(( $(date +%s) - start )) s, status $status" | tee -a "$OUT_DIR/env.txt"
+grep -E "passed|failed|FAILED|Error" "$OUT_DIR/pytest.txt" | tail -25
+
+start=$(date +%s)
+for tool in memcheck racecheck; do
+    timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --print-limit 20 \
+        "$PY" benchmarks/cuda_sanitize.py >"$OUT_DIR/sanitize-$tool.txt" 2>&1 || status=$?
+    tail -4 "$OUT_DIR/sanitize-$tool.txt"
+done
+echo "sanitizer: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/compare.py --device cuda --budget 0.4 \
+    --sizes "$SIZES" --csv "$OUT_DIR/compare-cuda.csv" >"$OUT_DIR/compare.txt" 2>&1 || status=$?
+echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+cat "$OUT_DIR/compare.txt" | cut -c1-150 | grep -v "^$" | tail -70
 
 echo "gpu_check finished with status $status; logs in $OUT_DIR" | tee -a "$OUT_DIR/env.txt"
 exit "$status"
