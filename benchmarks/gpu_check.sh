@@ -7,7 +7,8 @@
 #   4. the comparison benchmark at GPU sizes (benchmarks/compare.py --device cuda)
 # Logs go to $OUT (or benchmarks/results/gpu_check). Exit status: non-zero if any step failed.
 # Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT.
-# TESTS (default: the op and kernel suites) and SIZES (benchmark sizes) can be overridden.
+# TESTS (default: the op and kernel suites), TEST_FILTER (pytest -k expression), SIZES
+# (benchmark sizes) and METHODS (benchmark method patterns) can be overridden.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # real kernels only
 TESTS="${TESTS:-tests/test_softmax_mean.py tests/test_softmax_mean_grad.py tests/test_knn.py tests/test_gpu_kernels.py tests/test_cuda_module.py tests/test_op_registration.py}"
 SIZES="${SIZES:-256,1000000,64;64,50000,3072;1,1000000,64;1024,100000,128}"
+METHODS="${METHODS:-*}"
+TEST_FILTER="${TEST_FILTER:-}"
 
 {
     date
@@ -41,7 +44,7 @@ status=0
 start=$(date +%s)
 # shellcheck disable=SC2086
 DIFFMEM_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider \
-    -o addopts="" $TESTS >"$OUT_DIR/pytest.txt" 2>&1 || status=$?
+    -o addopts="" ${TEST_FILTER:+-k "$TEST_FILTER"} $TESTS >"$OUT_DIR/pytest.txt" 2>&1 || status=$?
 echo "tests: $(( $(date +%s) - start )) s, status $status" | tee -a "$OUT_DIR/env.txt"
 grep -E "passed|failed|FAILED|Error" "$OUT_DIR/pytest.txt" | tail -25
 
@@ -55,7 +58,7 @@ echo "sanitizer: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
 
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/compare.py --device cuda --budget 0.4 \
-    --sizes "$SIZES" --csv "$OUT_DIR/compare-cuda.csv" >"$OUT_DIR/compare.txt" 2>&1 || status=$?
+    --sizes "$SIZES" --methods "$METHODS" --csv "$OUT_DIR/compare-cuda.csv" >"$OUT_DIR/compare.txt" 2>&1 || status=$?
 echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
 cat "$OUT_DIR/compare.txt" | cut -c1-150 | grep -v "^$" | tail -70
 

@@ -67,9 +67,20 @@ def test_bad_precision_and_backend_names():
 
 
 def test_unavailable_backend_is_an_error_not_a_fallback():
+    """Every backend that cannot run a call (not built, no device, wrong device or dtype)
+    refuses it with the reason instead of falling back to another backend."""
     x, y = _ok()
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
-        diffmem.softmax_mean(x, y, 0.5, 0.75, backend="cuda")
+    checked = 0
+    for name, info in diffmem.backends().items():
+        if info["available"] and x.device.type in info["devices"]:
+            if "float64" in info["dtypes"]:
+                continue  # this backend runs the call
+            x, y = x.double(), y.double()
+        with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run this call"):
+            diffmem.softmax_mean(x, y, 0.5, 0.75, backend=name)
+        x, y = _ok()
+        checked += 1
+    assert checked >= 1  # at least the GPU backends' float32-only or device limits
 
 
 def test_environment_variable_selects_backend(monkeypatch):

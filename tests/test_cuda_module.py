@@ -15,7 +15,7 @@ from diffmem.ops import _cuda
 
 
 def _module_or_skip():
-    ext, reason = _cuda._module()
+    ext, reason, _ = _cuda._module()
     if ext is None:
         assert reason, "an absent CUDA module must come with a reason"
         pytest.skip(f"diffmem._cuda not built: {reason}")
@@ -48,7 +48,7 @@ def test_no_device_is_reported_cleanly():
 
 def test_missing_module_reason_is_explained(monkeypatch):
     """Without the compiled module the backend is unavailable with the build's reason."""
-    monkeypatch.setattr(_cuda, "_loaded", [(None, "built with DIFFMEM_CUDA=OFF")])
+    monkeypatch.setattr(_cuda, "_loaded", [(None, "built with DIFFMEM_CUDA=OFF", {})])
     ok, reason = _cuda.status()
     assert not ok and reason == "built with DIFFMEM_CUDA=OFF"
     with pytest.raises(RuntimeError, match="DIFFMEM_CUDA=OFF"):

@@ -57,7 +57,7 @@ DM_DEVICE void load_query_rows(const BackwardSmem& s, const Problem& p, const Ro
 
 // Grid: G * split * cdiv(B, 64). Partial sums (split, G, B): z = sum_n e, eq = sum_n e q.
 template <bool kFast, bool kWithQ>
-DM_GLOBAL void stats_kernel(Problem p, RowInputs in, float* DM_RESTRICT z_out,
+DM_GLOBAL DM_TILE_KERNEL void stats_kernel(Problem p, RowInputs in, float* DM_RESTRICT z_out,
                             float* DM_RESTRICT eq_out, int64_t split) {
   DM_SHARED_FLOATS(smem);
   const BackwardSmem s = backward_smem(smem);
@@ -73,7 +73,7 @@ DM_GLOBAL void stats_kernel(Problem p, RowInputs in, float* DM_RESTRICT z_out,
     Tile4 logit, q;
     logit_tile<kFast, kWithQ>(p, g, b0, t * kTile, s.ls, false, false, gm_g, logit, q);
     for (int i = 0; i < 4; ++i) {
-      const float lse = s.lse[ty + kSide * i];
+      const float lse = s.lse[ty * 4 + i];
       for (int j = 0; j < 4; ++j) {
         const float e = expf(logit.v[i][j] - lse);
         zs[i] += e;
@@ -90,29 +90,38 @@ DM_GLOBAL void stats_kernel(Problem p, RowInputs in, float* DM_RESTRICT z_out,
   for (int r = DM_THREAD_X; r < valid_b; r += kThreads) eq_out[row0 + r] = s.tmp[r];
 }
 
-// P = w (q + r) of a logit tile, written to pt[n][b] (point-major); returns per-row sums of P
-// in row_p and per-column sums in col_p (both per thread: rows ty + 16 i, columns tx + 16 j).
-// w = e / Z is written to wt[b][n] (query-major) when wt is not null, and P alpha / var to
-// coef[b][n] when coef is not null.
+// P = w (q + r) of a logit tile, written to pt as element (n, b) when pt is not null; adds the
+// per-row sums of P to row_p and the per-column sums to col_p (per thread: rows ty * 4 + i,
+// columns tx * 4 + j). w = e / Z is written to wt as (b, n) when wt is not null, and
+// P alpha / var to coef as (b, n) when coef is not null.
 template <bool kWithQ>
 DM_DEVICE void grad_logit_tile(const BackwardSmem& s, const Tile4& logit, const Tile4& q,
                                float* pt, float* wt, float* coef, float (&row_p)[4],
                                float (&col_p)[4]) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  float P[4][4], w[4][4];
   for (int i = 0; i < 4; ++i) {
-    const int b = ty + kSide * i;
+    const int b = ty * 4 + i;
     const float lse = s.lse[b], z = s.z[b], r = s.r[b];
     for (int j = 0; j < 4; ++j) {
-      const int n = tx + kSide * j;
-      const float w = expf(logit.v[i][j] - lse) / z;
-      const float P = w * ((kWithQ ? q.v[i][j] : 0.f) + r);
-      row_p[i] += P;
-      col_p[j] += P;
-      if (pt) pt[n * kLd + b] = P;
-      if (wt) wt[b * kLd + n] = w;
-      if (coef) coef[b * kLd + n] = P * (s.alpha[b] / s.var[b]);
+      w[i][j] = expf(logit.v[i][j] - lse) / z;
+      P[i][j] = w[i][j] * ((kWithQ ? q.v[i][j] : 0.f) + r);
+      row_p[i] += P[i][j];
+      col_p[j] += P[i][j];
+    }
+    if (wt) dm_store4(&wt[sw(b, tx * 4)], w[i]);
+    if (coef) {
+      const float scale = s.alpha[b] / s.var[b];
+      float cf[4];
+      for (int j = 0; j < 4; ++j) cf[j] = P[i][j] * scale;
+      dm_store4(&coef[sw(b, tx * 4)], cf);
     }
   }
+  if (pt)
+    for (int j = 0; j < 4; ++j) {
+      const float col[4] = {P[0][j], P[1][j], P[2][j], P[3][j]};
+      dm_store4(&pt[sw(tx * 4 + j, ty * 4)], col);
+    }
 }
 
 // Grid: G * split * cdiv(B, 64). Outputs: partial sums (split, G, B, d) for dx and
@@ -120,12 +129,12 @@ DM_DEVICE void grad_logit_tile(const BackwardSmem& s, const Tile4& logit, const 
 //   dx = -sum_n P diff / var, dalpha = sum_n P (y . diff) / var,
 //   dvar = sum_n P |diff|^2 / (2 var^2), |diff|^2 = sum_k (diff_k^2 - var) + d var.
 template <bool kFast, bool kWithQ>
-DM_GLOBAL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
+DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
                             float* DM_RESTRICT dalpha_out, float* DM_RESTRICT dvar_out,
                             int64_t split) {
   DM_SHARED_FLOATS(smem);
   const BackwardSmem s = backward_smem(smem);
-  float* pt = s.t0;  // [n][b]
+  float* pt = s.t0;  // (n, b)
   const Coords pc = program_coords(cdiv(p.B, kTile), split);
   const int64_t g = pc.group, b0 = pc.block * kTile;
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
@@ -142,8 +151,8 @@ DM_GLOBAL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
   DM_SYNC();
   float a[4], v[4];
   for (int i = 0; i < 4; ++i) {
-    a[i] = s.alpha[ty + kSide * i];
-    v[i] = s.var[ty + kSide * i];
+    a[i] = s.alpha[ty * 4 + i];
+    v[i] = s.var[ty * 4 + i];
   }
   Tile4 dxr;
   dxr.fill(0.f);
@@ -164,18 +173,18 @@ DM_GLOBAL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
       }
       float xv[4][4];
       bool kvalid[4];
-      for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx + kSide * j < p.d;
+      for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx * 4 + j < p.d;
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
-          const int64_t b = b0 + ty + kSide * i, k = k0 + tx + kSide * j;
+          const int64_t b = b0 + ty * 4 + i, k = k0 + tx * 4 + j;
           xv[i][j] = (b < p.B && kvalid[j]) ? x_g[b * p.d + k] : 0.f;
         }
       Tile4 sdx;
       sdx.fill(0.f);
       for (int n = 0; n < valid_n; ++n) {
         float pv[4], yv[4];
-        for (int i = 0; i < 4; ++i) pv[i] = pt[n * kLd + ty + kSide * i];
-        for (int j = 0; j < 4; ++j) yv[j] = s.ls.yr[n * kLd + tx + kSide * j];
+        dm_load4(&pt[sw(n, ty * 4)], pv);
+        dm_load4(&s.ls.yr[sw(n, tx * 4)], yv);
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) {
             if (!kvalid[j]) continue;
@@ -187,13 +196,13 @@ DM_GLOBAL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
       }
       if (!dx_rows) continue;
       for (int i = 0; i < 4; ++i) {
-        const int r = ty + kSide * i;
+        const int r = ty * 4 + i;
         for (int j = 0; j < 4; ++j) {
           const float contrib = -sdx.v[i][j] / v[i];
           if (single) {
             dxr.v[i][j] += contrib;
           } else if (r < valid_b && kvalid[j]) {
-            dx_rows[r * p.d + k0 + tx + kSide * j] += contrib;
+            dx_rows[r * p.d + k0 + tx * 4 + j] += contrib;
           }
         }
       }
@@ -201,9 +210,9 @@ DM_GLOBAL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
   }
   if (dx_rows && single)
     for (int i = 0; i < 4; ++i) {
-      const int r = ty + kSide * i;
+      const int r = ty * 4 + i;
       for (int j = 0; j < 4; ++j) {
-        const int k = tx + kSide * j;
+        const int k = tx * 4 + j;
         if (r < valid_b && k < p.d) dx_rows[r * p.d + k] = dxr.v[i][j];
       }
     }
@@ -227,14 +236,14 @@ DM_GLOBAL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
 // (split, G, N, d) for dpoints and (split, G, N) for dbias (null when not needed).
 //   dpoints = sum_b (w g + P alpha diff / var), dbias = sum_b P.
 template <bool kFast, bool kWithQ>
-DM_GLOBAL void point_kernel(Problem p, RowInputs in, float* DM_RESTRICT dy_out,
+DM_GLOBAL DM_TILE_KERNEL void point_kernel(Problem p, RowInputs in, float* DM_RESTRICT dy_out,
                             float* DM_RESTRICT dbias_out, int64_t split) {
   DM_SHARED_FLOATS(smem);
   const BackwardSmem s = backward_smem(smem);
-  float* wt = s.t0;    // [b][n]
-  float* coef = s.t1;  // [b][n]
-  float* xr = s.ls.xs;  // [b][k] query chunk, reusing the logit tile's buffers
-  float* gr = s.ls.gs;  // [b][k]
+  float* wt = s.t0;    // (b, n)
+  float* coef = s.t1;  // (b, n)
+  float* xr = s.ls.xs;  // (b, k) query chunk, reusing the logit tile's buffers
+  float* gr = s.ls.gs;  // (b, k)
   const Coords pc = program_coords(cdiv(p.N, kTile), split);
   const int64_t g = pc.group, n0 = pc.block * kTile;
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
@@ -268,25 +277,21 @@ DM_GLOBAL void point_kernel(Problem p, RowInputs in, float* DM_RESTRICT dy_out,
       DM_SYNC();
       float yv[4][4];
       bool kvalid[4];
-      for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx + kSide * j < p.d;
+      for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx * 4 + j < p.d;
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
-          const int64_t n = n0 + ty + kSide * i, k = k0 + tx + kSide * j;
+          const int64_t n = n0 + ty * 4 + i, k = k0 + tx * 4 + j;
           yv[i][j] = (n < p.N && kvalid[j]) ? y_g[n * p.d + k] : 0.f;
         }
       Tile4 sdy;
       sdy.fill(0.f);
       for (int b = 0; b < valid_b; ++b) {
         const float ab = s.alpha[b];
-        float xv[4], gv[4], cf[4], wv[4];
-        for (int j = 0; j < 4; ++j) {
-          xv[j] = xr[b * kLd + tx + kSide * j];
-          gv[j] = gm_g ? gr[b * kLd + tx + kSide * j] : 0.f;
-        }
-        for (int i = 0; i < 4; ++i) {
-          cf[i] = coef[b * kLd + ty + kSide * i];
-          wv[i] = wt[b * kLd + ty + kSide * i];
-        }
+        float xv[4], gv[4] = {0.f, 0.f, 0.f, 0.f}, cf[4], wv[4];
+        dm_load4(&xr[sw(b, tx * 4)], xv);
+        if (gm_g) dm_load4(&gr[sw(b, tx * 4)], gv);
+        dm_load4(&coef[sw(b, ty * 4)], cf);
+        dm_load4(&wt[sw(b, ty * 4)], wv);
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) {
             const float diff = fmaf(-ab, yv[i][j], xv[j]);
@@ -296,12 +301,12 @@ DM_GLOBAL void point_kernel(Problem p, RowInputs in, float* DM_RESTRICT dy_out,
           }
       }
       for (int i = 0; i < 4; ++i) {
-        const int r = ty + kSide * i;
+        const int r = ty * 4 + i;
         for (int j = 0; j < 4; ++j) {
           if (single) {
             dyr.v[i][j] += sdy.v[i][j];
           } else if (r < valid_n && kvalid[j]) {
-            dy_rows[r * p.d + k0 + tx + kSide * j] += sdy.v[i][j];
+            dy_rows[r * p.d + k0 + tx * 4 + j] += sdy.v[i][j];
           }
         }
       }
@@ -309,9 +314,9 @@ DM_GLOBAL void point_kernel(Problem p, RowInputs in, float* DM_RESTRICT dy_out,
   }
   if (dy_rows && single)
     for (int i = 0; i < 4; ++i) {
-      const int r = ty + kSide * i;
+      const int r = ty * 4 + i;
       for (int j = 0; j < 4; ++j) {
-        const int k = tx + kSide * j;
+        const int k = tx * 4 + j;
         if (r < valid_n && k < p.d) dy_rows[r * p.d + k] = dyr.v[i][j];
       }
     }

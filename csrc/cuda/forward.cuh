@@ -14,14 +14,14 @@ constexpr int kForwardSmem = 4 * kTileFloats + 8 * kTile + kTile * (kSide + 1);
 // When d <= 64 the accumulator stays in registers; otherwise each block streams its own rows
 // of acc through global memory chunk by chunk (no other block touches them).
 template <bool kFast>
-DM_GLOBAL void forward_kernel(Problem p, float* DM_RESTRICT acc, float* DM_RESTRICT m_out,
+DM_GLOBAL DM_TILE_KERNEL void forward_kernel(Problem p, float* DM_RESTRICT acc, float* DM_RESTRICT m_out,
                               float* DM_RESTRICT l_out, int64_t split, int final_) {
   DM_SHARED_FLOATS(smem);
   LogitSmem ls;
   ls.xs = smem;
   ls.ys = smem + kTileFloats;
   ls.yr = smem + 2 * kTileFloats;
-  float* ps = smem + 3 * kTileFloats;  // [n][b] softmax numerators of the tile
+  float* ps = smem + 3 * kTileFloats;  // (n, b) softmax numerators of the tile
   ls.gs = nullptr;
   float* rows = smem + 4 * kTileFloats;
   float* s_alpha = rows;
@@ -81,14 +81,14 @@ DM_GLOBAL void forward_kernel(Problem p, float* DM_RESTRICT acc, float* DM_RESTR
       s_m[r] = m_new;
     }
     DM_SYNC();
-    for (int i = 0; i < 4; ++i) {
-      const int r = ty + kSide * i;
-      vals[i] = 0.f;
-      for (int j = 0; j < 4; ++j) {
-        const float e = expf(logit.v[i][j] - s_msafe[r]);
-        ps[(tx + kSide * j) * kLd + r] = e;
-        vals[i] += e;
+    for (int i = 0; i < 4; ++i) vals[i] = 0.f;
+    for (int j = 0; j < 4; ++j) {
+      float e[4];
+      for (int i = 0; i < 4; ++i) {
+        e[i] = expf(logit.v[i][j] - s_msafe[ty * 4 + i]);
+        vals[i] += e[i];
       }
+      dm_store4(&ps[sw(tx * 4 + j, ty * 4)], e);
     }
     row_sums(vals, red, s_tmp, false);  // its barrier also publishes ps
     if (DM_THREAD_X < kTile) {
@@ -106,19 +106,19 @@ DM_GLOBAL void forward_kernel(Problem p, float* DM_RESTRICT acc, float* DM_RESTR
       sum.fill(0.f);
       for (int n = 0; n < valid_n; ++n) {
         float pv[4], yv[4];
-        for (int i = 0; i < 4; ++i) pv[i] = ps[n * kLd + ty + kSide * i];
-        for (int j = 0; j < 4; ++j) yv[j] = ls.yr[n * kLd + tx + kSide * j];
+        dm_load4(&ps[sw(n, ty * 4)], pv);
+        dm_load4(&ls.yr[sw(n, tx * 4)], yv);
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) sum.v[i][j] = fmaf(pv[i], yv[j], sum.v[i][j]);
       }
       for (int i = 0; i < 4; ++i) {
-        const int r = ty + kSide * i;
+        const int r = ty * 4 + i;
         const float corr = s_corr[r];
         for (int j = 0; j < 4; ++j) {
           if (single) {
             accr.v[i][j] = fmaf(accr.v[i][j], corr, sum.v[i][j]);
           } else {
-            const int64_t k = k0 + tx + kSide * j;
+            const int64_t k = k0 + tx * 4 + j;
             if (r < valid_b && k < p.d) {
               float* a = acc_rows + r * p.d + k;
               *a = fmaf(*a, corr, sum.v[i][j]);
@@ -134,12 +134,12 @@ DM_GLOBAL void forward_kernel(Problem p, float* DM_RESTRICT acc, float* DM_RESTR
     l_out[part_row0 + r] = s_l[r];
   }
   for (int i = 0; i < 4; ++i) {
-    const int r = ty + kSide * i;
+    const int r = ty * 4 + i;
     if (r >= valid_b) continue;
     const float l = s_l[r];
     for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
       for (int j = 0; j < 4; ++j) {
-        const int64_t k = k0 + tx + kSide * j;
+        const int64_t k = k0 + tx * 4 + j;
         if (k >= p.d) continue;
         float* out = acc_rows + r * p.d + k;
         const float a = single ? accr.v[i][j] : *out;

@@ -11,7 +11,7 @@ inline int64_t knn_smem_floats(int64_t k) { return 3 * kTileFloats + 3 * kTile +
 
 // Grid: G * split * cdiv(B, 64). dist, idx: (split, G, B, k) ascending squared distances (their
 // square roots when take_sqrt) and int64 indices; ties go to the lower index.
-DM_GLOBAL void knn_kernel(Problem p, int64_t k, int64_t split, int take_sqrt,
+DM_GLOBAL DM_TILE_KERNEL void knn_kernel(Problem p, int64_t k, int64_t split, int take_sqrt,
                           float* DM_RESTRICT dist_out, int64_t* DM_RESTRICT idx_out) {
   DM_SHARED_FLOATS(smem);
   LogitSmem ls;
@@ -19,7 +19,7 @@ DM_GLOBAL void knn_kernel(Problem p, int64_t k, int64_t split, int take_sqrt,
   ls.ys = smem + kTileFloats;
   ls.yr = nullptr;
   ls.gs = nullptr;
-  float* dt = smem + 2 * kTileFloats;  // [b][n] distances of the tile
+  float* dt = smem + 2 * kTileFloats;  // (b, n) distances of the tile
   float* ones = smem + 3 * kTileFloats;
   float* zeros = ones + kTile;
   ls.cs = zeros + kTile;
@@ -49,8 +49,7 @@ DM_GLOBAL void knn_kernel(Problem p, int64_t k, int64_t split, int take_sqrt,
     const int64_t n0 = t * kTile;
     Tile4 dist, unused;
     logit_tile<false, false>(p, g, b0, n0, ls, false, false, nullptr, dist, unused, true);
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) dt[(ty + kSide * i) * kLd + tx + kSide * j] = dist.v[i][j];
+    for (int i = 0; i < 4; ++i) dm_store4(&dt[sw(ty * 4 + i, tx * 4)], dist.v[i]);
     DM_SYNC();
     if (DM_THREAD_X < valid_b) {
       const int r = DM_THREAD_X;
@@ -58,7 +57,7 @@ DM_GLOBAL void knn_kernel(Problem p, int64_t k, int64_t split, int take_sqrt,
       int64_t* bi = best_i + r * k;
       const int valid_n = static_cast<int>(p.N - n0 < kTile ? p.N - n0 : kTile);
       for (int n = 0; n < valid_n; ++n) {
-        const float v = dt[r * kLd + n];
+        const float v = dt[sw(r, n)];
         if (!(v < bd[k - 1])) continue;  // equal distances keep the earlier (lower) index
         int64_t pos = k - 1;
         while (pos > 0 && bd[pos - 1] > v) {

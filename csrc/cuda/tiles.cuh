@@ -2,11 +2,13 @@
 // chunk loaders and the (queries x points) logit tile.
 //
 // Geometry: a block has 256 threads seen as a 16 x 16 grid (tx = tid % 16, ty = tid / 16) and
-// works on 64 x 64 tiles. A thread owns rows ty + 16 i and columns tx + 16 j (i, j < 4), so in
-// every shared-memory read of an inner loop a warp touches either one or two addresses
-// (broadcast) or 16 consecutive floats (no bank conflict). Features are processed in chunks of
-// 64; tiles in shared memory have a padded leading dimension of 65 floats so that both the
-// row-major and the feature-major copies are written without bank conflicts.
+// works on 64 x 64 tiles. A thread owns the 4 consecutive rows ty * 4 + i and the 4 consecutive
+// columns tx * 4 + j (i, j < 4), so its operands come in 16-byte shared-memory reads: per
+// feature, one read of 4 query values (two addresses per warp: a broadcast) and one of 4 point
+// values (16 consecutive float4 per warp). Features are processed in chunks of 64. A shared tile
+// is 64 x 64 floats, element (a, c) at a * 64 + (c ^ swizzle(a)) with swizzle(a) a multiple of 4
+// taken from bits 2..4 of a: groups of 4 consecutive c stay contiguous (16-byte reads), and the
+// loaders' column-wise stores spread over the banks (at most 2-way conflicts).
 //
 // Exact logits are shifted like the Triton kernels': -(sum_k fma(diff, diff, -var)) / (2 var)
 // = logit + d / 2 with diff = fma(-alpha, y, x), summed in chains of 16 features, per chunk, then
@@ -23,9 +25,11 @@ constexpr int kThreads = 256;
 constexpr int kSide = 16;   // threads per side of the 16 x 16 thread grid
 constexpr int kTile = 64;   // rows (queries or points) per tile
 constexpr int kChunk = 64;  // features per chunk
-constexpr int kLd = 65;     // padded leading dimension of shared tiles
-constexpr int kTileFloats = kTile * kLd;
+constexpr int kTileFloats = kTile * kChunk;
 constexpr int kChain = 16;  // features per inner fp32 summation chain
+
+// Offset of element (a, c) in a swizzled 64 x 64 shared tile (see the header comment).
+DM_DEVICE int sw(int a, int c) { return a * 64 + (c ^ (((a >> 2) & 7) << 2)); }
 
 DM_DEVICE int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -51,23 +55,28 @@ DM_DEVICE TileRange split_tiles(int64_t len, int64_t split, int64_t s) {
 }
 
 // Load rows [row0, row0 + 64) x features [k0, k0 + 64) of a (rows, d) matrix into shared
-// memory, zero outside the matrix. kmaj (feature-major, [k][r]) and rmaj (row-major, [r][k])
-// may be null. Before storing, a value v becomes v - scale[r] * shift[k] for the copies whose
-// flag is set (scale null = 1): centring points (shift = c) or queries (scale = alpha).
+// memory, zero outside the matrix. kmaj (feature-major: element (k, r)) and rmaj (row-major:
+// element (r, k)) may be null. Before storing, a value v becomes v - scale[r] * shift[k] for the
+// copies whose flag is set (scale null = 1): centring points (shift = c) or queries (scale =
+// alpha). Each thread moves groups of 4 consecutive features of one row.
 DM_DEVICE void load_chunk(float* kmaj, bool kmaj_shifted, float* rmaj, bool rmaj_shifted,
                           const float* DM_RESTRICT src, int64_t row0, int64_t rows, int64_t k0,
                           int64_t d, const float* shift, const float* scale) {
-  for (int e = DM_THREAD_X; e < kTile * kChunk; e += kThreads) {
-    const int k = e % kChunk, r = e / kChunk;
-    const int64_t gr = row0 + r, gk = k0 + k;
-    float v = 0.f, vs = 0.f;
-    if (gr < rows && gk < d) {
-      v = src[gr * d + gk];
-      vs = v;
-      if (shift) vs = fmaf(scale ? -scale[r] : -1.f, shift[gk], v);
+  for (int e = DM_THREAD_X; e < kTile * (kChunk / 4); e += kThreads) {
+    const int k4 = (e % (kChunk / 4)) * 4, r = e / (kChunk / 4);
+    const int64_t gr = row0 + r;
+    float v[4], vs[4];
+    for (int q = 0; q < 4; ++q) {
+      const int64_t gk = k0 + k4 + q;
+      v[q] = vs[q] = 0.f;
+      if (gr < rows && gk < d) {
+        v[q] = vs[q] = src[gr * d + gk];
+        if (shift) vs[q] = fmaf(scale ? -scale[r] : -1.f, shift[gk], v[q]);
+      }
     }
-    if (kmaj) kmaj[k * kLd + r] = kmaj_shifted ? vs : v;
-    if (rmaj) rmaj[r * kLd + k] = rmaj_shifted ? vs : v;
+    if (kmaj)
+      for (int q = 0; q < 4; ++q) kmaj[sw(k4 + q, r)] = kmaj_shifted ? vs[q] : v[q];
+    if (rmaj) dm_store4(&rmaj[sw(r, k4)], rmaj_shifted ? vs : v);
   }
 }
 
@@ -82,18 +91,18 @@ struct Tile4 {
 
 // Shared-memory work space of the (queries x points) logit tile.
 struct LogitSmem {
-  float* xs;     // [k][b] query chunk, feature-major (queries centred when fast)
-  float* ys;     // [k][n] point chunk, feature-major (points centred when fast)
-  float* yr;     // [n][k] point chunk, row-major, centred (shift = c) when yr_centred
-  float* gs;     // [k][b] chunk of the mean's gradient (backward only)
+  float* xs;     // (k, b) query chunk, feature-major (queries centred when fast)
+  float* ys;     // (k, n) point chunk, feature-major (points centred when fast)
+  float* yr;     // (n, k) point chunk, row-major, centred (shift = c) when yr_centred
+  float* gs;     // (k, b) chunk of the mean's gradient (backward only)
   float* cs;     // [64] centre chunk
   float* ynorm;  // [64] |y - c|^2 of the tile's points (fast only)
   const float* alpha;  // [64] per-query alpha of the tile (shared memory)
   const float* var;    // [64] per-query var
 };
 
-// Logits (and optionally q = g . (y - c)) of queries b0 + ty + 16 i against points
-// n0 + tx + 16 j, over all d features streamed in chunks; bias added, points >= N get -inf.
+// Logits (and optionally q = g . (y - c)) of queries b0 + ty * 4 + i against points
+// n0 + tx * 4 + j, over all d features streamed in chunks; bias added, points >= N get -inf.
 // x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller).
 // On return ls.yr (if not null) holds the last point chunk row-major (the only one when
 // d <= 64). raw (exact only, with alpha = 1 and var = 0): return the squared distances
@@ -108,8 +117,8 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
   const float* c_g = p.c + g * p.gs_c;
   float a[4], v[4];
   for (int i = 0; i < 4; ++i) {
-    a[i] = ls.alpha[ty + kSide * i];
-    v[i] = ls.var[ty + kSide * i];
+    a[i] = ls.alpha[ty * 4 + i];
+    v[i] = ls.var[ty * 4 + i];
   }
   Tile4 total;
   total.fill(0.f);
@@ -136,8 +145,8 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
       s.fill(0.f);
       for (int k = kk; k < kend; ++k) {
         float xv[4], yv[4];
-        for (int i = 0; i < 4; ++i) xv[i] = ls.xs[k * kLd + ty + kSide * i];
-        for (int j = 0; j < 4; ++j) yv[j] = ls.ys[k * kLd + tx + kSide * j];
+        dm_load4(&ls.xs[sw(k, ty * 4)], xv);
+        dm_load4(&ls.ys[sw(k, tx * 4)], yv);
         if (kFast) {
           for (int j = 0; j < 4; ++j) yn[j] = fmaf(yv[j], yv[j], yn[j]);
           for (int i = 0; i < 4; ++i)
@@ -151,7 +160,7 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
         }
         if (kWithQ) {
           float gv[4];
-          for (int i = 0; i < 4; ++i) gv[i] = ls.gs[k * kLd + ty + kSide * i];
+          dm_load4(&ls.gs[sw(k, ty * 4)], gv);
           const float ck = kFast ? 0.f : ls.cs[k];  // fast points are already centred
           for (int j = 0; j < 4; ++j) {
             const float yc = yv[j] - ck;
@@ -167,7 +176,7 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
   }
   const float* bias_g = p.bias ? p.bias + g * p.gs_bias : nullptr;
   for (int j = 0; j < 4; ++j) {
-    const int64_t n = n0 + tx + kSide * j;
+    const int64_t n = n0 + tx * 4 + j;
     const bool valid = n < p.N;
     const float b = (bias_g && valid) ? bias_g[n] : 0.f;
     for (int i = 0; i < 4; ++i) {
@@ -186,10 +195,10 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
 }
 
 // Sum over the 16 threads of a thread row (same ty) of one value per owned row i: the result
-// for row ty + 16 i lands in out[ty + 16 i]. red: shared scratch of 64 * 17 floats.
+// for row ty * 4 + i lands in out[ty * 4 + i]. red: shared scratch of 64 * 17 floats.
 DM_DEVICE void row_sums(const float (&vals)[4], float* red, float* out, bool take_max) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
-  for (int i = 0; i < 4; ++i) red[(ty + kSide * i) * (kSide + 1) + tx] = vals[i];
+  for (int i = 0; i < 4; ++i) red[(ty * 4 + i) * (kSide + 1) + tx] = vals[i];
   DM_SYNC();
   if (DM_THREAD_X < kTile) {
     const int r = DM_THREAD_X;
@@ -204,10 +213,10 @@ DM_DEVICE void row_sums(const float (&vals)[4], float* red, float* out, bool tak
 }
 
 // Sum over the 16 threads of a thread column (same tx) of one value per owned column j: the
-// result for column tx + 16 j lands in out[tx + 16 j].
+// result for column tx * 4 + j lands in out[tx * 4 + j].
 DM_DEVICE void col_sums(const float (&vals)[4], float* red, float* out) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
-  for (int j = 0; j < 4; ++j) red[(tx + kSide * j) * (kSide + 1) + ty] = vals[j];
+  for (int j = 0; j < 4; ++j) red[(tx * 4 + j) * (kSide + 1) + ty] = vals[j];
   DM_SYNC();
   if (DM_THREAD_X < kTile) {
     const int r = DM_THREAD_X;

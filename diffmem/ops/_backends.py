@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from ._extension import cpu_extension_status, cuda_reason
+from . import _cuda
+from ._extension import cpu_extension_status
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def _probe_triton() -> tuple[ModuleType | None, str]:
 
 
 _TRITON, _TRITON_IMPORT_ERROR = _probe_triton()
+_cuda._module()  # load and query the CUDA module once, outside any torch.compile trace
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -57,11 +59,7 @@ def _triton_status() -> tuple[bool, str]:
 
 
 def _cuda_status() -> tuple[bool, str]:
-    try:
-        from ._cuda import status
-    except ImportError:
-        return False, cuda_reason()
-    return status()
+    return _cuda.status()
 
 
 def _triton_devices() -> tuple[str, ...]:
@@ -83,11 +81,7 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 
 def _cuda_devices() -> tuple[str, ...]:
     # The host-emulator build of the CUDA kernels runs on CPU tensors (used by the tests).
-    try:
-        from ._cuda import devices
-    except ImportError:
-        return ("cuda",)
-    return devices()
+    return _cuda.devices()
 
 
 def _devices(spec: BackendSpec) -> tuple[str, ...]:

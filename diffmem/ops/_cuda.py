@@ -44,27 +44,29 @@ def _split(key: str, programs: int, stream_len: int, rows: int, d: int, device) 
 
 
 def _module():
-    """The compiled module, or None with the reason (cached)."""
+    """(module or None, reason why not, module.info()), loaded once and cached: the registry
+    probes it at import, so calls under torch.compile see plain Python values."""
     if not _loaded:
         try:
-            _loaded.append((importlib.import_module("diffmem._cuda"), ""))
+            ext = importlib.import_module("diffmem._cuda")
+            _loaded.append((ext, "", dict(ext.info())))
         except ImportError as exc:
-            _loaded.append((None, cuda_reason() or f"diffmem._cuda could not be imported ({exc})"))
+            reason = cuda_reason() or f"diffmem._cuda could not be imported ({exc})"
+            _loaded.append((None, reason, {}))
     return _loaded[0]
 
 
 def emulated() -> bool:
     """True when diffmem._cuda is the host-emulator build (it then runs on CPU tensors)."""
-    ext, _ = _module()
-    return ext is not None and bool(ext.info()["emulated"])
+    ext, _, info = _module()
+    return ext is not None and bool(info["emulated"])
 
 
 def status() -> tuple[bool, str]:
     """(True, "") when the kernels can run: a built module and a CUDA device (or the emulator)."""
-    ext, reason = _module()
+    ext, reason, info = _module()
     if ext is None:
         return False, reason
-    info = ext.info()
     if info["emulated"] or info["devices"] > 0:
         return True, ""
     return False, f"diffmem._cuda is built but no CUDA device can be used ({info['reason']})"
@@ -75,7 +77,7 @@ def devices() -> tuple[str, ...]:
 
 
 def _ext():
-    ext, reason = _module()
+    ext, reason, _ = _module()
     if ext is None:
         raise RuntimeError(f"the cuda backend is unavailable: {reason}")
     return ext
@@ -195,7 +197,7 @@ def knn(queries, points, k):
     """Distances (G, B, k) ascending and int64 indices (G, B, k); ties to the lower index."""
     ext = _ext()
     check_float32(queries, points, backend="cuda")
-    max_k = ext.info()["knn_max_k"]
+    max_k = _module()[2]["knn_max_k"]
     if k > max_k:
         raise ValueError(f"the cuda backend's knn supports k <= {max_k}, got k = {k}")
     queries, points = groupwise(queries), groupwise(points)
