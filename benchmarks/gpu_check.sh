@@ -30,8 +30,8 @@ TEST_FILTER="${TEST_FILTER:-}"
 
 arch=$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')
 start=$(date +%s)
-if ! timeout "${INSTALL_TIMEOUT:-600}" "$PY" -m pip install --no-build-isolation --no-deps --no-index \
-        -C cmake.define.DIFFMEM_CUDA=ON -C cmake.define.DIFFMEM_CUDA_ARCHS="$arch" -e . \
+if ! DIFFMEM_CUDA=ON DIFFMEM_CUDA_ARCHS="$arch" timeout "${INSTALL_TIMEOUT:-600}" "$PY" -m pip \
+        install --no-build-isolation --no-deps --no-index -e . \
         >"$OUT_DIR/install.txt" 2>&1; then
     echo "editable install failed (see install.txt)" | tee -a "$OUT_DIR/env.txt"
     tail -30 "$OUT_DIR/install.txt"
