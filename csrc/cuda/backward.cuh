@@ -150,10 +150,7 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
     for (int64_t e = DM_THREAD_X; e < valid_b * p.d; e += kThreads) dx_rows[e] = 0.f;
   DM_SYNC();
   float a[4], v[4];
-  for (int i = 0; i < 4; ++i) {
-    a[i] = s.alpha[ty * 4 + i];
-    v[i] = s.var[ty * 4 + i];
-  }
+  row_params(s.alpha, s.var, a, v);
   Tile4 dxr;
   dxr.fill(0.f);
   float sum_p[4] = {0.f, 0.f, 0.f, 0.f}, sum_pyd[4] = {0.f, 0.f, 0.f, 0.f};
@@ -171,14 +168,10 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
         load_chunk(nullptr, false, s.ls.yr, false, y_g, n0, p.N, k0, p.d, nullptr, nullptr);
         DM_SYNC();
       }
-      float xv[4][4];
+      Tile4 xv;
+      load_block(x_g, b0, p.B, k0, p.d, xv);
       bool kvalid[4];
       for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx * 4 + j < p.d;
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t b = b0 + ty * 4 + i, k = k0 + tx * 4 + j;
-          xv[i][j] = (b < p.B && kvalid[j]) ? x_g[b * p.d + k] : 0.f;
-        }
       Tile4 sdx;
       sdx.fill(0.f);
       for (int n = 0; n < valid_n; ++n) {
@@ -188,34 +181,19 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) {
             if (!kvalid[j]) continue;
-            const float diff = fmaf(-a[i], yv[j], xv[i][j]);
+            const float diff = fmaf(-a[i], yv[j], xv.v[i][j]);
             sdx.v[i][j] = fmaf(pv[i], diff, sdx.v[i][j]);
             sum_pyd[i] = fmaf(pv[i], yv[j] * diff, sum_pyd[i]);
             sum_ps[i] = fmaf(pv[i], fmaf(diff, diff, -v[i]), sum_ps[i]);
           }
       }
       if (!dx_rows) continue;
-      for (int i = 0; i < 4; ++i) {
-        const int r = ty * 4 + i;
-        for (int j = 0; j < 4; ++j) {
-          const float contrib = -sdx.v[i][j] / v[i];
-          if (single) {
-            dxr.v[i][j] += contrib;
-          } else if (r < valid_b && kvalid[j]) {
-            dx_rows[r * p.d + k0 + tx * 4 + j] += contrib;
-          }
-        }
-      }
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) sdx.v[i][j] = -sdx.v[i][j] / v[i];
+      add_block(single, dxr, dx_rows, valid_b, k0, p.d, sdx);
     }
   }
-  if (dx_rows && single)
-    for (int i = 0; i < 4; ++i) {
-      const int r = ty * 4 + i;
-      for (int j = 0; j < 4; ++j) {
-        const int k = tx * 4 + j;
-        if (r < valid_b && k < p.d) dx_rows[r * p.d + k] = dxr.v[i][j];
-      }
-    }
+  if (dx_rows && single) store_block(dx_rows, valid_b, p.d, dxr);
   DM_SYNC();
   if (dalpha_out) {
     row_sums(sum_pyd, s.red, s.tmp, false);
@@ -275,14 +253,8 @@ DM_GLOBAL DM_TILE_KERNEL void point_kernel(Problem p, RowInputs in, float* DM_RE
       load_chunk(nullptr, false, xr, false, x_g, b0, p.B, k0, p.d, nullptr, nullptr);
       if (gm_g) load_chunk(nullptr, false, gr, false, gm_g, b0, p.B, k0, p.d, nullptr, nullptr);
       DM_SYNC();
-      float yv[4][4];
-      bool kvalid[4];
-      for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx * 4 + j < p.d;
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t n = n0 + ty * 4 + i, k = k0 + tx * 4 + j;
-          yv[i][j] = (n < p.N && kvalid[j]) ? y_g[n * p.d + k] : 0.f;
-        }
+      Tile4 yv;
+      load_block(y_g, n0, p.N, k0, p.d, yv);
       Tile4 sdy;
       sdy.fill(0.f);
       for (int b = 0; b < valid_b; ++b) {
@@ -294,32 +266,16 @@ DM_GLOBAL DM_TILE_KERNEL void point_kernel(Problem p, RowInputs in, float* DM_RE
         dm_load4(&wt[sw(b, ty * 4)], wv);
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) {
-            const float diff = fmaf(-ab, yv[i][j], xv[j]);
+            const float diff = fmaf(-ab, yv.v[i][j], xv[j]);
             float term = cf[i] * diff;
             if (gm_g) term = fmaf(wv[i], gv[j], term);
             sdy.v[i][j] += term;
           }
       }
-      for (int i = 0; i < 4; ++i) {
-        const int r = ty * 4 + i;
-        for (int j = 0; j < 4; ++j) {
-          if (single) {
-            dyr.v[i][j] += sdy.v[i][j];
-          } else if (r < valid_n && kvalid[j]) {
-            dy_rows[r * p.d + k0 + tx * 4 + j] += sdy.v[i][j];
-          }
-        }
-      }
+      add_block(single, dyr, dy_rows, valid_n, k0, p.d, sdy);
     }
   }
-  if (dy_rows && single)
-    for (int i = 0; i < 4; ++i) {
-      const int r = ty * 4 + i;
-      for (int j = 0; j < 4; ++j) {
-        const int k = tx * 4 + j;
-        if (r < valid_n && k < p.d) dy_rows[r * p.d + k] = dyr.v[i][j];
-      }
-    }
+  if (dy_rows && single) store_block(dy_rows, valid_n, p.d, dyr);
   if (dbias_out) {
     DM_SYNC();
     col_sums(col_p, s.red, s.tmp);

@@ -101,6 +101,53 @@ struct LogitSmem {
   const float* var;    // [64] per-query var
 };
 
+// alpha and var of the thread's rows ty * 4 + i, from per-row shared vectors.
+DM_DEVICE void row_params(const float* alpha, const float* var, float (&a)[4], float (&v)[4]) {
+  const int ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i) {
+    a[i] = alpha[ty * 4 + i];
+    v[i] = var[ty * 4 + i];
+  }
+}
+
+// The thread's 4 x 4 block (rows row0 + ty * 4 + i, features k0 + tx * 4 + j) of a (rows, d)
+// matrix in global memory, zero outside it.
+DM_DEVICE void load_block(const float* src, int64_t row0, int64_t rows, int64_t k0, int64_t d,
+                          Tile4& out) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = row0 + ty * 4 + i, k = k0 + tx * 4 + j;
+      out.v[i][j] = (r < rows && k < d) ? src[r * d + k] : 0.f;
+    }
+}
+
+// Add the thread's 4 x 4 block of one feature chunk to an accumulator of 64 rows: in registers
+// (reg, when d fits one chunk) or in the block's own rows of global memory (dst, row stride d,
+// valid_rows rows).
+DM_DEVICE void add_block(bool single, Tile4& reg, float* dst, int64_t valid_rows, int64_t k0,
+                         int64_t d, const Tile4& add) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = ty * 4 + i, k = k0 + tx * 4 + j;
+      if (single)
+        reg.v[i][j] += add.v[i][j];
+      else if (r < valid_rows && k < d)
+        dst[r * d + k] += add.v[i][j];
+    }
+}
+
+// Write a register accumulator (features tx * 4 + j of the thread's rows) to dst (row stride d).
+DM_DEVICE void store_block(float* dst, int64_t valid_rows, int64_t d, const Tile4& reg) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = ty * 4 + i, k = tx * 4 + j;
+      if (r < valid_rows && k < d) dst[r * d + k] = reg.v[i][j];
+    }
+}
+
 // Logits (and optionally q = g . (y - c)) of queries b0 + ty * 4 + i against points
 // n0 + tx * 4 + j, over all d features streamed in chunks; bias added, points >= N get -inf.
 // x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller).
@@ -116,10 +163,7 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
   const float* y_g = p.y + g * p.gs_y;
   const float* c_g = p.c + g * p.gs_c;
   float a[4], v[4];
-  for (int i = 0; i < 4; ++i) {
-    a[i] = ls.alpha[ty * 4 + i];
-    v[i] = ls.var[ty * 4 + i];
-  }
+  row_params(ls.alpha, ls.var, a, v);
   Tile4 total;
   total.fill(0.f);
   if (kWithQ) q.fill(0.f);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from types import SimpleNamespace
 
 import torch
 
@@ -111,35 +112,39 @@ def _blocks(rows: int) -> int:
     return -(-rows // _TILE)
 
 
-def _prepare(x, points, alpha, var, bias, fast):
+def _prepare(x, points, alpha, var, bias, precision):
+    """Checked, group-contiguous inputs, the centre rows c and (fast) the dropped constant kq,
+    as a namespace with the sizes G, B, N, d and the device."""
     check_float32(x, points, alpha, var, bias, backend="cuda")
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
+    fast = precision == "fast"
     # Centre: the expansion centre for "fast", else each group's first point.
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
-    return x, points, alpha, var, bias, c.contiguous() if fast else c, kq
+    G, B, d = x.shape
+    return SimpleNamespace(x=x, points=points, alpha=alpha, var=var, bias=bias,
+                           c=c, kq=kq, fast=fast, G=G, B=B,
+                           N=points.shape[1], d=d, dev=x.device,
+                           problem=_problem(fast, x, points, alpha, var, bias, c))
 
 
 def forward(x, points, alpha, var, bias, precision="exact"):
     """mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs."""
     ext = _ext()
-    fast = precision == "fast"
-    x, points, alpha, var, bias, c, kq = _prepare(x, points, alpha, var, bias, fast)
-    G, B, d = x.shape
-    N = points.shape[1]
-    dev = x.device
+    c = _prepare(x, points, alpha, var, bias, precision)
+    G, B, N, d, dev = c.G, c.B, c.N, c.d, c.dev
     split = _split("split", G * _blocks(B), N, B, d, dev)
-    mean = new_output((G, B, d), x.dtype, dev)
-    m = new_output((G, B), x.dtype, dev)
-    l = new_output((G, B), x.dtype, dev)
+    mean = new_output((G, B, d), torch.float32, dev)
+    m = new_output((G, B), torch.float32, dev)
+    l = new_output((G, B), torch.float32, dev)
     acc = m_part = l_part = None
     if split > 1:
-        acc = new_output((split, G, B, d), x.dtype, dev)
-        m_part = new_output((split, G, B), x.dtype, dev)
-        l_part = new_output((split, G, B), x.dtype, dev)
-    with _launch_context(x) as stream:
-        ext.forward(*_problem(fast, x, points, alpha, var, bias, c), split, _ptr(acc),
-                    _ptr(m_part), _ptr(l_part), _ptr(mean), _ptr(m), _ptr(l), stream)
-    lse64 = m.double() + torch.log(l.double()) - logit_shift(fast, d, kq)
+        acc = new_output((split, G, B, d), torch.float32, dev)
+        m_part = new_output((split, G, B), torch.float32, dev)
+        l_part = new_output((split, G, B), torch.float32, dev)
+    with _launch_context(c.x) as stream:
+        ext.forward(*c.problem, split, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
+                    _ptr(m), _ptr(l), stream)
+    lse64 = m.double() + torch.log(l.double()) - logit_shift(c.fast, d, c.kq)
     return mean, lse64.float(), lse64
 
 
@@ -150,24 +155,22 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     ``mean`` is not used: the kernels recompute the weights from lse64 (see backward.cuh).
     """
     ext = _ext()
-    fast = precision == "fast"
-    x, points, alpha, var, bias, c, kq = _prepare(x, points, alpha, var, bias, fast)
-    G, B, d = x.shape
-    N = points.shape[1]
-    dev = x.device
+    c = _prepare(x, points, alpha, var, bias, precision)
+    G, B, N, d, dev = c.G, c.B, c.N, c.d, c.dev
+    f32 = torch.float32
     needs = tuple(bool(n) for n in needs)
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
     if grad_mean is None and grad_lse is None:
-        return tuple(new_output(s, x.dtype, dev).zero_() if need else None
+        return tuple(new_output(s, f32, dev).zero_() if need else None
                      for s, need in zip(shapes, needs))
     gm = None if grad_mean is None else grad_mean.contiguous()
-    lse_s = (lse64.double() + logit_shift(fast, d, kq)).float().contiguous()
-    problem = _problem(fast, x, points, alpha, var, bias, c)
+    lse_s = (lse64.double() + logit_shift(c.fast, d, c.kq)).float().contiguous()
+    problem = c.problem
     out = [None] * 5
-    with _launch_context(x) as stream:
+    with _launch_context(c.x) as stream:
         split = _split("split", G * _blocks(B), N, B, d, dev)
-        z_p = new_output((split, G, B), x.dtype, dev)
-        eq_p = new_output((split, G, B), x.dtype, dev)
+        z_p = new_output((split, G, B), f32, dev)
+        eq_p = new_output((split, G, B), f32, dev)
         ext.backward_stats(*problem, _ptr(lse_s), _ptr(gm), split, _ptr(z_p), _ptr(eq_p), stream)
         z = reduce_partials(z_p)
         r = -reduce_partials(eq_p) / z
@@ -177,7 +180,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         rows = (_ptr(lse_s), _ptr(z), _ptr(r), _ptr(gm))
 
         if needs[0] or needs[2] or needs[3]:
-            parts = [new_output((split, *shapes[i]), x.dtype, dev) if needs[i] else None
+            parts = [new_output((split, *shapes[i]), f32, dev) if needs[i] else None
                      for i in (0, 2, 3)]
             ext.backward_query(*problem, *rows, split, *(_ptr(t) for t in parts), stream)
             for i, t in zip((0, 2, 3), parts):
@@ -185,7 +188,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
 
         if needs[1] or needs[4]:
             split_b = _split("split_b", G * _blocks(N), B, N, d, dev)
-            parts = [new_output((split_b, *shapes[i]), x.dtype, dev) if needs[i] else None
+            parts = [new_output((split_b, *shapes[i]), f32, dev) if needs[i] else None
                      for i in (1, 4)]
             ext.backward_point(*problem, *rows, split_b, *(_ptr(t) for t in parts), stream)
             for i, t in zip((1, 4), parts):
