@@ -150,6 +150,20 @@ def test_empty_query_batch(backend):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_fast_precision_error_is_bounded(backend):
     """The matmul expansion stays close at moderate noise (see README for measured errors)."""
-    x, y, alpha, var = vp_case(B=27, N=300, d=30, t=0.5, seed=6)
+    x, y, alpha, var = vp_case(B=70, N=300, d=30, t=0.5, seed=6)  # cpu: B >= 64 runs "fast"
     e_mean, e_lse = _check(backend, x, y, alpha, var, precision="fast")
     assert e_mean <= 1e-3 and e_lse <= 1e-3
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend not built")
+def test_cpu_fast_runs_exact_below_64_queries():
+    """Under 64 queries "fast" is slower than "exact" on the CPU: the call runs exact (bitwise
+    the same results); from 64 queries on it runs the expansion (different roundings)."""
+    from diffmem.ops._cpu import FAST_MIN_QUERIES
+
+    for B, same in [(FAST_MIN_QUERIES - 1, True), (FAST_MIN_QUERIES, False)]:
+        x, y, alpha, var = vp_case(B=B, N=200, d=30, t=0.5, seed=B)
+        out = [diffmem.softmax_mean(x, y, alpha, var, backend="cpu", precision=p, return_lse=True)
+               for p in ("exact", "fast")]
+        equal = all(torch.equal(a, b) for a, b in zip(*out))
+        assert equal == same, B

@@ -53,7 +53,7 @@ GRAD_CASES = [(b, s) for b in BACKENDS for s in [(5, 7, 3), (9, 7, 30)]] + \
              [(b, s) for b in FAST_BACKENDS for s in [(27, 1000, 30), (5, 300, 257)]]
 
 
-def _gradient_errors(backend, shape, t, offset, seed):
+def _gradient_errors(backend, shape, t, offset, seed, precision="exact"):
     """Relative errors of the five float32 gradients of (mean, lse) against float64 autograd."""
     B, N, d = shape
     x, y, alpha, var = vp_case(B=B, N=N, d=d, t=t, offset=offset, seed=seed)
@@ -61,7 +61,8 @@ def _gradient_errors(backend, shape, t, offset, seed):
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(B, d, generator=gen).to(DEVICE)
     h = torch.randn(B, generator=gen).to(DEVICE)
-    got = _grads(lambda *a: diffmem.softmax_mean(*a, backend=backend, return_lse=True),
+    got = _grads(lambda *a: diffmem.softmax_mean(*a, backend=backend, precision=precision,
+                                                 return_lse=True),
                  _leaves(x, y, alpha, var, bias), g, h)
     want = _grads(oracle, _leaves(*(t_.double() for t_ in (x, y, alpha, var, bias))),
                   g.double(), h.double())
@@ -92,4 +93,15 @@ def test_float32_gradients_far_from_origin(backend, shape, t):
     recomputed weights) avoids it.
     """
     errors = _gradient_errors(backend, shape, t, offset=1000.0, seed=sum(shape) + 1)
+    assert max(errors.values()) <= GRAD_TOL, errors
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("t", [0.3603, 0.8, 0.999])
+def test_fast_gradients_at_moderate_noise(backend, t, offset):
+    """precision="fast" gradients where its expansion is accurate (t >= 0.36; README). B = 70:
+    the cpu backend runs batches under 64 queries with the exact kernels."""
+    errors = _gradient_errors(backend, (70, 300, 30), t, offset=offset, seed=11,
+                              precision="fast")
     assert max(errors.values()) <= GRAD_TOL, errors
