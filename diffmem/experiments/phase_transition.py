@@ -184,6 +184,46 @@ def cached_baselines(evaluate, data, ts, config: ExperimentConfig, out: Path, re
     return baselines
 
 
+def run_two_phases(config, evals: dict, out: Path, progress, hook, t_start: float, *, train,
+                   evaluate, assemble) -> dict:
+    """The two training phases of SPEC G.5, shared by the GMM and template experiments.
+
+    Trains and evaluates config.train_sizes(), locates the transition with the delta rule,
+    then (config.refine) trains and evaluates the refinement sizes around it. train(sizes,
+    phase_name) and evaluate() fill evals {M: metrics with "memorization_ratio"};
+    assemble(transition) builds the results dict, written to out/results.json after each phase.
+    """
+    initial = config.train_sizes()
+    train(initial, "phase 1")
+    if hook is not None:
+        hook("trained", 1)
+    evaluate()
+    ratios = [evals[m]["memorization_ratio"] for m in initial]
+    start, end = locate_transition(initial, ratios, config.delta)
+    transition = {"delta": config.delta, "initial_sizes": initial, "initial_start": start,
+                  "initial_end": end, "refined_sizes": []}
+    progress.note("memorization ratio: " + ", ".join(f"M={m}: {r:.2f}" for m, r in
+                                                     zip(initial, ratios)))
+    write_json(out / "results.json", assemble(transition))
+    if config.refine:
+        new = [m for m in refinement_sizes(start, end, config.coverage) if m not in initial]
+        transition["refined_sizes"] = new
+        if new:
+            progress.note(f"transition between M={start} and M={end}; refining with {new}")
+            train(new, "phase 2")
+            if hook is not None:
+                hook("trained", 2)
+            evaluate()
+    results = assemble(transition)
+    results["timings"]["last_invocation_seconds"] = time.perf_counter() - t_start
+    write_json(out / "results.json", results)
+    tr = results["transition"]
+    progress.note(f"transition: start M={tr['start']} ({tr['start_fraction']:.2f} N), end "
+                  f"M={tr['end']} ({tr['end_fraction']:.2f} N), rho=0.5 at "
+                  f"{tr['midpoint_fraction']:.3f} N")
+    return results
+
+
 def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
                          quiet: bool = False, plots: bool = True, hook=None) -> dict:
     """Run (or resume) the experiment for config in folder out; returns the results dict that is
@@ -219,36 +259,14 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     evals = _load_evals(out, resume)
     evals = {m: r for m, r in evals.items() if m in models}
 
-    initial = config.train_sizes()
-    _train_phase(config, data, initial, out, models, timings, progress, "phase 1", resume, hook)
-    if hook is not None:
-        hook("trained", 1)
-    _evaluate_sizes(config, data, ts, x_init, models, evals, out, timings, progress, hook)
-    ratios = [evals[m]["memorization_ratio"] for m in initial]
-    start, end = locate_transition(initial, ratios, config.delta)
-    transition = {"delta": config.delta, "initial_sizes": initial, "initial_start": start,
-                  "initial_end": end, "refined_sizes": []}
-    progress.note("memorization ratio: " + ", ".join(f"M={m}: {r:.2f}" for m, r in
-                                                     zip(initial, ratios)))
-    write_json(out / "results.json", _assemble(config, data, ts, baselines, predictions, evals,
-                                               transition, timings))
-    if config.refine:
-        new = [m for m in refinement_sizes(start, end, config.coverage) if m not in initial]
-        transition["refined_sizes"] = new
-        if new:
-            progress.note(f"transition between M={start} and M={end}; refining with {new}")
-            _train_phase(config, data, new, out, models, timings, progress, "phase 2", resume,
-                         hook)
-            if hook is not None:
-                hook("trained", 2)
-            _evaluate_sizes(config, data, ts, x_init, models, evals, out, timings, progress, hook)
-    results = _assemble(config, data, ts, baselines, predictions, evals, transition, timings)
-    results["timings"]["last_invocation_seconds"] = time.perf_counter() - t_start
-    write_json(out / "results.json", results)
-    tr = results["transition"]
-    progress.note(f"transition: start M={tr['start']} ({tr['start_fraction']:.2f} N), end "
-                  f"M={tr['end']} ({tr['end_fraction']:.2f} N), rho=0.5 at "
-                  f"{tr['midpoint_fraction']:.3f} N")
+    results = run_two_phases(
+        config, evals, out, progress, hook, t_start,
+        train=lambda sizes, phase: _train_phase(config, data, sizes, out, models, timings,
+                                                progress, phase, resume, hook),
+        evaluate=lambda: _evaluate_sizes(config, data, ts, x_init, models, evals, out, timings,
+                                         progress, hook),
+        assemble=lambda tr: _assemble(config, data, ts, baselines, predictions, evals, tr,
+                                      timings))
     if plots:
         from .plots import plot_run
         made = plot_run(results, out / "plots")

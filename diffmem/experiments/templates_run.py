@@ -32,7 +32,7 @@ from .evaluate import _losses, averages, generator, to_x0_units
 from .predictions import predict
 from .progress import Progress
 from .results import _atomic_npz, environment, read_json, remove_train_state, write_json
-from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
+from .transition import crossing_point, isotonic, locate_transition
 
 SHOWN_SAMPLES = 9  # generated samples kept per M for the sample grid (SPEC I)
 
@@ -193,7 +193,7 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
     (also out/results.json). hook(event, value): "checkpoint" step (the training state of the
     model in progress saved), "saved" M (a model trained and saved), "trained" phase,
     "evaluated" M."""
-    from .phase_transition import _prepare_folder, _Timings, cached_baselines
+    from .phase_transition import _prepare_folder, _Timings, cached_baselines, run_two_phases
 
     out = Path(out)
     progress = Progress(quiet)
@@ -218,34 +218,14 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
             if int(r["size"]) in models and (out / "models" / f"M{r['size']}_samples.npy").exists():
                 evals[int(r["size"])] = r
 
-    initial = config.train_sizes()
-    _train(config, data, initial, out, models, timings, progress, "phase 1", resume, hook)
-    if hook is not None:
-        hook("trained", 1)
-    _evaluate(config, data, ts, x_init, models, evals, out, timings, progress, hook)
-    ratios = [evals[m]["memorization_ratio"] for m in initial]
-    start, end = locate_transition(initial, ratios, config.delta)
-    transition = {"delta": config.delta, "initial_sizes": initial, "initial_start": start,
-                  "initial_end": end, "refined_sizes": []}
-    progress.note("memorization ratio: " + ", ".join(f"M={m}: {r:.2f}" for m, r in
-                                                     zip(initial, ratios)))
-    if config.refine:
-        new = [m for m in refinement_sizes(start, end, config.coverage) if m not in initial]
-        transition["refined_sizes"] = new
-        if new:
-            progress.note(f"transition between M={start} and M={end}; refining with {new}")
-            _train(config, data, new, out, models, timings, progress, "phase 2", resume,
-                   hook)
-            if hook is not None:
-                hook("trained", 2)
-            _evaluate(config, data, ts, x_init, models, evals, out, timings, progress, hook)
-    results = _assemble(config, data, ts, baselines, predictions, evals, transition, timings)
-    results["timings"]["last_invocation_seconds"] = time.perf_counter() - t_start
-    write_json(out / "results.json", results)
-    tr = results["transition"]
-    progress.note(f"transition: start M={tr['start']} ({tr['start_fraction']:.2f} N), end "
-                  f"M={tr['end']} ({tr['end_fraction']:.2f} N), rho=0.5 at "
-                  f"{tr['midpoint_fraction']:.3f} N")
+    results = run_two_phases(
+        config, evals, out, progress, hook, t_start,
+        train=lambda sizes, phase: _train(config, data, sizes, out, models, timings, progress,
+                                          phase, resume, hook),
+        evaluate=lambda: _evaluate(config, data, ts, x_init, models, evals, out, timings,
+                                   progress, hook),
+        assemble=lambda tr: _assemble(config, data, ts, baselines, predictions, evals, tr,
+                                      timings))
     if plots:
         from .plots import plot_run, plot_samples
 
