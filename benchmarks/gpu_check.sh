@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100/H200 machine without network access.
+# GPU check for a CUDA machine (H100/H200 class) without network access.
 #   1. install diffmem editable against the machine's own torch/triton (no build isolation, no
 #      dependency resolution; CUDA module for this card's architecture only)
 #   2. the kernel test suites on CUDA tensors (DIFFMEM_TEST_DEVICE=cuda), triton and cuda
 #   3. compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   4. the comparison benchmark at GPU sizes (benchmarks/compare.py --device cuda)
-# Logs go to $OUT (or benchmarks/results/gpu_check). Exit status: non-zero if any step failed.
+# Logs go to $OUT when it is set, else to benchmarks/results/gpu_check. Exit status: non-zero if any step failed.
 # Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT.
 # TESTS (default: the op and kernel suites), TEST_FILTER (pytest -k expression), SIZES
 # (benchmark sizes) and METHODS (benchmark method patterns) can be overridden.
