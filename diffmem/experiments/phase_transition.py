@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -184,6 +185,28 @@ def cached_baselines(evaluate, data, ts, config: ExperimentConfig, out: Path, re
     return baselines
 
 
+def begin_run(config, out: Path, resume: bool, quiet: bool, baseline_fn) -> SimpleNamespace:
+    """The common start of a phase-transition run: folder, progress, timings, data, the t grid,
+    the (cached) baselines from baseline_fn and the predicted crossovers."""
+    progress = Progress(quiet)
+    _prepare_folder(config, out, resume)
+    timings = _Timings(out / "timings.json", resume)
+    t_start = time.perf_counter()
+    progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
+    data = load_or_make_data(config, out, resume)
+    ts = time_grid(dtype=torch.float64)
+    baselines = cached_baselines(baseline_fn, data, ts, config, out, resume, progress, timings)
+    t0 = time.perf_counter()
+    predictions = predict(data, ts, seed=config.seed, baselines=baselines)
+    timings.add("predictions", time.perf_counter() - t0)
+    progress.note("predicted M*/N (x0-uniform): coded {coded:.3f}, instance-wise "
+                  "{instancewise:.3f}, measured {measured:.3f}".format(
+                      **{k: (predictions[k] if predictions[k] is not None else float("nan"))
+                         for k in ("coded", "instancewise", "measured")}))
+    return SimpleNamespace(progress=progress, timings=timings, t_start=t_start, data=data, ts=ts,
+                           baselines=baselines, predictions=predictions)
+
+
 def run_two_phases(config, evals: dict, out: Path, progress, hook, t_start: float, *, train,
                    evaluate, assemble) -> dict:
     """The two training phases of SPEC G.5, shared by the GMM and template experiments.
@@ -234,24 +257,9 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
         from .templates_run import run_templates
         return run_templates(config, out, resume=resume, quiet=quiet, plots=plots, hook=hook)
     out = Path(out)
-    progress = Progress(quiet)
-    _prepare_folder(config, out, resume)
-    timings = _Timings(out / "timings.json", resume)
-    t_start = time.perf_counter()
-    progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
-    data = load_or_make_data(config, out, resume)
-    ts = time_grid(dtype=torch.float64)
-
-    baselines = cached_baselines(evaluate_baselines, data, ts, config, out, resume, progress,
-                                 timings)
-
-    t0 = time.perf_counter()
-    predictions = predict(data, ts, seed=config.seed, baselines=baselines)
-    timings.add("predictions", time.perf_counter() - t0)
-    progress.note("predicted M*/N (x0-uniform): coded {coded:.3f}, instance-wise "
-                  "{instancewise:.3f}, measured {measured:.3f}".format(
-                      **{k: (predictions[k] if predictions[k] is not None else float("nan"))
-                         for k in ("coded", "instancewise", "measured")}))
+    run = begin_run(config, out, resume, quiet, evaluate_baselines)
+    progress, timings, data, ts = run.progress, run.timings, run.data, run.ts
+    baselines, predictions, t_start = run.baselines, run.predictions, run.t_start
 
     x_init = torch.randn(config.eval_samples, config.dim, generator=generator(config.seed, "x_init"),
                          dtype=data.train.dtype)

@@ -23,14 +23,11 @@ import torch
 from ..data.templates import TemplateData
 from ..denoisers.empirical import EmpiricalDenoiser
 from ..denoisers.partial import PartialMemorizingDenoiser
-from ..diffusion.processes import VP, time_grid
+from ..diffusion.processes import VP
 from ..diffusion.samplers import ddim_sample
 from ..metrics import learned_means_metrics, memorization_ratio, nearest_two
 from ..train_templates import TrainedTemplates, train_template_model
-from .datasets import load_or_make_data
 from .evaluate import _losses, averages, generator, to_x0_units
-from .predictions import predict
-from .progress import Progress
 from .results import _atomic_npz, environment, read_json, remove_train_state, write_json
 from .transition import crossing_point, isotonic, locate_transition
 
@@ -193,20 +190,12 @@ def run_templates(config, out, *, resume: bool = False, quiet: bool = False, plo
     (also out/results.json). hook(event, value): "checkpoint" step (the training state of the
     model in progress saved), "saved" M (a model trained and saved), "trained" phase,
     "evaluated" M."""
-    from .phase_transition import _prepare_folder, _Timings, cached_baselines, run_two_phases
+    from .phase_transition import begin_run, run_two_phases
 
     out = Path(out)
-    progress = Progress(quiet)
-    _prepare_folder(config, out, resume)
-    timings = _Timings(out / "timings.json", resume)
-    t_start = time.perf_counter()
-    progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
-    data = load_or_make_data(config, out, resume)
-    ts = time_grid(dtype=torch.float64)
-
-    baselines = cached_baselines(evaluate_template_baselines, data, ts, config, out, resume,
-                                 progress, timings)
-    predictions = predict(data, ts, seed=config.seed, baselines=baselines)
+    run = begin_run(config, out, resume, quiet, evaluate_template_baselines)
+    progress, timings, data, ts = run.progress, run.timings, run.data, run.ts
+    baselines, predictions, t_start = run.baselines, run.predictions, run.t_start
 
     x_init = torch.randn(config.eval_samples, *data.train.shape[1:],
                          generator=generator(config.seed, "x_init"), dtype=data.train.dtype)
