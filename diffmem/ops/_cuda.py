@@ -113,25 +113,27 @@ def _blocks(rows: int) -> int:
 
 
 def _prepare(x, points, alpha, var, bias, precision):
-    """Checked, group-contiguous inputs, the centre rows c and (fast) the dropped constant kq,
-    as a namespace with the sizes G, B, N, d and the device."""
+    """Checks the inputs and returns a namespace: the kernels' leading arguments (problem, with
+    group-contiguous inputs and the centre rows) and the tensors behind them, the dropped
+    constant kq (fast), the sizes G, B, N, d, the device and x."""
     check_float32(x, points, alpha, var, bias, backend="cuda")
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     fast = precision == "fast"
     # Centre: the expansion centre for "fast", else each group's first point.
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
     G, B, d = x.shape
-    return SimpleNamespace(x=x, points=points, alpha=alpha, var=var, bias=bias,
-                           c=c, kq=kq, fast=fast, G=G, B=B,
-                           N=points.shape[1], d=d, dev=x.device,
-                           problem=_problem(fast, x, points, alpha, var, bias, c))
+    # problem holds raw pointers: `tensors` keeps what they point to (copies made by groupwise,
+    # the centre rows) alive until the kernels have been launched.
+    return SimpleNamespace(x=x, kq=kq, fast=fast, G=G, B=B, N=points.shape[1], d=d,
+                           dev=x.device, problem=_problem(fast, x, points, alpha, var, bias, c),
+                           tensors=(x, points, alpha, var, bias, c))
 
 
 def forward(x, points, alpha, var, bias, precision="exact"):
     """mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs."""
     ext = _ext()
-    c = _prepare(x, points, alpha, var, bias, precision)
-    G, B, N, d, dev = c.G, c.B, c.N, c.d, c.dev
+    prep = _prepare(x, points, alpha, var, bias, precision)
+    G, B, N, d, dev = prep.G, prep.B, prep.N, prep.d, prep.dev
     split = _split("split", G * _blocks(B), N, B, d, dev)
     mean = new_output((G, B, d), torch.float32, dev)
     m = new_output((G, B), torch.float32, dev)
@@ -141,10 +143,10 @@ def forward(x, points, alpha, var, bias, precision="exact"):
         acc = new_output((split, G, B, d), torch.float32, dev)
         m_part = new_output((split, G, B), torch.float32, dev)
         l_part = new_output((split, G, B), torch.float32, dev)
-    with _launch_context(c.x) as stream:
-        ext.forward(*c.problem, split, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
+    with _launch_context(prep.x) as stream:
+        ext.forward(*prep.problem, split, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
                     _ptr(m), _ptr(l), stream)
-    lse64 = m.double() + torch.log(l.double()) - logit_shift(c.fast, d, c.kq)
+    lse64 = m.double() + torch.log(l.double()) - logit_shift(prep.fast, d, prep.kq)
     return mean, lse64.float(), lse64
 
 
@@ -155,8 +157,8 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     ``mean`` is not used: the kernels recompute the weights from lse64 (see backward.cuh).
     """
     ext = _ext()
-    c = _prepare(x, points, alpha, var, bias, precision)
-    G, B, N, d, dev = c.G, c.B, c.N, c.d, c.dev
+    prep = _prepare(x, points, alpha, var, bias, precision)
+    G, B, N, d, dev = prep.G, prep.B, prep.N, prep.d, prep.dev
     f32 = torch.float32
     needs = tuple(bool(n) for n in needs)
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
@@ -164,10 +166,10 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         return tuple(new_output(s, f32, dev).zero_() if need else None
                      for s, need in zip(shapes, needs))
     gm = None if grad_mean is None else grad_mean.contiguous()
-    lse_s = (lse64.double() + logit_shift(c.fast, d, c.kq)).float().contiguous()
-    problem = c.problem
+    lse_s = (lse64.double() + logit_shift(prep.fast, d, prep.kq)).float().contiguous()
+    problem = prep.problem
     out = [None] * 5
-    with _launch_context(c.x) as stream:
+    with _launch_context(prep.x) as stream:
         split = _split("split", G * _blocks(B), N, B, d, dev)
         z_p = new_output((split, G, B), f32, dev)
         eq_p = new_output((split, G, B), f32, dev)
