@@ -4,8 +4,10 @@
 
 Covers: one and several groups with shared points, bias with masked points, d <= 64 (register
 accumulators) and d > 64 (chunked), split and unsplit points and queries, both precisions,
-forward, all five gradients and knn. Exits non-zero if a result disagrees with the float64
-reference (so a sanitizer run also checks the numbers).
+forward (tile and few-query kernels), all five gradients and knn. The few-query cases reach its
+group sizes 1, 32 and 256 (the last with the cross-warp sums in shared memory), one and four
+queries per block. Exits non-zero if a result disagrees with the float64 reference (so a
+sanitizer run also checks the numbers).
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ def rel(a, b):
 
 def main() -> int:
     worst = 0.0
-    for G, B, N, d, t, split in [(1, 70, 130, 30, 0.3, 1), (3, 5, 200, 67, 0.5, 3), (2, 65, 64, 3, 0.1, 2)]:
+    # G, B, N, d, t, split, few
+    cases = [(1, 70, 130, 30, 0.3, 1, False), (3, 5, 200, 67, 0.5, 3, False),
+             (2, 65, 64, 3, 0.1, 2, False), (2, 5, 200, 67, 0.5, 3, True),
+             (1, 1, 300, 600, 0.5, 2, True), (2, 3, 50, 3, 0.2, 1, True),
+             (1, 1, 40, 3072, 0.9, 1, True)]
+    for G, B, N, d, t, split, few in cases:
         args = case(G, B, N, d, t, seed=G + N + d)
         gm = torch.randn(G, B, d, device="cuda")
         gl = torch.randn(G, B, device="cuda")
@@ -46,7 +53,7 @@ def main() -> int:
         want_mean, _, _ = ref.forward(*dargs)
         want = ref.backward(*dargs, None, None, gm.double().cpu(), gl.double().cpu(), needs)
         for precision in ("exact", "fast"):
-            with _cuda.force(split=split, split_b=split):
+            with _cuda.force(split=split, split_b=split, few=few):
                 mean, lse, lse64 = _cuda.forward(*args, precision)
                 grads = _cuda.backward(*args, mean, lse64, gm, gl, needs, precision)
                 dist, idx = _cuda.knn(args[0], args[1], 2)
@@ -56,7 +63,9 @@ def main() -> int:
             assert torch.equal(idx.cpu(), ref_idx), "knn indices differ"
             errs.append(rel(dist, ref_dist))
             worst = max(worst, max(errs))
-            print(f"G={G} B={B} N={N} d={d} split={split} {precision}: max rel err {max(errs):.2e}")
+            kernel = "few-query" if few else "tiles"
+            print(f"G={G} B={B} N={N} d={d} split={split} {kernel} {precision}: "
+                  f"max rel err {max(errs):.2e}")
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-4 else 1
 

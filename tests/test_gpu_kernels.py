@@ -35,7 +35,8 @@ def _kernel_backends() -> list:
         cuda = importlib.import_module("diffmem.ops._cuda")
         # The cuda kernels' feature chunk is fixed (64): d > 64 reaches the chunked path.
         found.append(("cuda", cuda, lambda plan: cuda.force(split=plan.get("split"),
-                                                            split_b=plan.get("split_b"))))
+                                                            split_b=plan.get("split_b"),
+                                                            few=plan.get("few"))))
     return found
 
 
@@ -63,12 +64,14 @@ def _triton_config():
 MEAN_TOL, LSE_TOL, GRAD_TOL = 1e-5, 1e-4, 3e-5
 
 # Forced plans: default; points split across programs (merge); features in chunks of 16 with the
-# accumulators streamed through global memory (split-d); both at once.
+# accumulators streamed through global memory (split-d); both at once. The test cases have a few
+# queries, so the default forward plans take the few-query kernels; "few": False pins the tile
+# kernels (for cuda the 64-query tiles, whose feature chunk is fixed at 64).
 PLANS = {
     "default": {},
     "split_n": {"split": 3, "split_b": 2},
-    "split_d": {"block_d": 16},
-    "split_n_d": {"split": 2, "split_b": 3, "block_d": 16},
+    "split_d": {"block_d": 16, "few": False},
+    "split_n_d": {"split": 2, "split_b": 3, "block_d": 16, "few": False},
 }
 
 
@@ -192,12 +195,50 @@ def test_noise_grid_far_from_origin(kern, plan):
         check_case(kern, args, PLANS[plan], grads=False)
 
 
+@pytest.mark.parametrize("few", [True, False], ids=["few", "tiles"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 @pytest.mark.parametrize("t", [0.999, 0.001])
-def test_pixel_dimension_small_n(kern, t, offset):
+def test_pixel_dimension_small_n(kern, t, offset, few):
     """d = 3072 at small N: the shifted squared distances keep fp32 logits exact."""
     args = make_case(G=1, B=3, N=8, d=3072, t=t, offset=offset, bias="finite", seed=5)
-    check_case(kern, args, {"block_d": 256} if INTERPRETED else {})
+    plan = {"few": few, **({"block_d": 256} if INTERPRETED else {})}
+    check_case(kern, args, plan, grads=few)  # the backward does not depend on the forward kernel
+
+
+# (B, d, split): every group size of the cuda few-query kernel (1, 8, 16, 32, 256 threads per
+# point) and every register width (4, 8, 12, 16 features per thread), with 1, 4 and 5 queries.
+FEW_CASES = [(1, 1, None), (4, 3, 3), (5, 30, None), (1, 64, 4), (5, 67, 2), (4, 600, None),
+             (1, 1100, 3), (5, 2100, None), (3, 3072, 2), (1, 4096, None)]
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("case", FEW_CASES, ids=lambda c: "B{}d{}s{}".format(*c))
+def test_few_query_forward(kern, case, precision):
+    """The few-query forward at both ends of the noise grid, offset data, masked points, N not a
+    multiple of any step, against float64; its lse feeds the (unchanged) backward."""
+    B, d, split = case
+    plan = {"few": True, "split": split}
+    for i, (t, offset) in enumerate([(0.999, 0.0), (0.001, 1000.0)]):
+        args = make_case(G=2, B=B, N=37, d=d, t=t, offset=offset, bias="masked", dup=True,
+                         seed=d + i)
+        check_case(kern, args, plan, precision=precision, grads=d <= 67 and precision == "exact")
+
+
+def test_cuda_few_query_choice():
+    """cuda: a few queries per group take the few-query kernel unless d is too large."""
+    cuda = importlib.import_module("diffmem.ops._cuda")
+    if not cuda.status()[0]:
+        pytest.skip("the cuda backend cannot run here")
+    max_d = cuda._module()[2]["few_max_d"]
+    assert cuda._few_queries(1, 64) and cuda._few_queries(cuda.FEW_QUERIES, max_d)
+    assert not cuda._few_queries(cuda.FEW_QUERIES + 1, 64)
+    assert not cuda._few_queries(1, max_d + 1)
+    with cuda.force(few=False):
+        assert not cuda._few_queries(1, 64)
+    with cuda.force(few=True):
+        assert cuda._few_queries(1000, 64)
+        with pytest.raises(ValueError, match="d <= "):
+            cuda._few_queries(1, max_d + 1)
 
 
 def test_outputs_do_not_depend_on_initial_contents(kern):
@@ -302,7 +343,8 @@ def test_triton_plans_and_autotune_configs():
     _config = _triton_config()
     for fast in (False, True):
         for d in (1, 2, 30, 67, 3072):
-            plan = _config.plan("forward", 1, 5, 70, d, fast, DEVICE)
+            plan = _config.plan("forward", 1, 100, 70, d, fast, DEVICE)
+            assert not plan.few
             assert plan.num_d == -(-d // plan.block_d)
             if fast:
                 assert plan.block_d >= 16
@@ -324,6 +366,16 @@ def test_triton_plans_and_autotune_configs():
     with _config.force(split=4, block_d=8):
         plan = _config.plan("forward", 1, 1, 100, 30, False, DEVICE)
         assert plan.split == 4 and plan.num_d == 4 and not plan.single_d
+    # A few queries: exact chunks even for "fast", fixed blocks of at least 2 rows.
+    for B, bb in ((1, 2), (3, 4), (5, 8), (16, 16)):
+        plan = _config.plan("forward", 1, B, 70, 30, True, DEVICE)
+        assert plan.few and plan.blocks["BB"] == bb
+        assert plan.block_d == _config._block_d(30, False, DEVICE.type == "cuda" and not INTERPRETED)
+        assert bb * plan.blocks["BN"] * plan.block_d <= 64 * 32 * plan.blocks["num_warps"]
+    assert not _config.plan("forward", 1, 17, 70, 30, True, DEVICE).few
+    assert not _config.plan("query_grad", 1, 1, 70, 30, True, DEVICE).few
+    with _config.force(few=False):
+        assert not _config.plan("forward", 1, 1, 70, 30, True, DEVICE).few
     with pytest.raises(ValueError):
         with _config.force(blocks=3):
             pass
@@ -334,7 +386,9 @@ def test_gpu_default_plan_splits_small_batches(kern):
     """One query: the points are split across programs and merged (flash-decoding style)."""
     if kern.name == "triton":
         plan = _triton_config().plan("forward", 1, 1, 100_000, 64, False, DEVICE)
-        assert plan.split > 1 and plan.blocks is None
+        assert plan.few and plan.split > 1
+        plan = _triton_config().plan("forward", 1, 64, 100_000, 64, False, DEVICE)
+        assert not plan.few and plan.split > 1 and plan.blocks is None
     args = make_case(G=1, B=1, N=20_000, d=64, t=0.3, seed=9)
     check_case(kern, args, {})
 

@@ -1,8 +1,10 @@
 // The few CUDA language features the kernels use, spelled through macros so the same kernel
 // source also compiles as plain C++ for a host emulator (DIFFMEM_CUDA_EMULATE): each block runs
-// as blockDim host threads sharing one dynamic shared-memory buffer, __syncthreads is a barrier.
-// The kernels use only dynamic shared memory, __syncthreads and scalar math (no warp
-// intrinsics), which is what makes the emulation faithful enough to test them without a GPU.
+// as blockDim host threads sharing one dynamic shared-memory buffer, __syncthreads is a barrier,
+// and the one warp-level operation the kernels use (dm_group_sum, a butterfly of shuffles) is an
+// exchange through per-warp scratch memory between two per-warp barriers. Kernels use only
+// dynamic shared memory, __syncthreads, dm_group_sum and scalar math, which is what makes the
+// emulation faithful enough to test them without a GPU.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -42,18 +44,46 @@ class Barrier {
 
 inline thread_local Dim3 thread_idx, block_idx, block_dim, grid_dim;
 inline thread_local Barrier* block_barrier = nullptr;
+inline thread_local Barrier* warp_barrier = nullptr;  // the 32 threads of this thread's warp
+inline thread_local float* warp_scratch = nullptr;    // this warp's 32 x kWarpScratch floats
 inline thread_local float* shared_base = nullptr;
+
+constexpr int kWarpScratch = 64;  // values per lane one dm_group_sum may exchange
+
+// Pairwise sum of s[lo], s[lo + stride], ... (n terms, n a power of 2) in the order of the
+// butterfly with ascending offsets: ((s0 + s1) + (s2 + s3)) + ...
+inline float tree_sum(const float* s, int lo, int n, int stride) {
+  if (n == 1) return s[lo * stride];
+  return tree_sum(s, lo, n / 2, stride) + tree_sum(s, lo + n / 2, n / 2, stride);
+}
 
 }  // namespace dm_emu
 
 #define DM_GLOBAL
 #define DM_TILE_KERNEL
 #define DM_DEVICE inline
+#define DM_HOST_DEVICE inline
 #define DM_SYNC() ::dm_emu::block_barrier->wait()
 #define DM_THREAD_X (::dm_emu::thread_idx.x)
 #define DM_BLOCK_X (static_cast<int64_t>(::dm_emu::block_idx.x))
 #define DM_SHARED_FLOATS(name) float* name = ::dm_emu::shared_base
 #define DM_RESTRICT
+#define DM_FEW_KERNEL(min_blocks)
+#define DM_UNROLL
+
+// Sum each of v[0..K) over aligned groups of `width` consecutive lanes of a warp (width a power
+// of 2, at most 32): every lane of a group gets the same sums. All 32 lanes must call it.
+template <int K>
+inline void dm_group_sum(float (&v)[K], int width) {
+  static_assert(K <= ::dm_emu::kWarpScratch, "dm_group_sum: too many values");
+  const int lane = static_cast<int>(::dm_emu::thread_idx.x % 32);
+  float* scratch = ::dm_emu::warp_scratch;
+  for (int i = 0; i < K; ++i) scratch[lane * K + i] = v[i];
+  ::dm_emu::warp_barrier->wait();
+  const int first = lane & ~(width - 1);
+  for (int i = 0; i < K; ++i) v[i] = ::dm_emu::tree_sum(scratch + i, first, width, K);
+  ::dm_emu::warp_barrier->wait();  // nobody overwrites the scratch before all have read it
+}
 
 // 16-byte shared-memory accesses (one instruction on the GPU).
 inline void dm_load4(const float* p, float (&v)[4]) {
@@ -69,11 +99,27 @@ inline void dm_store4(float* p, const float (&v)[4]) {
 // The 256-thread tile kernels: registers capped so that two blocks fit on a multiprocessor.
 #define DM_TILE_KERNEL __launch_bounds__(256, 2)
 #define DM_DEVICE __device__ __forceinline__
+#define DM_HOST_DEVICE __host__ __device__ inline
 #define DM_SYNC() __syncthreads()
 #define DM_THREAD_X (threadIdx.x)
 #define DM_BLOCK_X (static_cast<int64_t>(blockIdx.x))
 #define DM_SHARED_FLOATS(name) extern __shared__ float name[]
 #define DM_RESTRICT __restrict__
+// The few-query kernel: 256 threads, registers capped so that min_blocks blocks fit on a
+// multiprocessor (a memory-bound kernel needs many warps in flight).
+#define DM_FEW_KERNEL(min_blocks) __launch_bounds__(256, min_blocks)
+#define DM_UNROLL _Pragma("unroll")
+
+// Sum each of v[0..K) over aligned groups of `width` consecutive lanes of a warp (width a power
+// of 2, at most 32) by a butterfly of shuffles with ascending offsets: every lane of a group
+// gets bit-identical sums (each step adds the same two values in either order). All 32 lanes
+// must call it.
+template <int K>
+__device__ __forceinline__ void dm_group_sum(float (&v)[K], int width) {
+  for (int off = 1; off < width; off <<= 1)
+    DM_UNROLL
+    for (int i = 0; i < K; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
+}
 
 // 16-byte shared-memory accesses (one instruction); p must be 16-byte aligned.
 __device__ __forceinline__ void dm_load4(const float* p, float (&v)[4]) {

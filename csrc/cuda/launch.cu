@@ -5,11 +5,13 @@
 #include <string>
 
 #include "backward.cuh"
+#include "few.cuh"
 #include "forward.cuh"
 #include "knn.cuh"
 #include "launch.h"
 
 #if defined(DIFFMEM_CUDA_EMULATE)
+#include <deque>
 #include <limits>
 #include <thread>
 #include <vector>
@@ -29,10 +31,14 @@ constexpr int64_t kMaxK = 128;
 template <class... Params, class... Args>
 void launch(const char*, void (*kernel)(Params...), int64_t blocks, int64_t smem_floats,
             std::uintptr_t, Args... args) {
+  constexpr int warps = kThreads / 32;
   std::vector<float> shared(static_cast<size_t>(smem_floats) + 2);
+  std::vector<float> scratch(static_cast<size_t>(warps) * 32 * dm_emu::kWarpScratch);
   for (int64_t b = 0; b < blocks; ++b) {
     std::fill(shared.begin(), shared.end(), std::numeric_limits<float>::quiet_NaN());
     dm_emu::Barrier barrier(kThreads);
+    std::deque<dm_emu::Barrier> warp_barriers;
+    for (int w = 0; w < warps; ++w) warp_barriers.emplace_back(32);
     std::vector<std::thread> threads;
     threads.reserve(kThreads);
     for (unsigned t = 0; t < static_cast<unsigned>(kThreads); ++t)
@@ -40,6 +46,8 @@ void launch(const char*, void (*kernel)(Params...), int64_t blocks, int64_t smem
         dm_emu::thread_idx.x = t;
         dm_emu::block_idx.x = static_cast<unsigned>(b);
         dm_emu::block_barrier = &barrier;
+        dm_emu::warp_barrier = &warp_barriers[t / 32];
+        dm_emu::warp_scratch = scratch.data() + (t / 32) * 32 * dm_emu::kWarpScratch;
         dm_emu::shared_base = shared.data();
         kernel(args...);
       });
@@ -100,14 +108,40 @@ int device_count(std::string* why) {
 #endif
 }
 
-void forward(const Problem& p, int64_t split, float* acc, float* m_part, float* l_part,
+// The few-query kernel for kQ queries per block and the features per thread d needs (few.cuh).
+template <int kQ>
+void launch_few(const Problem& p, int64_t split, float* acc, float* m, float* l, int final_,
+                std::uintptr_t stream) {
+  const int64_t gs = few_group_size(p.d);
+  const int64_t per_thread = (p.d + gs - 1) / gs;
+  const int64_t blocks = p.G * split * ((p.B + kQ - 1) / kQ);
+  const char* name = "forward (few queries)";
+  if (per_thread <= 4)
+    launch(name, few_forward_kernel<kQ, 4>, blocks, kFewSmem, stream, p, acc, m, l, split, final_);
+  else if (per_thread <= 8)
+    launch(name, few_forward_kernel<kQ, 8>, blocks, kFewSmem, stream, p, acc, m, l, split, final_);
+  else if (per_thread <= 12)
+    launch(name, few_forward_kernel<kQ, 12>, blocks, kFewSmem, stream, p, acc, m, l, split, final_);
+  else if (per_thread <= kFewMaxFeatures)
+    launch(name, few_forward_kernel<kQ, kFewMaxFeatures>, blocks, kFewSmem, stream, p, acc, m, l,
+           split, final_);
+  else
+    throw std::invalid_argument("diffmem CUDA: the few-query forward needs d <= " +
+                                std::to_string(kFewMaxD) + ", got d = " + std::to_string(p.d));
+}
+
+void forward(const Problem& p, int64_t split, bool few, float* acc, float* m_part, float* l_part,
              float* mean, float* m, float* l, std::uintptr_t stream) {
   const bool final_ = split == 1;
   float* acc_out = final_ ? mean : acc;
   float* m_out = final_ ? m : m_part;
   float* l_out = final_ ? l : l_part;
   const int64_t blocks = query_blocks(p, split);
-  if (p.fast)
+  if (few && p.B == 1)  // one query per group: registers for one, more blocks per multiprocessor
+    launch_few<1>(p, split, acc_out, m_out, l_out, static_cast<int>(final_), stream);
+  else if (few)
+    launch_few<kFewQ>(p, split, acc_out, m_out, l_out, static_cast<int>(final_), stream);
+  else if (p.fast)
     launch("forward (fast)", forward_kernel<true>, blocks, kForwardSmem, stream, p, acc_out, m_out,
            l_out, split, static_cast<int>(final_));
   else
@@ -158,5 +192,9 @@ void knn(const Problem& p, int64_t k, int64_t split, bool take_sqrt, float* dist
 }
 
 int64_t knn_max_k() { return kMaxK; }
+
+int64_t few_queries() { return kFewQ; }
+
+int64_t few_max_d() { return kFewMaxD; }
 
 }  // namespace dmc

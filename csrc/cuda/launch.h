@@ -17,8 +17,9 @@ int device_count(std::string* why);
 
 // Forward. split == 1: writes mean (G, B, d), m, l (G, B) directly. split > 1: the kernel
 // writes partials acc (split, G, B, d), m_part, l_part (split, G, B) and a merge fills
-// mean, m, l.
-void forward(const Problem& p, int64_t split, float* acc, float* m_part, float* l_part,
+// mean, m, l. few: the few-query kernel (few.cuh; exact logits whatever p.fast, d <= few_max_d)
+// instead of the 64 x 64 tile kernel.
+void forward(const Problem& p, int64_t split, bool few, float* acc, float* m_part, float* l_part,
              float* mean, float* m, float* l, std::uintptr_t stream);
 
 // Backward passes (see backward.cuh); outputs are partial sums with a leading split dim.
@@ -35,5 +36,9 @@ void knn(const Problem& p, int64_t k, int64_t split, bool take_sqrt, float* dist
 
 // Largest k the knn kernel accepts (its lists live in shared memory).
 int64_t knn_max_k();
+
+// Queries per block of the few-query forward, and the largest d it accepts.
+int64_t few_queries();
+int64_t few_max_d();
 
 }  // namespace dmc

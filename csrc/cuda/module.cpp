@@ -50,6 +50,8 @@ py::dict info() {
   d["devices"] = count;
   d["reason"] = why;
   d["knn_max_k"] = dmc::knn_max_k();
+  d["few_queries"] = dmc::few_queries();
+  d["few_max_d"] = dmc::few_max_d();
   return d;
 }
 
@@ -61,13 +63,13 @@ py::dict info() {
 #define DMC_PROBLEM \
   make_problem(precision, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var, gs_var, bias, gs_bias, c, gs_c)
 
-void forward(DMC_PROBLEM_ARGS, int64_t split, std::uintptr_t acc, std::uintptr_t m_part,
+void forward(DMC_PROBLEM_ARGS, int64_t split, bool few, std::uintptr_t acc, std::uintptr_t m_part,
              std::uintptr_t l_part, std::uintptr_t mean, std::uintptr_t m, std::uintptr_t l,
              std::uintptr_t stream) {
   const dmc::Problem p = DMC_PROBLEM;
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
-  dmc::forward(p, split, ptr<float>(acc), ptr<float>(m_part), ptr<float>(l_part), ptr<float>(mean),
+  dmc::forward(p, split, few, ptr<float>(acc), ptr<float>(m_part), ptr<float>(l_part), ptr<float>(mean),
                ptr<float>(m), ptr<float>(l), stream);
 }
 
@@ -113,7 +115,7 @@ void knn(int64_t G, int64_t B, int64_t N, int64_t d, int64_t k, std::uintptr_t q
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "diffmem CUDA kernels on raw device pointers (see diffmem/ops/_cuda.py)";
-  m.def("info", &info, "emulated, device count, reason when none, knn_max_k");
+  m.def("info", &info, "emulated, device count, reason when none, knn_max_k, few_queries, few_max_d");
   m.def("forward", &forward);
   m.def("backward_stats", &backward_stats);
   m.def("backward_query", &backward_query);

@@ -6,6 +6,10 @@ FMA and chained sums; fast: the expansion around the points' mean, in fp32 FMA o
 cores), in hand-written 64 x 64 tiles; see csrc/cuda/tiles.cuh. The kernels run on the current
 stream of the tensors' device. A build with DIFFMEM_CUDA_EMULATE=ON runs the same kernel source
 on CPU tensors in a host emulator (slow; used to test the kernels without a GPU).
+
+With at most FEW_QUERIES queries per group the forward runs the few-query kernel
+(csrc/cuda/few.cuh) instead of the 64-query tiles: it computes exact logits for both
+precisions, since there the points' memory traffic, not arithmetic, sets the time.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ from ._gpu_common import (centred_shift, check_float32, group_stride, groupwise,
 
 _TILE = 64  # queries (or points) per block, csrc/cuda/tiles.cuh
 _PRECISION = {"exact": 0, "fast": 1}
+# Queries per group up to which the forward uses the few-query kernel (when d allows it).
+FEW_QUERIES = 16
 _loaded: list = []
 _forced: dict = {}
 
 
 @contextlib.contextmanager
-def force(split: int | None = None, split_b: int | None = None):
+def force(split: int | None = None, split_b: int | None = None, few: bool | None = None):
     """Pin the split of the points (forward, knn, query gradients) and/or of the queries
-    (point gradients). Used by tests to reach the split-and-merge paths on small shapes."""
+    (point gradients), and whether the forward uses the few-query kernel. Used by tests to
+    reach every kernel and the split-and-merge paths on small shapes."""
     previous = dict(_forced)
-    _forced.update({k: v for k, v in (("split", split), ("split_b", split_b)) if v is not None})
+    pinned = (("split", split), ("split_b", split_b), ("few", few))
+    _forced.update({k: v for k, v in pinned if v is not None})
     try:
         yield
     finally:
@@ -40,8 +48,17 @@ def force(split: int | None = None, split_b: int | None = None):
         _forced.update(previous)
 
 
-def _split(key: str, programs: int, stream_len: int, rows: int, d: int, device) -> int:
-    return _forced.get(key) or work_split(programs, stream_len, rows, d, device)
+def _split(key: str, programs: int, stream_len: int, rows: int, d: int, device, **limits) -> int:
+    return _forced.get(key) or work_split(programs, stream_len, rows, d, device, **limits)
+
+
+def _few_queries(B: int, d: int) -> bool:
+    """Whether the forward takes the few-query kernel (pinned by force(few=...))."""
+    max_d = _module()[2]["few_max_d"]
+    few = _forced.get("few", B <= FEW_QUERIES and d <= max_d)
+    if few and d > max_d:
+        raise ValueError(f"the cuda few-query forward supports d <= {max_d}, got d = {d}")
+    return few
 
 
 def _module():
@@ -132,9 +149,16 @@ def _prepare(x, points, alpha, var, bias, precision):
 def forward(x, points, alpha, var, bias, precision="exact"):
     """mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs."""
     ext = _ext()
-    prep = _prepare(x, points, alpha, var, bias, precision)
+    few = _few_queries(x.shape[-2], x.shape[-1])
+    # The few-query kernel's logits are exact whatever the precision asked for.
+    prep = _prepare(x, points, alpha, var, bias, "exact" if few else precision)
     G, B, N, d, dev = prep.G, prep.B, prep.N, prep.d, prep.dev
-    split = _split("split", G * _blocks(B), N, B, d, dev)
+    if few:  # small blocks (few registers, no tiles): aim at more of them per multiprocessor
+        programs = G * -(-B // _module()[2]["few_queries"])
+        split = _split("split", programs, N, B, d, dev, blocks_per_sm=4, min_items=256,
+                       max_split=1024)
+    else:
+        split = _split("split", G * _blocks(B), N, B, d, dev)
     mean = new_output((G, B, d), torch.float32, dev)
     m = new_output((G, B), torch.float32, dev)
     l = new_output((G, B), torch.float32, dev)
@@ -144,7 +168,7 @@ def forward(x, points, alpha, var, bias, precision="exact"):
         m_part = new_output((split, G, B), torch.float32, dev)
         l_part = new_output((split, G, B), torch.float32, dev)
     with _launch_context(prep.x) as stream:
-        ext.forward(*prep.problem, split, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
+        ext.forward(*prep.problem, split, few, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
                     _ptr(m), _ptr(l), stream)
     lse64 = m.double() + torch.log(l.double()) - logit_shift(prep.fast, d, prep.kq)
     return mean, lse64.float(), lse64

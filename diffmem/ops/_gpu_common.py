@@ -62,19 +62,21 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def work_split(programs: int, stream_len: int, rows: int, d: int, device: torch.device) -> int:
+def work_split(programs: int, stream_len: int, rows: int, d: int, device: torch.device,
+               blocks_per_sm: int = 2, min_items: int = 512, max_split: int = 64) -> int:
     """Split the streamed dimension when `programs` blocks are too few to fill the GPU.
 
-    Keeps >= 512 streamed items per split, at most 64 splits, and the partial buffer
-    (split x rows x d) under MAX_PARTIAL_ELEMENTS.
+    Aims at blocks_per_sm blocks per multiprocessor, keeps >= min_items streamed items per
+    split, at most max_split splits, and the partial buffer (split x rows x d) under
+    MAX_PARTIAL_ELEMENTS.
     """
     if device.type != "cuda":
         return 1
-    target = 2 * num_sms(device)
+    target = blocks_per_sm * num_sms(device)
     if programs >= target:
         return 1
     split = -(-target // programs)
-    split = min(split, max(1, stream_len // 512), 64)
+    split = min(split, max(1, stream_len // min_items), max_split)
     split = min(split, max(1, MAX_PARTIAL_ELEMENTS // max(1, rows * d)))
     return max(1, split)
 

@@ -11,6 +11,11 @@ Vocabulary shared by all kernels:
         work split along the streamed dimension (points for the forward, knn and query-gradient
         kernels; queries for the point-gradient kernel) across programs, merged afterwards
         (flash-decoding style). Chosen from the shape so that small batches fill the GPU.
+    few
+        forward with at most FEW_QUERIES queries per group (sampling a few images at a time):
+        exact logits whatever the precision (tl.dot needs 16 rows; at a few queries the kernel
+        is bound by reading the points anyway), BB = the queries rounded up to a power of 2
+        (at least 2), wide point tiles and many splits; fixed blocks, no autotuning.
 
 Under TRITON_INTERPRET=1 one fixed configuration is used (no autotuning). ``force`` pins any of
 block_b / block_n / block_d / split, for tests that must exercise the split paths.
@@ -34,17 +39,21 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # input rounding, too coarse for the centred expansion at moderate noise.
 FAST_DOT = "tf32x3"
 
+# Queries per group up to which the forward takes the few-query plan.
+FEW_QUERIES = 16
+
 _forced: dict = {}
 
 
 @contextlib.contextmanager
 def force(**kwargs):
-    """Pin block_b, block_n, block_d and/or split (and split_b for the point kernel).
+    """Pin block_b, block_n, block_d and/or split (and split_b for the point kernel), and
+    whether the forward takes the few-query plan (few=True/False).
 
-    Forced plans bypass autotuning (also on GPU). Used by tests to reach the split-N merge and
-    the chunked split-d paths on small shapes.
+    Forced blocks bypass autotuning (also on GPU). Used by tests to reach the split-N merge,
+    the chunked split-d and the few-query paths on small shapes.
     """
-    allowed = {"block_b", "block_n", "block_d", "split", "split_b"}
+    allowed = {"block_b", "block_n", "block_d", "split", "split_b", "few"}
     unknown = set(kwargs) - allowed
     if unknown:
         raise ValueError(f"unknown plan keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -65,6 +74,7 @@ class Plan:
     num_d: int
     split: int
     blocks: dict | None  # {"BB": .., "BN": .., "num_warps": .., "num_stages": ..}
+    few: bool = False  # the few-query forward: exact logits whatever the precision
 
     @property
     def single_d(self) -> bool:
@@ -92,6 +102,8 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
     split is along B.
     """
     on_gpu = device.type == "cuda" and not INTERPRETED
+    few = kind == "forward" and bool(_forced.get("few", B <= FEW_QUERIES))
+    fast = fast and not few
     # Only the forward is 2-D in fast mode; the gradient kernels always build (BB, BN, BD)
     # difference tiles, so they take the exact chunk (at least 16, for the fast logits' tl.dot).
     bd = _block_d(d, fast and kind == "forward", on_gpu)
@@ -99,6 +111,16 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
         bd = max(bd, 16)
     bd = _forced.get("block_d") or bd
     num_d = triton.cdiv(d, bd)
+    few_bb = min(16, max(2, _pow2(B)))
+    if few:
+        split = _forced.get("split") or work_split(G * triton.cdiv(B, few_bb), N, B, d, device,
+                                                   blocks_per_sm=4, min_items=256,
+                                                   max_split=1024)
+        # One (BB, BN, BD) difference tile within the exact forward's register budget (64).
+        bn = min(128, 64 * 128 // (few_bb * bd)) if on_gpu else 16
+        blocks = {"BB": _forced.get("block_b", few_bb), "BN": _forced.get("block_n", bn),
+                  "num_warps": 4, "num_stages": 2 if num_d == 1 and on_gpu else 1}
+        return Plan(block_d=bd, num_d=num_d, split=split, blocks=blocks, few=True)
     nominal = 32  # rows per program assumed when choosing the split before autotuning
     if kind == "point_grad":
         split = _forced.get("split_b") or work_split(G * triton.cdiv(N, nominal), B, N, d, device)

@@ -200,8 +200,8 @@ def forward(x, points, alpha, var, bias, precision="exact"):
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
     N = points.shape[1]
-    fast = precision == "fast"
-    plan = _config.plan("forward", G, B, N, d, fast, x.device)
+    plan = _config.plan("forward", G, B, N, d, precision == "fast", x.device)
+    fast = precision == "fast" and not plan.few  # the few-query plan computes exact logits
     mean = new_output((G, B, d), x.dtype, x.device)
     m = new_output((G, B), x.dtype, x.device)
     l = new_output((G, B), x.dtype, x.device)
