@@ -21,6 +21,7 @@ import torch
 import diffmem
 from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro
 from diffmem.ops import _reference as ref
+from diffmem.ops._gpu_common import MAX_PARTIAL_ELEMENTS, work_split
 
 
 def _kernel_backends() -> list:
@@ -391,6 +392,19 @@ def test_gpu_default_plan_splits_small_batches(kern):
         assert not plan.few and plan.split > 1 and plan.blocks is None
     args = make_case(G=1, B=1, N=20_000, d=64, t=0.3, seed=9)
     check_case(kern, args, {})
+
+
+def test_work_split_fills_the_device():
+    """Splits for a 132-multiprocessor card: the GPU sizes' blocks fill it, within the limits."""
+    cuda = torch.device("cuda")
+    split = lambda *a, **kw: work_split(*a, cuda, sms=132, **kw)  # noqa: E731
+    assert split(1, 50_000, 64, 3072) == 264           # (64, 50000, 3072): one 64-query tile
+    assert split(4, 1_000_000, 256, 64) == 66          # (256, 1e6, 64)
+    assert split(300, 1_000_000, 256, 64) == 1         # enough blocks already
+    assert split(1, 1000, 64, 64) == 1000 // 128       # at least 128 points per split
+    assert split(1, 10**7, 1, 64, blocks_per_sm=4, min_items=256) == 528
+    assert split(1, 10**7, 4096, 4096) == MAX_PARTIAL_ELEMENTS // (4096 * 4096)
+    assert work_split(1, 10**6, 1, 64, torch.device("cpu")) == 1
 
 
 def test_status(kern):

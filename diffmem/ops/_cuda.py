@@ -155,8 +155,7 @@ def forward(x, points, alpha, var, bias, precision="exact"):
     G, B, N, d, dev = prep.G, prep.B, prep.N, prep.d, prep.dev
     if few:  # small blocks (few registers, no tiles): aim at more of them per multiprocessor
         programs = G * -(-B // _module()[2]["few_queries"])
-        split = _split("split", programs, N, B, d, dev, blocks_per_sm=4, min_items=256,
-                       max_split=1024)
+        split = _split("split", programs, N, B, d, dev, blocks_per_sm=4, min_items=256)
     else:
         split = _split("split", G * _blocks(B), N, B, d, dev)
     mean = new_output((G, B, d), torch.float32, dev)

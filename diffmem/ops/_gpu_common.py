@@ -63,16 +63,18 @@ def num_sms(device: torch.device) -> int:
 
 
 def work_split(programs: int, stream_len: int, rows: int, d: int, device: torch.device,
-               blocks_per_sm: int = 2, min_items: int = 512, max_split: int = 64) -> int:
+               blocks_per_sm: int = 2, min_items: int = 128, max_split: int = 1024,
+               sms: int | None = None) -> int:
     """Split the streamed dimension when `programs` blocks are too few to fill the GPU.
 
-    Aims at blocks_per_sm blocks per multiprocessor, keeps >= min_items streamed items per
-    split, at most max_split splits, and the partial buffer (split x rows x d) under
-    MAX_PARTIAL_ELEMENTS.
+    Aims at blocks_per_sm blocks on each of the device's multiprocessors (or `sms` of them),
+    keeps >= min_items streamed items per split, at most max_split splits, and the partial
+    buffer (split x rows x d) under MAX_PARTIAL_ELEMENTS. CPU tensors (the interpreter and
+    the emulator) are never split.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" and sms is None:
         return 1
-    target = blocks_per_sm * num_sms(device)
+    target = blocks_per_sm * (sms or num_sms(device))
     if programs >= target:
         return 1
     split = -(-target // programs)

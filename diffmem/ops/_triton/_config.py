@@ -114,8 +114,7 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
     few_bb = min(16, max(2, _pow2(B)))
     if few:
         split = _forced.get("split") or work_split(G * triton.cdiv(B, few_bb), N, B, d, device,
-                                                   blocks_per_sm=4, min_items=256,
-                                                   max_split=1024)
+                                                   blocks_per_sm=4, min_items=256)
         # One (BB, BN, BD) difference tile within the exact forward's register budget (64).
         bn = min(128, 64 * 128 // (few_bb * bd)) if on_gpu else 16
         blocks = {"BB": _forced.get("block_b", few_bb), "BN": _forced.get("block_n", bn),
