@@ -4,10 +4,11 @@
 
 Covers: one and several groups with shared points, bias with masked points, d <= 64 (register
 accumulators) and d > 64 (chunked), split and unsplit points and queries, both precisions,
-forward (tile and few-query kernels), all five gradients and knn. The few-query cases reach its
-group sizes 1, 32 and 256 (the last with the cross-warp sums in shared memory), one and four
-queries per block. Exits non-zero if a result disagrees with the float64 reference (so a
-sanitizer run also checks the numbers).
+forward (tile kernels, on the CUDA cores and, for "fast", on the tensor cores; few-query
+kernel), all five gradients and knn. The few-query cases reach its group sizes 1, 32 and 256
+(the last with the cross-warp sums in shared memory), one and four queries per block. Exits non-zero if a result disagrees with the float64 reference (so a
+sanitizer run also checks the numbers). Without a GPU it runs on CPU tensors, which only the
+host-emulator build (DIFFMEM_CUDA_EMULATE=ON) accepts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from diffmem.ops import _cuda
 from diffmem.ops import _reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def case(G, B, N, d, t, seed):
@@ -30,7 +33,8 @@ def case(G, B, N, d, t, seed):
     bias = torch.randn(1, N, generator=gen)
     bias[:, 1::3] = -float("inf")
     bias = bias.expand(G, N)
-    return [a.cuda() if a.stride(0) else a[:1].cuda().expand(a.shape) for a in (x, y, alpha, var, bias)]
+    return [a.to(DEVICE) if a.stride(0) else a[:1].to(DEVICE).expand(a.shape)
+            for a in (x, y, alpha, var, bias)]
 
 
 def rel(a, b):
@@ -46,24 +50,27 @@ def main() -> int:
              (1, 1, 40, 3072, 0.9, 1, True)]
     for G, B, N, d, t, split, few in cases:
         args = case(G, B, N, d, t, seed=G + N + d)
-        gm = torch.randn(G, B, d, device="cuda")
-        gl = torch.randn(G, B, device="cuda")
+        gm = torch.randn(G, B, d, device=DEVICE)
+        gl = torch.randn(G, B, device=DEVICE)
         needs = (True, True, True, True, True)
         dargs = [a.double().cpu() for a in args]
         want_mean, _, _ = ref.forward(*dargs)
         want = ref.backward(*dargs, None, None, gm.double().cpu(), gl.double().cpu(), needs)
-        for precision in ("exact", "fast"):
-            with _cuda.force(split=split, split_b=split, few=few):
+        for precision, tensor in (("exact", False), ("fast", False), ("fast", True)):
+            if tensor and few:
+                continue
+            with _cuda.force(split=split, split_b=split, few=few, tensor=tensor):
                 mean, lse, lse64 = _cuda.forward(*args, precision)
                 grads = _cuda.backward(*args, mean, lse64, gm, gl, needs, precision)
                 dist, idx = _cuda.knn(args[0], args[1], 2)
-            torch.cuda.synchronize()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             errs = [rel(mean, want_mean)] + [rel(a, b) for a, b in zip(grads, want)]
             ref_dist, ref_idx = ref.knn(args[0].cpu(), args[1].cpu(), 2)
             assert torch.equal(idx.cpu(), ref_idx), "knn indices differ"
             errs.append(rel(dist, ref_dist))
             worst = max(worst, max(errs))
-            kernel = "few-query" if few else "tiles"
+            kernel = "few-query" if few else "tiles, tensor cores" if tensor else "tiles"
             print(f"G={G} B={B} N={N} d={d} split={split} {kernel} {precision}: "
                   f"max rel err {max(errs):.2e}")
     print(f"worst relative error {worst:.2e}")

@@ -5,8 +5,11 @@
 #   2. the kernel test suites on CUDA tensors (DIFFMEM_TEST_DEVICE=cuda), triton and cuda
 #   3. compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   4. the comparison benchmark at GPU sizes (benchmarks/compare.py --device cuda)
+#   5. the cuda fast forward with its tensor-core kernel against the CUDA-core kernels
 # Logs go to $OUT when it is set, else to benchmarks/results/gpu_check. Exit status: non-zero if any step failed.
-# Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT.
+# Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
+# TENSOR_BENCH_TIMEOUT (step 5: the cuda fast forward on the tensor cores, DIFFMEM_CUDA_TENSOR_CORES=1,
+# at TENSOR_SIZES, tile-kernel sizes by default; "none" skips it).
 # TESTS (default: the op and kernel suites), TEST_FILTER (pytest -k expression), SIZES
 # (benchmark sizes) and METHODS (benchmark method patterns) can be overridden.
 set -uo pipefail
@@ -61,6 +64,18 @@ timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/compare.py --device cuda --budg
     --sizes "$SIZES" --methods "$METHODS" --csv "$OUT_DIR/compare-cuda.csv" >"$OUT_DIR/compare.txt" 2>&1 || status=$?
 echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
 cat "$OUT_DIR/compare.txt" | cut -c1-150 | grep -v "^$" | tail -70
+
+# The cuda fast forward on the tensor cores (opt-in) at the tile kernels' sizes.
+TENSOR_SIZES="${TENSOR_SIZES:-256,1000000,64;64,50000,3072;1024,100000,128}"
+if [ "$TENSOR_SIZES" != "none" ]; then
+    start=$(date +%s)
+    DIFFMEM_CUDA_TENSOR_CORES=1 timeout "${TENSOR_BENCH_TIMEOUT:-150}" "$PY" benchmarks/compare.py \
+        --device cuda --budget 0.4 --sizes "$TENSOR_SIZES" \
+        --methods "diffmem-cuda-fast,diffmem-cuda-exact,matmul-floor" \
+        --csv "$OUT_DIR/compare-cuda-tensor.csv" >"$OUT_DIR/compare-tensor.txt" 2>&1 || status=$?
+    echo "tensor-core benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+    cut -c1-150 "$OUT_DIR/compare-tensor.txt" | grep -v "^$" | tail -30
+fi
 
 echo "gpu_check finished with status $status; logs in $OUT_DIR" | tee -a "$OUT_DIR/env.txt"
 exit "$status"

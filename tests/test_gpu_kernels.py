@@ -225,6 +225,22 @@ def test_few_query_forward(kern, case, precision):
         check_case(kern, args, plan, precision=precision, grads=d <= 67 and precision == "exact")
 
 
+@pytest.mark.parametrize("d, split", [(3, 2), (30, None), (67, 2), (130, None)])
+def test_cuda_tensor_core_fast_forward(d, split):
+    """cuda, precision "fast" on the tensor cores (mma.sync TF32, 3-product split; in the host
+    emulator, the PTX fragment layout computed in fp32): as accurate as the CUDA-core expansion.
+    Two query tiles (B = 65), register (d <= 64) and streamed accumulators, masked points."""
+    cuda = importlib.import_module("diffmem.ops._cuda")
+    if not cuda.status()[0]:
+        pytest.skip("the cuda backend cannot run here")
+    kern = SimpleNamespace(forward=cuda.forward,
+                           force=lambda plan: cuda.force(**plan, few=False, tensor=True))
+    for t in (0.999, 0.2):
+        args = make_case(G=2, B=65, N=70, d=d, t=t, shared=True, bias="masked", seed=d)
+        check_case(kern, args, {"split": split}, precision="fast", grads=False, mean_tol=1e-4,
+                   lse_tol=1e-4)
+
+
 def test_cuda_few_query_choice():
     """cuda: a few queries per group take the few-query kernel unless d is too large."""
     cuda = importlib.import_module("diffmem.ops._cuda")

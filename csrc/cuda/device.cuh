@@ -1,9 +1,10 @@
 // The few CUDA language features the kernels use, spelled through macros so the same kernel
 // source also compiles as plain C++ for a host emulator (DIFFMEM_CUDA_EMULATE): each block runs
 // as blockDim host threads sharing one dynamic shared-memory buffer, __syncthreads is a barrier,
-// and the one warp-level operation the kernels use (dm_group_sum, a butterfly of shuffles) is an
-// exchange through per-warp scratch memory between two per-warp barriers. Kernels use only
-// dynamic shared memory, __syncthreads, dm_group_sum and scalar math, which is what makes the
+// and the two warp-level operations the kernels use (dm_group_sum, a butterfly of shuffles, and
+// dm_mma_tf32, one m16n8k8 tensor-core product with the fragment layout of the PTX ISA) are
+// exchanges through per-warp scratch memory between two per-warp barriers. Kernels use only
+// dynamic shared memory, __syncthreads, these two and scalar math, which is what makes the
 // emulation faithful enough to test them without a GPU.
 #pragma once
 #include <cmath>
@@ -12,6 +13,7 @@
 #if defined(DIFFMEM_CUDA_EMULATE)
 
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 
 namespace dm_emu {
@@ -85,6 +87,36 @@ inline void dm_group_sum(float (&v)[K], int width) {
   ::dm_emu::warp_barrier->wait();  // nobody overwrites the scratch before all have read it
 }
 
+// A float rounded to TF32 (10 mantissa bits; nearest, ties away from zero), as cvt.rna.tf32.f32.
+inline float dm_tf32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // finite
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// d += A B for one warp: A 16 x 8, B 8 x 8, TF32 operands (already rounded), fp32 accumulators.
+// Fragments (g = lane / 4, t = lane % 4): a = A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4];
+// b = B[t][g], B[t + 4][g]; d[q] = D[g + 8 (q / 2)][2 t + q % 2]. All 32 lanes must call it.
+inline void dm_mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  const int lane = static_cast<int>(::dm_emu::thread_idx.x % 32);
+  float* scratch = ::dm_emu::warp_scratch;  // per lane: a[4], b[2]
+  for (int i = 0; i < 4; ++i) scratch[lane * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) scratch[lane * 6 + 4 + i] = b[i];
+  ::dm_emu::warp_barrier->wait();
+  auto A = [&](int r, int k) { return scratch[((r % 8) * 4 + k % 4) * 6 + (r / 8) + 2 * (k / 4)]; };
+  auto B = [&](int k, int c) { return scratch[(c * 4 + k % 4) * 6 + 4 + k / 4]; };
+  const int g = lane / 4, t = lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int r = g + 8 * (q / 2), c = 2 * t + q % 2;
+    float sum = d[q];
+    for (int k = 0; k < 8; ++k) sum += A(r, k) * B(k, c);  // TF32 products are exact in fp32
+    d[q] = sum;
+  }
+  ::dm_emu::warp_barrier->wait();
+}
+
 // 16-byte shared-memory accesses (one instruction on the GPU).
 inline void dm_load4(const float* p, float (&v)[4]) {
   for (int q = 0; q < 4; ++q) v[q] = p[q];
@@ -119,6 +151,26 @@ __device__ __forceinline__ void dm_group_sum(float (&v)[K], int width) {
   for (int off = 1; off < width; off <<= 1)
     DM_UNROLL
     for (int i = 0; i < K; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
+}
+
+// A float rounded to TF32 (10 mantissa bits; nearest, ties away from zero).
+__device__ __forceinline__ float dm_tf32(float v) {
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(v));
+  return __uint_as_float(bits);
+}
+
+// d += A B for one warp on the tensor cores (mma.sync m16n8k8, TF32 operands already rounded,
+// fp32 accumulators). Fragments (g = lane / 4, t = lane % 4): a = A[g][t], A[g + 8][t],
+// A[g][t + 4], A[g + 8][t + 4]; b = B[t][g], B[t + 4][g]; d[q] = D[g + 8 (q / 2)][2 t + q % 2].
+// All 32 lanes must call it.
+__device__ __forceinline__ void dm_mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
 }
 
 // 16-byte shared-memory accesses (one instruction); p must be 16-byte aligned.

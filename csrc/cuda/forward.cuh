@@ -12,8 +12,10 @@ constexpr int kForwardSmem = 4 * kTileFloats + 8 * kTile + kTile * (kSide + 1);
 // acc: (split, G, B, d) partial sums sum_n p (y_n - c), or the mean (G, B, d) when final;
 // m, l: (split, G, B) running max and sum of exp(logit' - m) (final values when final).
 // When d <= 64 the accumulator stays in registers; otherwise each block streams its own rows
-// of acc through global memory chunk by chunk (no other block touches them).
-template <bool kFast>
+// of acc through global memory chunk by chunk (no other block touches them). kTensor (fast
+// only): the logits' dot products and the weighted sum on the tensor cores (mma_tile, TF32 with
+// the 3-product split), handed over to the thread-grid layout through shared memory.
+template <bool kFast, bool kTensor = false>
 DM_GLOBAL DM_TILE_KERNEL void forward_kernel(Problem p, float* DM_RESTRICT acc, float* DM_RESTRICT m_out,
                               float* DM_RESTRICT l_out, int64_t split, int final_) {
   DM_SHARED_FLOATS(smem);
@@ -36,6 +38,7 @@ DM_GLOBAL DM_TILE_KERNEL void forward_kernel(Problem p, float* DM_RESTRICT acc, 
   float* red = rows + 8 * kTile;
   ls.alpha = s_alpha;
   ls.var = s_var;
+  ls.stage = ps;  // free while the logits are formed
 
   const Coords pc = program_coords(cdiv(p.B, kTile), split);
   const int64_t g = pc.group, b0 = pc.block * kTile;
@@ -64,7 +67,7 @@ DM_GLOBAL DM_TILE_KERNEL void forward_kernel(Problem p, float* DM_RESTRICT acc, 
   for (int64_t t = tr.begin; t < tr.end; ++t) {
     const int64_t n0 = t * kTile;
     Tile4 logit, unused;
-    logit_tile<kFast, false>(p, g, b0, n0, ls, single, true, nullptr, logit, unused);
+    logit_tile<kFast, false, kTensor>(p, g, b0, n0, ls, single, true, nullptr, logit, unused);
     float vals[4];
     for (int i = 0; i < 4; ++i) {
       vals[i] = logit.v[i][0];
@@ -104,12 +107,19 @@ DM_GLOBAL DM_TILE_KERNEL void forward_kernel(Problem p, float* DM_RESTRICT acc, 
       }
       Tile4 sum;
       sum.fill(0.f);
-      for (int n = 0; n < valid_n; ++n) {
-        float pv[4], yv[4];
-        dm_load4(&ps[sw(n, ty * 4)], pv);
-        dm_load4(&ls.yr[sw(n, tx * 4)], yv);
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) sum.v[i][j] = fmaf(pv[i], yv[j], sum.v[i][j]);
+      if (kTensor) {  // the point chunk's feature-major copy ys is free: stage through it
+        Frag64 f;
+        f.fill(0.f);
+        mma_tile(ps, ls.yr, static_cast<int>(valid_n), f);
+        frags_to_tile4(f, ls.ys, sum);
+      } else {
+        for (int n = 0; n < valid_n; ++n) {
+          float pv[4], yv[4];
+          dm_load4(&ps[sw(n, ty * 4)], pv);
+          dm_load4(&ls.yr[sw(n, tx * 4)], yv);
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) sum.v[i][j] = fmaf(pv[i], yv[j], sum.v[i][j]);
+        }
       }
       for (int i = 0; i < 4; ++i) {
         const int r = ty * 4 + i;

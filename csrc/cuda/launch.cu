@@ -130,8 +130,13 @@ void launch_few(const Problem& p, int64_t split, float* acc, float* m, float* l,
                                 std::to_string(kFewMaxD) + ", got d = " + std::to_string(p.d));
 }
 
-void forward(const Problem& p, int64_t split, bool few, float* acc, float* m_part, float* l_part,
+void forward(const Problem& p, int64_t split, int kernel, float* acc, float* m_part, float* l_part,
              float* mean, float* m, float* l, std::uintptr_t stream) {
+  if (kernel != kTileKernel && kernel != kFewKernel && kernel != kTensorKernel)
+    throw std::invalid_argument("diffmem CUDA: unknown forward kernel " + std::to_string(kernel));
+  if (kernel == kTensorKernel && !p.fast)
+    throw std::invalid_argument("diffmem CUDA: the tensor-core forward is for precision fast only");
+  const bool few = kernel == kFewKernel;
   const bool final_ = split == 1;
   float* acc_out = final_ ? mean : acc;
   float* m_out = final_ ? m : m_part;
@@ -141,6 +146,9 @@ void forward(const Problem& p, int64_t split, bool few, float* acc, float* m_par
     launch_few<1>(p, split, acc_out, m_out, l_out, static_cast<int>(final_), stream);
   else if (few)
     launch_few<kFewQ>(p, split, acc_out, m_out, l_out, static_cast<int>(final_), stream);
+  else if (kernel == kTensorKernel)
+    launch("forward (fast, tensor cores)", forward_kernel<true, true>, blocks, kForwardSmem, stream,
+           p, acc_out, m_out, l_out, split, static_cast<int>(final_));
   else if (p.fast)
     launch("forward (fast)", forward_kernel<true>, blocks, kForwardSmem, stream, p, acc_out, m_out,
            l_out, split, static_cast<int>(final_));

@@ -15,11 +15,15 @@ bool emulated();
 // Number of usable CUDA devices; 0 with the reason in *why when there are none.
 int device_count(std::string* why);
 
+// Forward kernels: the 64 x 64 tiles on the CUDA cores (forward.cuh), the few-query kernel
+// (few.cuh; exact logits whatever p.fast, d <= few_max_d), the tiles with the fast dot products
+// on the tensor cores (p.fast only).
+constexpr int kTileKernel = 0, kFewKernel = 1, kTensorKernel = 2;
+
 // Forward. split == 1: writes mean (G, B, d), m, l (G, B) directly. split > 1: the kernel
 // writes partials acc (split, G, B, d), m_part, l_part (split, G, B) and a merge fills
-// mean, m, l. few: the few-query kernel (few.cuh; exact logits whatever p.fast, d <= few_max_d)
-// instead of the 64 x 64 tile kernel.
-void forward(const Problem& p, int64_t split, bool few, float* acc, float* m_part, float* l_part,
+// mean, m, l.
+void forward(const Problem& p, int64_t split, int kernel, float* acc, float* m_part, float* l_part,
              float* mean, float* m, float* l, std::uintptr_t stream);
 
 // Backward passes (see backward.cuh); outputs are partial sums with a leading split dim.

@@ -63,13 +63,13 @@ py::dict info() {
 #define DMC_PROBLEM \
   make_problem(precision, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var, gs_var, bias, gs_bias, c, gs_c)
 
-void forward(DMC_PROBLEM_ARGS, int64_t split, bool few, std::uintptr_t acc, std::uintptr_t m_part,
+void forward(DMC_PROBLEM_ARGS, int64_t split, int kernel, std::uintptr_t acc, std::uintptr_t m_part,
              std::uintptr_t l_part, std::uintptr_t mean, std::uintptr_t m, std::uintptr_t l,
              std::uintptr_t stream) {
   const dmc::Problem p = DMC_PROBLEM;
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
-  dmc::forward(p, split, few, ptr<float>(acc), ptr<float>(m_part), ptr<float>(l_part), ptr<float>(mean),
+  dmc::forward(p, split, kernel, ptr<float>(acc), ptr<float>(m_part), ptr<float>(l_part), ptr<float>(mean),
                ptr<float>(m), ptr<float>(l), stream);
 }
 

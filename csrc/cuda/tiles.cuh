@@ -7,8 +7,9 @@
 // feature, one read of 4 query values (two addresses per warp: a broadcast) and one of 4 point
 // values (16 consecutive float4 per warp). Features are processed in chunks of 64. A shared tile
 // is 64 x 64 floats, element (a, c) at a * 64 + (c ^ swizzle(a)) with swizzle(a) a multiple of 4
-// taken from bits 2..4 of a: groups of 4 consecutive c stay contiguous (16-byte reads), and the
-// loaders' column-wise stores spread over the banks (at most 2-way conflicts).
+// taken from bits 0..4 of a: groups of 4 consecutive c stay contiguous (16-byte reads), the
+// loaders' column-wise stores spread over the banks (at most 2-way conflicts), and a tensor-core
+// fragment (8 consecutive c in each of 4 consecutive a, see mma_tile) hits 32 distinct banks.
 //
 // Exact logits are shifted like the Triton kernels': -(sum_k fma(diff, diff, -var)) / (2 var)
 // = logit + d / 2 with diff = fma(-alpha, y, x), summed in chains of 16 features, per chunk, then
@@ -29,7 +30,7 @@ constexpr int kTileFloats = kTile * kChunk;
 constexpr int kChain = 16;  // features per inner fp32 summation chain
 
 // Offset of element (a, c) in a swizzled 64 x 64 shared tile (see the header comment).
-DM_DEVICE int sw(int a, int c) { return a * 64 + (c ^ (((a >> 2) & 7) << 2)); }
+DM_DEVICE int sw(int a, int c) { return a * 64 + (c ^ ((((a >> 2) & 7) << 2) ^ ((a & 3) << 3))); }
 
 DM_DEVICE int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -89,6 +90,57 @@ struct Tile4 {
   }
 };
 
+// The tensor-core view of a 64 x 64 tile: warp w owns rows 16 (w % 4) + [0, 16) and columns
+// 32 (w / 4) + [0, 32), as four 16 x 8 accumulator fragments (see dm_mma_tf32).
+struct Frag64 {
+  float v[4][4];  // [8-column block][fragment register]
+  DM_DEVICE void fill(float value) {
+    for (int b = 0; b < 4; ++b)
+      for (int q = 0; q < 4; ++q) v[b][q] = value;
+  }
+};
+
+// c += sum_k A(k, m) B(k, n) over k < kc (rounded up to a multiple of 8: the tiles must hold
+// zeros there) for swizzled 64 x 64 shared tiles stored feature-major, A(k, m) at sw(k, m) and
+// B(k, n) at sw(k, n). TF32 on the tensor cores with the 3-product split (a_hi b_hi + a_hi b_lo
+// + a_lo b_hi, the Triton backend's tf32x3): about fp32 accuracy. All threads must call it.
+DM_DEVICE void mma_tile(const float* As, const float* Bs, int kc, Frag64& c) {
+  const int lane = DM_THREAD_X % 32, w = DM_THREAD_X / 32;
+  const int g = lane / 4, t = lane % 4, m0 = 16 * (w % 4), n0 = 32 * (w / 4);
+  for (int k0 = 0; k0 < kc; k0 += 8) {
+    float ah[4], al[4];
+    for (int i = 0; i < 4; ++i) {
+      const float v = As[sw(k0 + t + 4 * (i / 2), m0 + g + 8 * (i % 2))];
+      ah[i] = dm_tf32(v);
+      al[i] = dm_tf32(v - ah[i]);
+    }
+    for (int b = 0; b < 4; ++b) {
+      float bh[2], bl[2];
+      for (int i = 0; i < 2; ++i) {
+        const float v = Bs[sw(k0 + t + 4 * i, n0 + 8 * b + g)];
+        bh[i] = dm_tf32(v);
+        bl[i] = dm_tf32(v - bh[i]);
+      }
+      dm_mma_tf32(c.v[b], al, bh);  // small terms first
+      dm_mma_tf32(c.v[b], ah, bl);
+      dm_mma_tf32(c.v[b], ah, bh);
+    }
+  }
+}
+
+// Hand fragments over to the thread-grid layout through a shared 64 x 64 tile `stage`: returns
+// the thread's 4 x 4 block (rows ty * 4 + i, columns tx * 4 + j). Synchronizes once; the caller
+// makes sure nobody still reads `stage`.
+DM_DEVICE void frags_to_tile4(const Frag64& c, float* stage, Tile4& out) {
+  const int lane = DM_THREAD_X % 32, w = DM_THREAD_X / 32;
+  const int g = lane / 4, t = lane % 4, m0 = 16 * (w % 4), n0 = 32 * (w / 4);
+  for (int b = 0; b < 4; ++b)
+    for (int q = 0; q < 4; ++q) stage[sw(m0 + g + 8 * (q / 2), n0 + 8 * b + 2 * t + q % 2)] = c.v[b][q];
+  DM_SYNC();
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i) dm_load4(&stage[sw(ty * 4 + i, tx * 4)], out.v[i]);
+}
+
 // Shared-memory work space of the (queries x points) logit tile.
 struct LogitSmem {
   float* xs;     // (k, b) query chunk, feature-major (queries centred when fast)
@@ -99,6 +151,7 @@ struct LogitSmem {
   float* ynorm;  // [64] |y - c|^2 of the tile's points (fast only)
   const float* alpha;  // [64] per-query alpha of the tile (shared memory)
   const float* var;    // [64] per-query var
+  float* stage;        // 64 x 64 scratch tile (tensor-core logits only)
 };
 
 // alpha and var of the thread's rows ty * 4 + i, from per-row shared vectors.
@@ -153,8 +206,9 @@ DM_DEVICE void store_block(float* dst, int64_t valid_rows, int64_t d, const Tile
 // x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller).
 // On return ls.yr (if not null) holds the last point chunk row-major (the only one when
 // d <= 64). raw (exact only, with alpha = 1 and var = 0): return the squared distances
-// sum_k (x - y)^2 instead of logits, +inf for points >= N.
-template <bool kFast, bool kWithQ>
+// sum_k (x - y)^2 instead of logits, +inf for points >= N. kTensor (fast only, not with q): the
+// dot products on the tensor cores (mma_tile), handed over through ls.stage.
+template <bool kFast, bool kWithQ, bool kTensor = false>
 DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, const LogitSmem& ls,
                           bool x_resident, bool yr_centred, const float* gm_g, Tile4& logit,
                           Tile4& q, bool raw = false) {
@@ -164,8 +218,11 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
   const float* c_g = p.c + g * p.gs_c;
   float a[4], v[4];
   row_params(ls.alpha, ls.var, a, v);
+  static_assert(!kTensor || (kFast && !kWithQ), "tensor-core logits: fast forward only");
   Tile4 total;
   total.fill(0.f);
+  Frag64 dots;  // tensor-core dot products x'.(y - c), all chunks
+  dots.fill(0.f);
   if (kWithQ) q.fill(0.f);
   float yn[4] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
@@ -181,6 +238,15 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
       for (int k = DM_THREAD_X; k < kChunk; k += kThreads) ls.cs[k] = k0 + k < p.d ? c_g[k0 + k] : 0.f;
     }
     DM_SYNC();
+    if (kTensor) {
+      mma_tile(ls.xs, ls.ys, kc, dots);
+      for (int k = 0; k < kc; ++k) {
+        float yv[4];
+        dm_load4(&ls.ys[sw(k, tx * 4)], yv);
+        for (int j = 0; j < 4; ++j) yn[j] = fmaf(yv[j], yv[j], yn[j]);
+      }
+      continue;
+    }
     Tile4 part;
     part.fill(0.f);
     for (int kk = 0; kk < kc; kk += kChain) {
@@ -218,6 +284,7 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) total.v[i][j] += part.v[i][j];
   }
+  if (kTensor) frags_to_tile4(dots, ls.stage, total);  // stage is none of the chunk tiles
   const float* bias_g = p.bias ? p.bias + g * p.gs_bias : nullptr;
   for (int j = 0; j < 4; ++j) {
     const int64_t n = n0 + tx * 4 + j;

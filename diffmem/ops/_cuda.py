@@ -9,13 +9,17 @@ on CPU tensors in a host emulator (slow; used to test the kernels without a GPU)
 
 With at most FEW_QUERIES queries per group the forward runs the few-query kernel
 (csrc/cuda/few.cuh) instead of the 64-query tiles: it computes exact logits for both
-precisions, since there the points' memory traffic, not arithmetic, sets the time.
+precisions, since there the points' memory traffic, not arithmetic, sets the time. The tile
+forward of precision="fast" can also run its dot products on the tensor cores (TF32 with the
+3-product split, as Triton's tf32x3); that kernel is opt-in (DIFFMEM_CUDA_TENSOR_CORES=1, or
+``force(tensor=True)``) until it has been checked on a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from types import SimpleNamespace
 
 import torch
@@ -29,17 +33,21 @@ _TILE = 64  # queries (or points) per block, csrc/cuda/tiles.cuh
 _PRECISION = {"exact": 0, "fast": 1}
 # Queries per group up to which the forward uses the few-query kernel (when d allows it).
 FEW_QUERIES = 16
+# Forward kernels of csrc/cuda/launch.h.
+_TILE_KERNEL, _FEW_KERNEL, _TENSOR_KERNEL = 0, 1, 2
 _loaded: list = []
 _forced: dict = {}
 
 
 @contextlib.contextmanager
-def force(split: int | None = None, split_b: int | None = None, few: bool | None = None):
+def force(split: int | None = None, split_b: int | None = None, few: bool | None = None,
+          tensor: bool | None = None):
     """Pin the split of the points (forward, knn, query gradients) and/or of the queries
-    (point gradients), and whether the forward uses the few-query kernel. Used by tests to
-    reach every kernel and the split-and-merge paths on small shapes."""
+    (point gradients), whether the forward uses the few-query kernel, and whether the fast tile
+    forward uses the tensor cores. Used by tests to reach every kernel and the split-and-merge
+    paths on small shapes."""
     previous = dict(_forced)
-    pinned = (("split", split), ("split_b", split_b), ("few", few))
+    pinned = (("split", split), ("split_b", split_b), ("few", few), ("tensor", tensor))
     _forced.update({k: v for k, v in pinned if v is not None})
     try:
         yield
@@ -50,6 +58,12 @@ def force(split: int | None = None, split_b: int | None = None, few: bool | None
 
 def _split(key: str, programs: int, stream_len: int, rows: int, d: int, device, **limits) -> int:
     return _forced.get(key) or work_split(programs, stream_len, rows, d, device, **limits)
+
+
+def _tensor_cores() -> bool:
+    """Whether the fast tile forward runs on the tensor cores: force(tensor=...), else the
+    environment variable DIFFMEM_CUDA_TENSOR_CORES=1 (opt-in while unverified on a GPU)."""
+    return bool(_forced.get("tensor", os.environ.get("DIFFMEM_CUDA_TENSOR_CORES") == "1"))
 
 
 def _few_queries(B: int, d: int) -> bool:
@@ -166,8 +180,11 @@ def forward(x, points, alpha, var, bias, precision="exact"):
         acc = new_output((split, G, B, d), torch.float32, dev)
         m_part = new_output((split, G, B), torch.float32, dev)
         l_part = new_output((split, G, B), torch.float32, dev)
+    kernel = _FEW_KERNEL if few else _TILE_KERNEL
+    if prep.fast and _tensor_cores():
+        kernel = _TENSOR_KERNEL
     with _launch_context(prep.x) as stream:
-        ext.forward(*prep.problem, split, few, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
+        ext.forward(*prep.problem, split, kernel, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
                     _ptr(m), _ptr(l), stream)
     lse64 = m.double() + torch.log(l.double()) - logit_shift(prep.fast, d, prep.kq)
     return mean, lse64.float(), lse64
