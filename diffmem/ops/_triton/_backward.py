@@ -157,16 +157,18 @@ def _query_kernel(
             xk = tl.load(x_g + rows_b[:, None] + offs_k[None, :], mask=mq, other=0.0)
             yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
                          mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            diff = tl.fma(-alpha[:, None, None], yk[None, :, :], xk[:, None, :])
-            pd = P[:, :, None] * diff
+            # Feature-major (BD, BB, BN) tiles: sums over features stay within threads.
+            yt = tl.trans(yk)
+            diff = tl.fma(-alpha[None, :, None], yt[:, None, :], tl.trans(xk)[:, :, None])
+            pd = P[None, :, :] * diff
             if NEED_DALPHA:
-                sum_pyd += tl.sum(tl.sum(pd * yk[None, :, :], axis=2), axis=1)
+                sum_pyd += tl.sum(tl.sum(pd * yt[:, None, :], axis=0), axis=1)
             if NEED_DVAR:
-                vk = tl.where(mask_k[None, :], var[:, None], 0.0)
-                sq = tl.fma(diff, diff, -vk[:, None, :])
-                sum_ps += tl.sum(tl.sum(P[:, :, None] * sq, axis=2), axis=1)
+                vk = tl.where(mask_k[:, None], var[None, :], 0.0)
+                sq = tl.sum(tl.fma(diff, diff, -vk[:, :, None]), axis=0)
+                sum_ps += tl.sum(P * sq, axis=1)
             if NEED_DX:
-                contrib = -tl.sum(pd, axis=1) / var[:, None]
+                contrib = -tl.trans(tl.sum(pd, axis=2)) / var[:, None]
                 if NUM_D == 1:
                     dx += contrib
                 else:

@@ -51,7 +51,10 @@ def shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
 
     rows_b (BB,) / rows_n (BN,) are int64 row offsets (row * d) into x_g / y_g; alpha, var (BB,).
     exact: -(sum_k fma(diff, diff, -var)) / (2 var) with diff = fma(-alpha, y, x), summed per
-    BD-chunk, then in groups of chunks, then across groups. fast: alpha (x'.(y - c) -
+    BD-chunk, then in groups of chunks, then across groups. The chunk is a feature-major
+    (BD, BB, BN) tile: the compiler keeps the feature axis within each thread, so its sum needs
+    no cross-lane shuffles (a (BB, BN, BD) tile put the features across lanes: about 7x the
+    shuffles and 3x the adds, see benchmarks/triton_sass.py). fast: alpha (x'.(y - c) -
     alpha ||y - c||^2 / 2) / var with x' = x - alpha c, the dot on tensor cores.
     """
     BB: tl.constexpr = rows_b.shape[0]
@@ -74,9 +77,13 @@ def shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
                 part += tl.dot(xc, tl.trans(yc), input_precision=DOT)
                 ynorm += tl.sum(yc * yc, axis=1)
             else:
-                diff = tl.fma(-alpha[:, None, None], yk[None, :, :], xk[:, None, :])
-                vk = tl.where(mask_k[None, :], var[:, None], 0.0)
-                part += tl.sum(tl.fma(diff, diff, -vk[:, None, :]), axis=2)
+                # Feature-major (BD, BB, BN) tile: the features lie along registers of each
+                # thread, so the sum over them needs no shuffles across lanes.
+                xt = tl.trans(xk)
+                yt = tl.trans(yk)
+                diff = tl.fma(-alpha[None, :, None], yt[:, None, :], xt[:, :, None])
+                vk = tl.where(mask_k[:, None], var[None, :], 0.0)
+                part += tl.sum(tl.fma(diff, diff, -vk[:, :, None]), axis=0)
         acc += part
     if FAST:
         return alpha[:, None] * (acc - 0.5 * alpha[:, None] * ynorm[None, :]) / var[:, None]
@@ -90,7 +97,8 @@ def centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d,
     """(BB, BN) tile of g[b] . (y[n] - c) for the group's centre row c, by direct differences.
 
     Centred, the dot is O(spread) instead of O(|offset|), so subtracting its weighted mean over
-    the points (the backward's D) does not cancel away the fp32 precision.
+    the points (the backward's D) does not cancel away the fp32 precision. Feature-major tiles,
+    as in shifted_logits.
     """
     BB: tl.constexpr = rows_b.shape[0]
     BN: tl.constexpr = rows_n.shape[0]
@@ -104,7 +112,8 @@ def centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d,
         yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
-        acc += tl.sum(gk[:, None, :] * yc[None, :, :], axis=2)
+        # feature-major (BD, BB, BN), as in shifted_logits: the sum stays within threads
+        acc += tl.sum(tl.trans(gk)[:, :, None] * tl.trans(yc)[:, None, :], axis=0)
     return acc
 
 

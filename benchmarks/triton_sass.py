@@ -1,0 +1,103 @@
+"""Compile the Triton kernels for a GPU architecture without a GPU and count their SASS.
+
+    python benchmarks/triton_sass.py [--arch 90] [--kernels forward,stats,query,point]
+
+Each kernel is compiled ahead of time (Triton's own ptxas) at the launch configurations its
+autotuner can pick, and disassembled with Triton's bundled cuobjdump. Printed per configuration:
+registers, stack (spills), the total static instruction count and the instructions that matter
+for these kernels (FFMA/FADD/FMUL arithmetic, SHFL cross-lane reductions, local-memory spills,
+shared and global loads). Static counts are not timings: use them to compare two versions of a
+kernel (fewer shuffles and spills in the same loop) when no GPU is at hand, and measure on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from diffmem.ops._triton import _backward, _forward
+
+KEY_OPS = ["FFMA", "FADD", "FMUL", "SHFL", "STL", "LDL", "LDS", "LDG", "HMMA", "HGMMA"]
+
+# kernel -> (function, constexprs besides the blocks, [(num_warps, num_stages, BB, BN, NUM_D, BD)])
+COMMON = dict(HAS_BIAS=False, FAST=False, DOT="tf32x3")
+KERNELS = {
+    "forward": (_forward._forward_kernel, dict(COMMON, FINAL=True),
+                [(4, 2, 16, 32, 1, 16), (8, 2, 32, 32, 1, 16), (4, 1, 16, 32, 192, 16)]),
+    "forward-fast": (_forward._forward_kernel, dict(COMMON, FAST=True, FINAL=True),
+                     [(8, 2, 64, 64, 1, 64), (4, 1, 64, 32, 96, 32)]),
+    "stats": (_backward._stats_kernel, dict(COMMON, HAS_GM=True),
+              [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
+    "query": (_backward._query_kernel,
+              dict(COMMON, HAS_GM=True, NEED_DX=True, NEED_DALPHA=True, NEED_DVAR=True),
+              [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
+    "point": (_backward._point_kernel, dict(COMMON, HAS_GM=True, NEED_DY=True, NEED_DBIAS=True),
+              [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
+}
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    """Ahead-of-time compile: pointers (*_ptr) as fp32 pointers, other arguments as i32."""
+    params = list(inspect.signature(fn.fn).parameters)
+    signature = {p: "constexpr" if p in constexprs else "*fp32" if p.endswith("_ptr") else "i32"
+                 for p in params}
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sass_counts(cubin: bytes) -> tuple[str, collections.Counter]:
+    """(resource-usage line, opcode counts) of a cubin, with Triton's bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    line = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), "")
+    ops = collections.Counter(
+        m.group(1).split(".")[0]
+        for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)", sass))
+    return line, ops
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    ap.add_argument("--kernels", default=",".join(KERNELS),
+                    help=f"comma-separated subset of {', '.join(KERNELS)}")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the kernels' own default
+    print(f"sm_{args.arch}, Triton {triton.__version__}; static SASS instruction counts")
+    print("kernel        warps stages BB BN NUM_D BD  regs stack  total  "
+          + " ".join(f"{k:>5}" for k in KEY_OPS))
+    for name in args.kernels.split(","):
+        fn, constexprs, configs = KERNELS[name]
+        for warps, stages, bb, bn, num_d, bd in configs:
+            ce = dict(constexprs, BB=bb, BN=bn, NUM_D=num_d, BD=bd)
+            kernel = compile_kernel(fn, ce, warps, stages, args.arch)
+            usage, ops = sass_counts(kernel.asm["cubin"])
+            regs = re.search(r"REG:(\d+)", usage)
+            stack = re.search(r"STACK:(\d+)", usage)
+            print(f"{name:13} {warps:5} {stages:6} {bb:2} {bn:2} {num_d:5} {bd:2} "
+                  f"{regs.group(1) if regs else '?':>5} {stack.group(1) if stack else '?':>5} "
+                  f"{sum(ops.values()):6}  " + " ".join(f"{ops[k]:5}" for k in KEY_OPS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
