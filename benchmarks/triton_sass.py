@@ -34,6 +34,10 @@ COMMON = dict(HAS_BIAS=False, FAST=False, DOT="tf32x3")
 KERNELS = {
     "forward": (_forward._forward_kernel, dict(COMMON, FINAL=True),
                 [(4, 2, 16, 32, 1, 16), (8, 2, 32, 32, 1, 16), (4, 1, 16, 32, 192, 16)]),
+    # the few-query plan: BB = 2..16 rows, BN = min(128, 8192 / (BB BD))
+    "forward-few": (_forward._forward_kernel, dict(COMMON, FINAL=False),
+                    [(4, 2, 2, 128, 1, 16), (4, 2, 8, 64, 1, 16), (4, 2, 16, 32, 1, 16),
+                     (4, 1, 2, 128, 192, 16)]),
     "forward-fast": (_forward._forward_kernel, dict(COMMON, FAST=True, FINAL=True),
                      [(8, 2, 64, 64, 1, 64), (4, 1, 64, 32, 96, 32)]),
     "stats": (_backward._stats_kernel, dict(COMMON, HAS_GM=True),
