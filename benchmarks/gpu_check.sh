@@ -10,7 +10,7 @@
 # Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
 # TENSOR_BENCH_TIMEOUT (step 5: the cuda fast forward on the tensor cores, DIFFMEM_CUDA_TENSOR_CORES=1,
 # at TENSOR_SIZES, tile-kernel sizes by default; "none" skips it).
-# TESTS (default: the op and kernel suites), TEST_FILTER (pytest -k expression), SIZES
+# SANITIZE=0 skips step 3. TESTS (default: the op and kernel suites), TEST_FILTER (pytest -k expression), SIZES
 # (benchmark sizes) and METHODS (benchmark method patterns) can be overridden.
 set -uo pipefail
 
@@ -52,13 +52,15 @@ DIFFMEM_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no
 echo "tests: $(( $(date +%s) - start )) s, status $status" | tee -a "$OUT_DIR/env.txt"
 grep -E "passed|failed|FAILED|Error" "$OUT_DIR/pytest.txt" | tail -25
 
-start=$(date +%s)
-for tool in memcheck racecheck; do
-    timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --print-limit 20 \
-        "$PY" benchmarks/cuda_sanitize.py >"$OUT_DIR/sanitize-$tool.txt" 2>&1 || status=$?
-    tail -4 "$OUT_DIR/sanitize-$tool.txt"
-done
-echo "sanitizer: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+if [ "${SANITIZE:-1}" = 1 ]; then
+    start=$(date +%s)
+    for tool in memcheck racecheck; do
+        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --print-limit 20 \
+            "$PY" benchmarks/cuda_sanitize.py >"$OUT_DIR/sanitize-$tool.txt" 2>&1 || status=$?
+        tail -4 "$OUT_DIR/sanitize-$tool.txt"
+    done
+    echo "sanitizer: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+fi
 
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/compare.py --device cuda --budget 0.4 \
