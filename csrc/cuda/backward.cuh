@@ -93,11 +93,13 @@ DM_GLOBAL DM_TILE_KERNEL void stats_kernel(Problem p, RowInputs in, float* DM_RE
 // P = w (q + r) of a logit tile, written to pt as element (n, b) when pt is not null; adds the
 // per-row sums of P to row_p and the per-column sums to col_p (per thread: rows ty * 4 + i,
 // columns tx * 4 + j). w = e / Z is written to wt as (b, n) when wt is not null, and
-// P alpha / var to coef as (b, n) when coef is not null.
+// P alpha / var to coef as (b, n) when coef is not null. With dist (the tile's shifted squared
+// distances), the per-row sums of P dist are added to row_pd.
 template <bool kWithQ>
 DM_DEVICE void grad_logit_tile(const BackwardSmem& s, const Tile4& logit, const Tile4& q,
                                float* pt, float* wt, float* coef, float (&row_p)[4],
-                               float (&col_p)[4]) {
+                               float (&col_p)[4], const Tile4* dist = nullptr,
+                               float* row_pd = nullptr) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
   float P[4][4], w[4][4];
   for (int i = 0; i < 4; ++i) {
@@ -108,6 +110,7 @@ DM_DEVICE void grad_logit_tile(const BackwardSmem& s, const Tile4& logit, const 
       P[i][j] = w[i][j] * ((kWithQ ? q.v[i][j] : 0.f) + r);
       row_p[i] += P[i][j];
       col_p[j] += P[i][j];
+      if (dist) row_pd[i] = fmaf(P[i][j], dist->v[i][j], row_pd[i]);
     }
     if (wt) dm_store4(&wt[sw(b, tx * 4)], w[i]);
     if (coef) {
@@ -125,10 +128,13 @@ DM_DEVICE void grad_logit_tile(const BackwardSmem& s, const Tile4& logit, const 
 }
 
 // Grid: G * split * cdiv(B, 64). Outputs: partial sums (split, G, B, d) for dx and
-// (split, G, B) for dalpha, dvar (null when not needed).
+// (split, G, B) for dalpha, dvar (null when not needed; kScalars: either is needed).
 //   dx = -sum_n P diff / var, dalpha = sum_n P (y . diff) / var,
 //   dvar = sum_n P |diff|^2 / (2 var^2), |diff|^2 = sum_k (diff_k^2 - var) + d var.
-template <bool kFast, bool kWithQ>
+// Per query, point and feature: 2 instructions for dx, 2 more for dalpha; the exact kernel
+// takes sum_k (diff_k^2 - var) for dvar from the logit tile (the fast one's logits are no
+// distances: 2 more there).
+template <bool kFast, bool kWithQ, bool kScalars>
 DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RESTRICT dx_out,
                             float* DM_RESTRICT dalpha_out, float* DM_RESTRICT dvar_out,
                             int64_t split) {
@@ -159,9 +165,11 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
   for (int64_t t = tr.begin; t < tr.end; ++t) {
     const int64_t n0 = t * kTile;
     const int64_t valid_n = p.N - n0 < kTile ? p.N - n0 : kTile;
-    Tile4 logit, q;
-    logit_tile<kFast, kWithQ>(p, g, b0, n0, s.ls, false, false, gm_g, logit, q);
-    grad_logit_tile<kWithQ>(s, logit, q, pt, nullptr, nullptr, sum_p, unused);
+    Tile4 logit, q, dist;
+    logit_tile<kFast, kWithQ>(p, g, b0, n0, s.ls, false, false, gm_g, logit, q, false,
+                              kScalars && !kFast ? &dist : nullptr);
+    grad_logit_tile<kWithQ>(s, logit, q, pt, nullptr, nullptr, sum_p, unused,
+                            kScalars && !kFast ? &dist : nullptr, sum_ps);
     for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
       DM_SYNC();  // pt complete; the previous chunk's reads of yr done
       if (!single) {
@@ -183,8 +191,8 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
             if (!kvalid[j]) continue;
             const float diff = fmaf(-a[i], yv[j], xv.v[i][j]);
             sdx.v[i][j] = fmaf(pv[i], diff, sdx.v[i][j]);
-            sum_pyd[i] = fmaf(pv[i], yv[j] * diff, sum_pyd[i]);
-            sum_ps[i] = fmaf(pv[i], fmaf(diff, diff, -v[i]), sum_ps[i]);
+            if (kScalars) sum_pyd[i] = fmaf(pv[i], yv[j] * diff, sum_pyd[i]);
+            if (kScalars && kFast) sum_ps[i] = fmaf(pv[i], fmaf(diff, diff, -v[i]), sum_ps[i]);
           }
       }
       if (!dx_rows) continue;
@@ -267,9 +275,8 @@ DM_GLOBAL DM_TILE_KERNEL void point_kernel(Problem p, RowInputs in, float* DM_RE
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) {
             const float diff = fmaf(-ab, yv.v[i][j], xv[j]);
-            float term = cf[i] * diff;
-            if (gm_g) term = fmaf(wv[i], gv[j], term);
-            sdy.v[i][j] += term;
+            sdy.v[i][j] = fmaf(cf[i], diff, sdy.v[i][j]);
+            if (kWithQ) sdy.v[i][j] = fmaf(wv[i], gv[j], sdy.v[i][j]);
           }
       }
       add_block(single, dyr, dy_rows, valid_n, k0, p.d, sdy);

@@ -178,10 +178,26 @@ void backward_stats(const Problem& p, const RowInputs& in, int64_t split, float*
   DMC_DISPATCH("backward stats", stats_kernel, query_blocks(p, split), p, in, z, eq, split);
 }
 
+// The query kernel with its per-query sums (dalpha, dvar) or without them.
+template <bool kFast, bool kWithQ>
+void launch_query(const Problem& p, const RowInputs& in, int64_t split, float* dx,
+                  float* dalpha, float* dvar, std::uintptr_t stream) {
+  const int64_t blocks = query_blocks(p, split);
+  if (dalpha || dvar)
+    launch("backward queries", query_kernel<kFast, kWithQ, true>, blocks, kBackwardSmem, stream, p,
+           in, dx, dalpha, dvar, split);
+  else
+    launch("backward queries", query_kernel<kFast, kWithQ, false>, blocks, kBackwardSmem, stream,
+           p, in, dx, dalpha, dvar, split);
+}
+
 void backward_query(const Problem& p, const RowInputs& in, int64_t split, float* dx,
                     float* dalpha, float* dvar, std::uintptr_t stream) {
-  DMC_DISPATCH("backward queries", query_kernel, query_blocks(p, split), p, in, dx, dalpha, dvar,
-               split);
+  const bool q = in.gm != nullptr;
+  if (p.fast && q) launch_query<true, true>(p, in, split, dx, dalpha, dvar, stream);
+  else if (p.fast) launch_query<true, false>(p, in, split, dx, dalpha, dvar, stream);
+  else if (q) launch_query<false, true>(p, in, split, dx, dalpha, dvar, stream);
+  else launch_query<false, false>(p, in, split, dx, dalpha, dvar, stream);
 }
 
 void backward_point(const Problem& p, const RowInputs& in, int64_t split, float* dy,

@@ -206,12 +206,14 @@ DM_DEVICE void store_block(float* dst, int64_t valid_rows, int64_t d, const Tile
 // x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller).
 // On return ls.yr (if not null) holds the last point chunk row-major (the only one when
 // d <= 64). raw (exact only, with alpha = 1 and var = 0): return the squared distances
-// sum_k (x - y)^2 instead of logits, +inf for points >= N. kTensor (fast only, not with q): the
-// dot products on the tensor cores (mma_tile), handed over through ls.stage.
+// sum_k (x - y)^2 instead of logits, +inf for points >= N. dist (exact only, may be null):
+// receives the shifted squared distances sum_k fma(diff, diff, -var) themselves (0 for points
+// >= N). kTensor (fast only, not with q): the dot products on the tensor cores (mma_tile),
+// handed over through ls.stage.
 template <bool kFast, bool kWithQ, bool kTensor = false>
 DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, const LogitSmem& ls,
                           bool x_resident, bool yr_centred, const float* gm_g, Tile4& logit,
-                          Tile4& q, bool raw = false) {
+                          Tile4& q, bool raw = false, Tile4* dist = nullptr) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
   const float* x_g = p.x + g * p.gs_x;
   const float* y_g = p.y + g * p.gs_y;
@@ -292,6 +294,7 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
     const float b = (bias_g && valid) ? bias_g[n] : 0.f;
     for (int i = 0; i < 4; ++i) {
       float l;
+      if (!kFast && dist) dist->v[i][j] = valid ? total.v[i][j] : 0.f;
       if (raw) {
         logit.v[i][j] = valid ? total.v[i][j] : INFINITY;
         continue;
