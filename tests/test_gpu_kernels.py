@@ -426,30 +426,3 @@ def test_work_split_fills_the_device():
 def test_status(kern):
     ok, reason = kern.module.status()
     assert ok and reason == ""
-
-
-@pytest.mark.parametrize("offset, skipped", [(0.0, True), (1000.0, False)])
-def test_cuda_backward_statistics_from_the_forward(offset, skipped):
-    """cuda, exact, tile forward, points near the origin: Z = 1 and D = g . (mean - c) from the
-    forward's outputs replace the statistics pass, with the gradients of the pass (and of the
-    float64 reference)."""
-    from diffmem.ops import _gpu_common
-    cuda = importlib.import_module("diffmem.ops._cuda")
-    if not cuda.status()[0]:
-        pytest.skip("the cuda backend cannot run here")
-    args = make_case(G=2, B=5, N=40, d=24, t=0.3, offset=offset, bias="finite", seed=30)
-    gm, gl = output_grads(2, 5, 24, seed=31)
-    needs = (True, True, True, True, True)
-    with cuda.force(few=False):
-        mean, _, lse64 = cuda.forward(*args)
-        rows = _gpu_common.rows_from_forward(args[1], mean, gm, gl, same_logits=True)
-        assert (rows is not None) == skipped
-        assert _gpu_common.rows_from_forward(args[1], mean, gm, gl, same_logits=False) is None
-        got = cuda.backward(*args, mean, lse64, gm, gl, needs)
-        with _gpu_common.statistics_pass():
-            assert _gpu_common.rows_from_forward(args[1], mean, gm, gl, True) is None
-            with_pass = cuda.backward(*args, mean, lse64, gm, gl, needs)
-    want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
-    check_grads(got, want)
-    for a, b in zip(got, with_pass):
-        assert rel_fro(a, b) <= 1e-6

@@ -3,10 +3,8 @@
 //   stats_kernel  blocks own 64 queries, stream over points -> Z = sum_n e, sum_n e q
 //   query_kernel  blocks own 64 queries, stream over points -> dx, dalpha, dvar
 //   point_kernel  blocks own 64 points, stream over queries -> dpoints, dbias
-// with w = e / Z and P = w (q + r), r = h - D supplied by the host (from the stats pass, or
-// without it Z = 1 and D = g . (mean - c) where that is exact enough: exact logits, points not
-// far from the origin; see rows_from_forward in diffmem/ops/_gpu_common.py). Every gradient is
-// a plain sum in a fixed order (splits write partial sums that the host adds): deterministic.
+// with w = e / Z and P = w (q + r), r = h - D supplied by the host. Every gradient is a plain
+// sum in a fixed order (splits write partial sums that the host adds): deterministic.
 #pragma once
 #include "tiles.cuh"
 

@@ -27,7 +27,7 @@ import torch
 from ._alloc import new_output
 from ._extension import cuda_reason
 from ._gpu_common import (centred_shift, check_float32, group_stride, groupwise, logit_shift,
-                          merge_knn_partials, reduce_partials, rows_from_forward, work_split)
+                          merge_knn_partials, reduce_partials, work_split)
 
 _TILE = 64  # queries (or points) per block, csrc/cuda/tiles.cuh
 _PRECISION = {"exact": 0, "fast": 1}
@@ -194,9 +194,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
              precision="exact"):
     """(dx, dpoints, dalpha, dvar, dbias) in canonical shapes; None where needs[i] is False.
 
-    The kernels recompute the weights from lse64 (see backward.cuh); ``mean`` gives their
-    per-query statistics without a pass over the points where that is exact enough
-    (rows_from_forward).
+    ``mean`` is not used: the kernels recompute the weights from lse64 (see backward.cuh).
     """
     ext = _ext()
     prep = _prepare(x, points, alpha, var, bias, precision)
@@ -213,20 +211,14 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     out = [None] * 5
     with _launch_context(prep.x) as stream:
         split = _split("split", G * _blocks(B), N, B, d, dev)
-        # The tile forward's exact logits are the backward's (same logit_tile, --fmad=false).
-        same_logits = not prep.fast and not _few_queries(B, d)
-        z_r = rows_from_forward(prep.tensors[1], mean, gm, grad_lse, same_logits)
-        if z_r is None:  # the statistics pass: Z = sum_n e, D = sum_n e q / Z
-            z_p = new_output((split, G, B), f32, dev)
-            eq_p = new_output((split, G, B), f32, dev)
-            ext.backward_stats(*problem, _ptr(lse_s), _ptr(gm), split, _ptr(z_p), _ptr(eq_p),
-                               stream)
-            z = reduce_partials(z_p)
-            r = -reduce_partials(eq_p) / z
-            if grad_lse is not None:
-                r = r + grad_lse
-            z_r = z.contiguous(), r.contiguous()
-        z, r = z_r
+        z_p = new_output((split, G, B), f32, dev)
+        eq_p = new_output((split, G, B), f32, dev)
+        ext.backward_stats(*problem, _ptr(lse_s), _ptr(gm), split, _ptr(z_p), _ptr(eq_p), stream)
+        z = reduce_partials(z_p)
+        r = -reduce_partials(eq_p) / z
+        if grad_lse is not None:
+            r = r + grad_lse
+        z, r = z.contiguous(), r.contiguous()
         rows = (_ptr(lse_s), _ptr(z), _ptr(r), _ptr(gm))
 
         if needs[0] or needs[2] or needs[3]:

@@ -4,14 +4,10 @@ and the float64 lse. Pure torch, so either backend works without the other's pac
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 # Largest partial-result buffer a split may allocate, in elements (256 MiB of float32).
 MAX_PARTIAL_ELEMENTS = 1 << 26
-
-_always_stats: list = []
 
 
 def check_float32(*tensors, backend: str) -> None:
@@ -85,48 +81,6 @@ def work_split(programs: int, stream_len: int, rows: int, d: int, device: torch.
     split = min(split, max(1, stream_len // min_items), max_split)
     split = min(split, max(1, MAX_PARTIAL_ELEMENTS // max(1, rows * d)))
     return max(1, split)
-
-
-@contextlib.contextmanager
-def statistics_pass():
-    """Make the GPU backwards run their statistics pass even where rows_from_forward would
-    spare it (tests compare the two)."""
-    _always_stats.append(True)
-    try:
-        yield
-    finally:
-        _always_stats.pop()
-
-
-def rows_from_forward(points, mean, grad_mean, grad_lse, same_logits: bool):
-    """The backward's per-query Z (G, B) and r = h - D (G, B), float32, from the forward's
-    outputs, or None when the kernels' statistics pass has to compute them.
-
-    same_logits: the forward computed its exact logits with the backward's arithmetic, bit for
-    bit (not so for "fast", whose lse carries the expansion's error, nor for a forward kernel
-    that sums the features in another order: at d = 3072 two orders differ by ~1e-5 in a
-    logit). Then the weights exp(logit - lse) sum to one within the rounding of lse: Z = 1.
-    D = sum_n w g.(y_n - c) = g.(mean - c) for the kernels' centre row c (each group's first
-    point), formed in float64 from the float32 mean, whose absolute error eps |mean| is harmless
-    while the points are not far from the origin relative to their spread. Otherwise
-    (|centroid|^2 > 4 x mean squared distance to it, e.g. data offset by 1000, or N = 1) the
-    pass recomputes D from the weights.
-    points (G, N, d) canonical; mean, grad_mean (G, B, d); grad_lse (G, B) or None.
-    """
-    if not same_logits or _always_stats:
-        return None
-    G, B, _ = mean.shape
-    D = torch.zeros((G, B), dtype=torch.float64, device=mean.device)
-    if grad_mean is not None:
-        centroid = points.mean(dim=1)
-        spread2 = points.var(dim=1, unbiased=False).sum(-1)
-        if bool(((centroid * centroid).sum(-1) > 4.0 * spread2).any()):
-            return None
-        c = points[:, :1, :].double()
-        D = (grad_mean.double() * (mean.double() - c)).sum(-1)
-    r = -D if grad_lse is None else grad_lse.double() - D
-    z = torch.ones((G, B), dtype=torch.float32, device=mean.device)
-    return z, r.float().contiguous()
 
 
 def reduce_partials(buf: torch.Tensor) -> torch.Tensor:
