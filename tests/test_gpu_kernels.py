@@ -241,6 +241,21 @@ def test_cuda_tensor_core_fast_forward(d, split):
                    lse_tol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["one_point", "shared", "sixteen_queries"])
+def test_few_query_edge_cases(kern, case):
+    """The few-query forward with one point, with points and queries shared by all groups
+    (stride 0) and no bias, and at 16 queries (four blocks of four on cuda)."""
+    if case == "one_point":
+        args = make_case(G=2, B=3, N=1, d=40, t=0.2, seed=40)
+    elif case == "shared":
+        args = make_case(G=3, B=2, N=33, d=70, t=0.5, shared=True, shared_queries=True, seed=41)
+        assert args[0].stride(0) == 0 and args[1].stride(0) == 0
+    else:
+        args = make_case(G=1, B=16, N=50, d=9, t=0.05, offset=1000.0, bias="masked", seed=42)
+    for split in (None, 2):
+        check_case(kern, args, {"few": True, "split": split}, grads=False)
+
+
 def test_cuda_few_query_choice():
     """cuda: a few queries per group take the few-query kernel unless d is too large."""
     cuda = importlib.import_module("diffmem.ops._cuda")
