@@ -1,6 +1,7 @@
 """Compile the Triton kernels for a GPU architecture without a GPU and count their SASS.
 
     python benchmarks/triton_sass.py [--arch 90] [--kernels forward,stats,query,point]
+    python benchmarks/triton_sass.py --compile-all [--arch 90]
 
 Each kernel is compiled ahead of time (Triton's own ptxas) at the launch configurations its
 autotuner can pick, and disassembled with Triton's bundled cuobjdump. Printed per configuration:
@@ -8,6 +9,11 @@ registers, stack (spills), the total static instruction count and the instructio
 for these kernels (FFMA/FADD/FMUL arithmetic, SHFL cross-lane reductions, local-memory spills,
 shared and global loads). Static counts are not timings: use them to compare two versions of a
 kernel (fewer shuffles and spills in the same loop) when no GPU is at hand, and measure on one.
+
+--compile-all compiles every kernel at every configuration its plans can launch (both
+precisions, with and without bias, one and several feature chunks, each feature chunk size, the
+autotuner's candidates and the few-query blocks) and exits non-zero if any fails: a GPU
+compilation check for machines without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import inspect
+import itertools
 import os
 import re
 import subprocess
@@ -25,7 +32,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from diffmem.ops._triton import _backward, _forward
+from diffmem.ops._triton import _backward, _config, _forward
 
 KEY_OPS = ["FFMA", "FADD", "FMUL", "SHFL", "STL", "LDL", "LDS", "LDG", "HMMA", "HGMMA"]
 
@@ -79,13 +86,62 @@ def sass_counts(cubin: bytes) -> tuple[str, collections.Counter]:
     return line, ops
 
 
+def launch_configurations():
+    """(kernel name, function, constexprs, num_warps, num_stages) for everything the plans can
+    launch: see diffmem/ops/_triton/_config.py."""
+    grads = {
+        "stats": (_backward._stats_kernel, dict(HAS_GM=True)),
+        "query": (_backward._query_kernel,
+                  dict(HAS_GM=True, NEED_DX=True, NEED_DALPHA=True, NEED_DVAR=True)),
+        "point": (_backward._point_kernel, dict(HAS_GM=True, NEED_DY=True, NEED_DBIAS=True)),
+    }
+    for fast, bias, bd, num_d in itertools.product((False, True), (False, True),
+                                                   (1, 4, 16, 32, 64), (1, 3)):
+        common = dict(HAS_BIAS=bias, FAST=fast, DOT=_config.FAST_DOT, NUM_D=num_d, BD=bd)
+        single = num_d == 1
+        if not fast or bd >= 16:  # the forward's chunks: any for exact, >= 16 for tl.dot
+            for cfg in _config.autotune_configs(fast, bd, single):
+                yield ("forward", _forward._forward_kernel, dict(common, FINAL=single, **cfg.kwargs),
+                       cfg.num_warps, cfg.num_stages)
+        if bd <= 16 or (fast and bd <= 32):  # the gradient kernels' chunks
+            if fast and bd < 16:
+                continue
+            for name, (fn, extra) in grads.items():
+                for cfg in _config.autotune_configs(False, bd, single, budget=32):
+                    yield name, fn, dict(common, **extra, **cfg.kwargs), cfg.num_warps, cfg.num_stages
+        if not fast and bd <= 16:  # the few-query forward: fixed blocks
+            for bb in (2, 4, 8, 16):
+                bn = min(128, 64 * 128 // (bb * bd))
+                yield ("forward-few", _forward._forward_kernel,
+                       dict(common, FINAL=single, BB=bb, BN=bn), 4, 2 if single else 1)
+
+
+def compile_all(arch: int) -> int:
+    failures = 0
+    count = 0
+    for name, fn, constexprs, warps, stages in launch_configurations():
+        count += 1
+        try:
+            compile_kernel(fn, constexprs, warps, stages, arch)
+        except Exception as exc:  # report every failing configuration, then fail
+            failures += 1
+            print(f"FAILED {name} warps={warps} stages={stages} {constexprs}: "
+                  f"{type(exc).__name__}: {str(exc)[:300]}")
+    print(f"compiled {count} Triton kernel configurations for sm_{arch}: {failures} failed")
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     ap.add_argument("--kernels", default=",".join(KERNELS),
                     help=f"comma-separated subset of {', '.join(KERNELS)}")
+    ap.add_argument("--compile-all", action="store_true",
+                    help="compile every launchable configuration, report failures")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the kernels' own default
+    if args.compile_all:
+        return compile_all(args.arch)
     print(f"sm_{args.arch}, Triton {triton.__version__}; static SASS instruction counts")
     print("kernel        warps stages BB BN NUM_D BD  regs stack  total  "
           + " ".join(f"{k:>5}" for k in KEY_OPS))
