@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _backends
+from . import _backends, _exact
 from ._canonical import canonicalize
 
 PRECISIONS = ("exact", "fast")
@@ -30,19 +30,43 @@ def _softmax_mean_op(
     bias: Optional[torch.Tensor],
     backend: str,
     precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical layout in (see _canonical.py); dense mean (G, B, d), lse (G, B) and lse64 out.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical layout in (see _canonical.py); dense mean (G, B, d), lse (G, B), lse64, and the
+    exact top logits out.
 
     lse64 (G, B) is lse in float64, kept for the backward (weights recomputed from a rounded
-    lse would not sum to one when |lse| is large).
+    lse would not sum to one when |lse| is large). top_idx (G, B, K) int64 and top_logit
+    (G, B, K) float64 are the points with the largest logits and their exact values (K = 0 when
+    the backend needs no correction; see _exact.py), also kept for the backward.
     """
-    return _backends.module(backend).forward(x, points, alpha, var, bias, precision)
+    mod = _backends.module(backend)
+    plan = _plan(mod, x, points, alpha)
+    if plan is None:
+        mean, lse, lse64 = mod.forward(x, points, alpha, var, bias, precision)
+        empty = lse64.new_empty((*lse64.shape, 0))
+        return mean, lse, lse64, empty.long(), empty
+    mean, _, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)
+    mean, lse, lse64, top_logit = _exact.correct_forward(
+        x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
+    return mean, lse, lse64, top_idx, top_logit
+
+
+def _plan_free(mod, x) -> bool:
+    """Whether the backend computes without an exact-mode plan (float64, or no plan support)."""
+    return not getattr(mod, "EXACT_PLAN", False) or x.dtype != torch.float32
+
+
+def _plan(mod, x, points, alpha):
+    """The exact-mode plan for backends that take one (float32 kernels), else None."""
+    return None if _plan_free(mod, x) else _exact.make_plan(x, points, alpha)
 
 
 @_softmax_mean_op.register_fake
 def _(x, points, alpha, var, bias, backend, precision):
     G, B, d = x.shape
-    return x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64)
+    K = 0 if _plan_free(_backends.module(backend), x) else _exact.TOP_K
+    return (x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64),
+            x.new_empty((G, B, K), dtype=torch.int64), x.new_empty((G, B, K), dtype=torch.float64))
 
 
 @torch.library.custom_op("diffmem::softmax_mean_backward", mutates_args=())
@@ -54,6 +78,8 @@ def _softmax_mean_backward_op(
     bias: Optional[torch.Tensor],
     mean: torch.Tensor,
     lse64: torch.Tensor,
+    top_idx: torch.Tensor,
+    top_logit: torch.Tensor,
     grad_mean: Optional[torch.Tensor],
     grad_lse: Optional[torch.Tensor],
     needs: list[bool],
@@ -61,14 +87,19 @@ def _softmax_mean_backward_op(
     precision: str,
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
-    grads = _backends.module(backend).backward(
-        x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, tuple(needs), precision
+    mod = _backends.module(backend)
+    plan = _plan(mod, x, points, alpha)
+    extra = () if plan is None else (plan, top_idx, top_logit)
+    grads = mod.backward(
+        x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, tuple(needs), precision,
+        *extra,
     )
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @_softmax_mean_backward_op.register_fake
-def _(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, backend, precision):
+def _(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, grad_mean, grad_lse, needs,
+      backend, precision):
     G, B, d = x.shape
     N = points.shape[1]
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
@@ -77,18 +108,18 @@ def _(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, back
 
 def _setup_context(ctx, inputs, output):
     x, points, alpha, var, bias, backend, precision = inputs
-    mean, _, lse64 = output
-    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse64)
+    mean, _, lse64, top_idx, top_logit = output
+    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
     ctx.backend, ctx.precision = backend, precision
 
 
-def _backward(ctx, grad_mean, grad_lse, _grad_lse64):
-    x, points, alpha, var, bias, mean, lse64 = ctx.saved_tensors
+def _backward(ctx, grad_mean, grad_lse, _grad_lse64, _grad_idx, _grad_top):
+    x, points, alpha, var, bias, mean, lse64, top_idx, top_logit = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if bias is None:
         needs[4] = False
     grads = _softmax_mean_backward_op(
-        x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
+        x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, grad_mean, grad_lse, needs,
         ctx.backend, ctx.precision,
     )
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
@@ -137,7 +168,7 @@ def softmax_mean(
         mean = c.x.new_zeros((*c.batch_shape, 0, d))
         lse = c.x.new_zeros((*c.batch_shape, 0))
         return (mean, lse) if return_lse else mean
-    mean, lse, _ = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, name, precision)
+    mean, lse, *_ = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, name, precision)
     mean = mean.reshape(*c.batch_shape, B, d)
     lse = lse.reshape(*c.batch_shape, B)
     return (mean, lse) if return_lse else mean

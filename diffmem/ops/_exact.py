@@ -1,0 +1,136 @@
+"""Exact mode's host rules, shared by every float32 kernel backend.
+
+Float32 logits lose accuracy in two ways, and exact mode removes both:
+
+1. **The form of the squared distance, chosen per query** (``make_plan``). The direct form
+   ``sum_k (fma(-alpha, y, x)_k^2 - var)`` rounds every difference to float32, an error of
+   ~eps |x - alpha y|^2 per feature that differs from point to point: harmless for queries near
+   the points (a noised training point), fatal for queries far from all of them (random or
+   held-out queries, large VE noise, t -> 1), where it moves the weights by up to 1e-2. The
+   expansion around the points' centre c, ``alpha/var x'.(y - c) - alpha^2/(2 var) |y - c|^2``
+   with ``x' = x - alpha c``, errs by ~eps alpha |y - c| |alpha (y - c) - 2 x'| per feature: small
+   exactly where the direct form is not. The plan estimates both errors from the points' spread
+   per feature (a strided sample of at most SAMPLE points) and takes the smaller per query.
+2. **Near-ties among the heaviest points** (``correct_forward``). When the few points that
+   carry the weight have almost equal logits of large magnitude (a held-out query at small
+   noise), any float32 logit is off by more than the gap. The kernels report the TOP_K largest
+   logits per query with their indices; the host recomputes those logits in float64 and moves
+   them, relative to the largest one, to their exact values (a constant error shared by all
+   points cancels in the softmax, so only differences are corrected); mean and lse are
+   corrected in float64 and the backward kernels use the corrected logits for those points.
+
+Measured errors and costs are in the README's Precision section.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TOP_K = 4
+SAMPLE = 4096
+# Largest (B, K, d) float64 block gathered at once by the correction.
+_CHUNK_ELEMENTS = 1 << 22
+# Runner-up logits this far below the best carry weights < 4e-18: nothing to correct.
+_NEGLIGIBLE = 40.0
+
+
+@dataclass
+class ExactPlan:
+    """Per-call plan of exact mode (canonical layout, see _canonical.py).
+
+    centre: (G, d) float32, the points' centre per group (group stride 0 when shared).
+    expand: (G, B) uint8, 1 where the query's logits use the expansion around ``centre``.
+    top_k: how many of the largest logits per query the kernels report.
+    """
+
+    centre: torch.Tensor
+    expand: torch.Tensor
+    top_k: int = TOP_K
+
+
+def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor) -> ExactPlan:
+    """The per-query choice of logit form (see the module doc) for float32 canonical inputs.
+
+    x (G, B, d), points (G, N, d), alpha (G, B). The variance divides both error estimates and
+    so does not enter the choice.
+    """
+    G, B, d = x.shape
+    N = points.shape[1]
+    shared = G == 1 or points.stride(0) == 0
+    pts = points[:1] if shared else points
+    step = max(1, N // SAMPLE)
+    sample = pts[:, ::step][:, :SAMPLE].double()
+    centre = sample.mean(1).float()  # (G', d)
+    spread = ((sample - centre.double()[:, None]) ** 2).mean(1)[:, None]  # (G', 1, d)
+    a = alpha.double()[..., None]  # (G, B, 1)
+    xp = x.double() - a * centre.double()[:, None]
+    xp2 = xp * xp
+    # error scales (common factor eps / (2 var) dropped): expansion, with 4x for its chained
+    # float32 sums; direct, from E[diff^4] >= 3 E[diff^2]^2 per feature
+    err_expand = 4.0 * a[..., 0] * (spread * (a * a * spread + 4.0 * xp2)).sum(-1).sqrt()
+    err_direct = (3.0 * ((xp2 + a * a * spread) ** 2).sum(-1)).sqrt()
+    expand = (err_expand < err_direct).to(torch.uint8).contiguous()
+    if shared:
+        centre = centre[:1].expand(G, d)
+    return ExactPlan(centre=centre, expand=expand)
+
+
+def _gather_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """points (G, N, d), idx (G, b, K) >= 0 -> (G, b, K, d) float64."""
+    G, b, K = idx.shape
+    rows = torch.arange(G, device=idx.device)[:, None]
+    return points[rows, idx.reshape(G, b * K)].double().reshape(G, b, K, points.shape[-1])
+
+
+def _exact_block(x, points, alpha, var, bias, idx):
+    """Exact logits (G, b, K) float64 of the listed points and the points themselves."""
+    safe = idx.clamp_min(0)
+    y = _gather_points(points, safe)
+    diff = x.double()[:, :, None, :] - alpha.double()[:, :, None, None] * y
+    logits = -(diff * diff).sum(-1) / (2.0 * var.double()[:, :, None])
+    if bias is not None:
+        logits = logits + torch.gather(bias.double(), 1, safe.reshape(idx.shape[0], -1)).reshape(idx.shape)
+    return logits, y
+
+
+def _query_chunks(G: int, B: int, K: int, d: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, G * K * d))
+    for start in range(0, B, step):
+        yield slice(start, min(B, start + step))
+
+
+def correct_forward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit):
+    """Move the reported top logits to their exact values and correct mean and lse.
+
+    top_idx (G, B, K) int64 (-1: empty slot) and top_logit (G, B, K) float64 are the kernel's
+    largest logits, in lse64's frame. Returns (mean, lse, lse64, top_exact) where top_exact holds
+    the corrected logits of the same points (-inf in empty slots), which the backward uses.
+    """
+    G, B, d = x.shape
+    K = top_idx.shape[-1]
+    valid = (top_idx >= 0) & torch.isfinite(top_logit)
+    ap = top_logit.masked_fill(~valid, -math.inf)
+    if K == 0:
+        return mean, lse64.to(mean.dtype), lse64, ap
+    best_ap, best = ap.max(-1, keepdim=True)
+    runner_up = ap.scatter(-1, best, -math.inf).amax(-1)
+    if not bool((runner_up > best_ap[..., 0] - _NEGLIGIBLE).any()):
+        return mean, lse64.to(mean.dtype), lse64, ap
+    mean64 = mean.double().clone()
+    lse64 = lse64.clone()
+    corrected = ap.clone()
+    for sl in _query_chunks(G, B, K, d):
+        ex, y = _exact_block(x[:, sl], points, alpha[:, sl], var[:, sl], bias, top_idx[:, sl])
+        b_ap, b_best, b_valid = ap[:, sl], best[:, sl], valid[:, sl]
+        new = torch.gather(b_ap, -1, b_best) + ex - torch.gather(ex, -1, b_best)
+        new = new.masked_fill(~b_valid, -math.inf)
+        ref = lse64[:, sl, None]
+        dw = (torch.exp(new - ref) - torch.exp(b_ap - ref)).masked_fill(~b_valid, 0.0)
+        z = 1.0 + dw.sum(-1)
+        mean64[:, sl] = (mean64[:, sl] + (dw[..., None] * y).sum(2)) / z[..., None]
+        lse64[:, sl] = lse64[:, sl] + torch.log(z)
+        corrected[:, sl] = new
+    return mean64.to(mean.dtype), lse64.to(mean.dtype), lse64, corrected
