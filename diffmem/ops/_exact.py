@@ -19,6 +19,31 @@ Float32 logits lose accuracy in two ways, and exact mode removes both:
    points cancels in the softmax, so only differences are corrected); mean and lse are
    corrected in float64 and the backward kernels use the corrected logits for those points.
 
+Backend contract (float32 kernel backends with a module-level ``EXACT_PLAN = True``; the op
+calls the others without a plan):
+
+    forward(x, points, alpha, var, bias, precision, plan)
+        -> mean (G, B, d), lse (G, B), lse64 (G, B) float64,
+           top_idx (G, B, K) int64, top_logit (G, B, K) float64
+    backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision,
+             plan, top_idx, top_logit) -> (dx, dpoints, dalpha, dvar, dbias)
+
+- Forms. plan.expand[g, b] = 0, the DIRECT form: diff = fma(-alpha, y, x), shifted distance
+  S = sum_k (diff_k^2 - var) in chained float32 chunks, internal logit bias - S / (2 var), true
+  logit = internal - d / 2. plan.expand[g, b] = 1, the EXPANSION form: x' = float32(x - alpha c)
+  (c = plan.centre[g], one rounding), yc = float32(y - c); dot = sum_k x'_k yc_k in float32
+  chains of at most 16 features, each chain added into a float64 sum; yn = sum_k yc_k^2 in
+  float64 (never rounded to float32); internal logit = bias + alpha / var dot
+  - alpha^2 / (2 var) yn in float64; true logit = internal - |x'|^2 / (2 var), |x'|^2 in float64.
+  Queries of one call, even of one tile, may use different forms.
+- Top-K. The forward also reports, per query, the K = plan.top_k points with the largest logits
+  (any tie order, no point twice) and their logits in the true frame (lse64's frame); empty
+  slots (N < K, masked points) hold index -1 and logit -inf. With precision="fast", kernels that
+  compute expansion logits without a plan return K = 0 (shape (G, B, 0)).
+- Backward. The logits are recomputed with the forward's form per query, and the logit of each
+  listed point (top_idx >= 0) is replaced by the corrected top_logit (true frame) wherever its
+  weight exp(logit - lse) is formed.
+
 Measured errors and costs are in the README's Precision section.
 """
 
