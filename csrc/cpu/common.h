@@ -31,6 +31,15 @@ struct SmArgs {
   T* dalpha = nullptr;  // (G,B) or null
   T* dvar = nullptr;    // (G,B) or null
   T* dbias = nullptr;   // (G,N) or null
+  // exact-mode plan (float32, precision 0; null expand: every query uses the direct form and
+  // no top-K is reported).  Forward: centre of the points and the per-query form; the K
+  // largest logits per query go to top_idx / top_logit (true frame).  Backward: the same
+  // forms, and the corrected logits of the listed points replace the recomputed ones.
+  const T* centre = nullptr; int64_t centre_gs = 0;  // (G,) x (d,)
+  const uint8_t* expand = nullptr;                   // (G,B): 1 = expansion form
+  int top_k = 0;
+  int64_t* top_idx = nullptr;   // (G,B,K), -1 = empty slot
+  double* top_logit = nullptr;  // (G,B,K)
 };
 
 template <class T>

@@ -372,7 +372,9 @@ static_assert(W == 4, "generic path assumes 4 lanes");
 inline vd lo_d(vf v) { return __builtin_convertvector((vh){v[0], v[1]}, vd); }
 inline vd hi_d(vf v) { return __builtin_convertvector((vh){v[2], v[3]}, vd); }
 #endif
-template <int Q>
+// With EXPAND the chunks hold x'.yc instead (the expansion form of exact mode, see
+// fwd_item): the same 16-coordinate float chains flushed into double.
+template <int Q, bool EXPAND = false>
 inline void k_logit_dbl(const float* X, const float* al, const float* va, const float* yT,
                         int k0, int k1, double* Sd) {
   vd dl[Q][NV], dh[Q][NV];
@@ -389,7 +391,18 @@ inline void k_logit_dbl(const float* X, const float* al, const float* va, const 
     vf acc[Q][NV];
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
-    k_exact_chunk<Q>(acc, a, X, va, yT, kc, ke);
+    if constexpr (EXPAND) {
+      for (int k = kc; k < ke; ++k) {
+        vf yv[NV];
+        for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+        for (int q = 0; q < Q; ++q) {
+          const vf xb = vb(X[k * Q + q]);
+          for (int v = 0; v < NV; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
+        }
+      }
+    } else {
+      k_exact_chunk<Q>(acc, a, X, va, yT, kc, ke);
+    }
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) {
         dl[q][v] += lo_d(acc[q][v]);
@@ -408,15 +421,18 @@ inline void k_logit_dbl(const float* X, const float* al, const float* va, const 
 // out[q0*d + k*Q + (q - q0)]), so that the micro-kernels broadcast from one running pointer.
 template <bool FAST>
 inline int tile_qm(int d) { return FAST ? QB_FAST : d <= DB ? QB_EXACT : QB_EXACT_D; }
-template <bool FAST, class F>
-void pack_x(int nq, int d, float* out, F&& val) {
-  const int qm = tile_qm<FAST>(d);
+template <class F>
+void pack_x_blocks(int qm, int nq, int d, float* out, F&& val) {
   for (int q0 = 0; q0 < nq; q0 += qm) {
     const int Q = (int)imin(qm, nq - q0);
     float* o = out + (size_t)q0 * d;
     for (int q = 0; q < Q; ++q)
       for (int k = 0; k < d; ++k) o[(size_t)k * Q + q] = val(q0 + q, k);
   }
+}
+template <bool FAST, class F>
+void pack_x(int nq, int d, float* out, F&& val) {
+  pack_x_blocks(tile_qm<FAST>(d), nq, d, out, val);
 }
 
 // S for all nq queries of a tile: fp32 result in Sf when d <= DB, else a double result in Sd,
@@ -631,44 +647,158 @@ inline void load_bias(const float* bg, int64_t i0, int n, float* bt) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Exact-mode plan helpers.  A query of the expansion form computes its logits as
+//   bias + alpha/var x'.yc - alpha^2/(2 var) |yc|^2,  x' = x - alpha c, yc = y - c
+// (c = the plan's centre, rounded to float; |yc|^2 in double), the direct form as above.
+// centre_tile: yTc = yT - c for the valid points of a packed tile (0 elsewhere) and
+// ynd[j] = |yc_j|^2 in double.
+void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, double* ynd) {
+  vd s2[NV][2];
+  vi valid[NV];
+  for (int v = 0; v < NV; ++v) {
+    s2[v][0] = s2[v][1] = vd{};
+    for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
+  }
+  for (int k = 0; k < d; ++k) {
+    const vf cb = vb(cf[k]);
+    for (int v = 0; v < NV; ++v) {
+      vf t = vld(yT + (size_t)k * NT + v * W) - cb;
+      t = valid[v] ? t : vb(0.f);
+      vst(yTc + (size_t)k * NT + v * W, t);
+      const vd lo = lo_d(t), hi = hi_d(t);
+      s2[v][0] = vdfma(lo, lo, s2[v][0]);
+      s2[v][1] = vdfma(hi, hi, s2[v][1]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    vstd(ynd + v * W, s2[v][0]);
+    vstd(ynd + v * W + H, s2[v][1]);
+  }
+}
+
+// The K largest logits of one query, kept sorted (descending) with their point indices.
+inline void topk_offer(double* val, int64_t* idx, int K, double v, int64_t i) {
+  if (!(v > val[K - 1])) return;
+  int p = K - 1;
+  while (p > 0 && val[p - 1] < v) {
+    val[p] = val[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  val[p] = v;
+  idx[p] = i;
+}
+inline void topk_clear(double* val, int64_t* idx, int K) {
+  for (int k = 0; k < K; ++k) { val[k] = -kInfD; idx[k] = -1; }
+}
+
+// Per-query constant from the internal logit frame to the true one: -d/2 (direct, shifted
+// distance) or -|x'|^2/(2 var) (expansion), x' = float(x - alpha c) as the kernels form it.
+inline double frame_shift(const float* xr, float alpha, float var, const double* c, int64_t d,
+                          bool expansion) {
+  if (!expansion) return -0.5 * (double)d;
+  double x2 = 0.0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double xp = xprime(xr[k], alpha, c[k]);
+    x2 += xp * xp;
+  }
+  return -0.5 * x2 / (double)var;
+}
+
+// Thread-local workspace of a planned exact forward item (queries reordered: direct first).
+struct PlanWork {
+  Buf b_ord, b_al, b_va, b_yTc, b_ynd, b_acc, b_m, b_l, b_tv, b_ti;
+  int* ord;
+  float *al, *va, *yTc;
+  double *ynd, *acc, *m, *l, *tv;
+  int64_t* ti;
+  void init(int dp, int qcmax, int K) {
+    ord = b_ord.get<int>(qcmax);
+    al = b_al.get<float>(qcmax);
+    va = b_va.get<float>(qcmax);
+    yTc = b_yTc.get<float>((size_t)dp * NT);
+    ynd = b_ynd.get<double>(NT);
+    acc = b_acc.get<double>((size_t)qcmax * dp);
+    m = b_m.get<double>(qcmax);
+    l = b_l.get<double>(qcmax);
+    tv = b_tv.get<double>((size_t)qcmax * (K > 0 ? K : 1));
+    ti = b_ti.get<int64_t>((size_t)qcmax * (K > 0 ? K : 1));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
-// online-softmax state (m, l, acc) of these queries.
+// online-softmax state (m, l, acc) of these queries, and with a plan (exact mode) their K
+// largest logits so far (tv, ti; internal frame).
+//   fast:        every query in the expansion frame around the group centre (c, cf).
+//   exact:       every query in the direct form, or, with a plan, each query in its planned
+//                form (direct queries first, then expansion queries around the plan centre
+//                cf; c is its double copy).
 template <bool FAST>
 void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb, int64_t te,
-              const double* c, const float* cf, double* mo, double* lo, double* acc, Work& w) {
+              const double* c, const float* cf, double* mo, double* lo, double* acc,
+              double* tvo, int64_t* tio, Work& w, PlanWork& pw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N;
+  const int K = FAST ? 0 : a.top_k;
   const float* xg = a.x + g * a.x_gs + q0 * a.d;
   const float* yg = a.y + g * a.y_gs;
-  const float* al = a.alpha + g * a.alpha_gs + q0;
-  const float* va = a.var + g * a.var_gs + q0;
+  const float* al0 = a.alpha + g * a.alpha_gs + q0;
+  const float* va0 = a.var + g * a.var_gs + q0;
   const float* bg = a.bias ? a.bias + g * a.bias_gs : nullptr;
-  if (FAST)
-    pack_x<FAST>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[q * d + k], al[q], c[k]); });
-  else
-    pack_x<FAST>(nq, d, w.xc, [&](int q, int k) { return xg[q * d + k]; });
+  const uint8_t* ex = (!FAST && a.expand) ? a.expand + g * a.B + q0 : nullptr;
+  // query order: direct queries [0, nd), then expansion queries [nd, nq)
+  int nd = 0;
+  for (int q = 0; q < nq; ++q)
+    if (!ex || !ex[q]) pw.ord[nd++] = q;
+  for (int q = 0, e = nd; q < nq; ++q)
+    if (ex && ex[q]) pw.ord[e++] = q;
+  const int* ord = pw.ord;
+  float* al = pw.al;
+  float* va = pw.va;
+  for (int q = 0; q < nq; ++q) { al[q] = al0[ord[q]]; va[q] = va0[ord[q]]; }
+  constexpr int QE = QB_EXACT_D;  // query block of the expansion chains
+  if (FAST) {
+    pack_x<true>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[ord[q] * d + k], al[q], c[k]); });
+  } else {
+    pack_x<false>(nd, d, w.xc, [&](int q, int k) { return xg[ord[q] * d + k]; });
+    pack_x_blocks(QE, nq - nd, d, w.xc + (size_t)nd * d,
+                  [&](int q, int k) { return xprime(xg[ord[nd + q] * d + k], al[nd + q], c[k]); });
+  }
   const float* X = w.xc;
   for (int q = 0; q < nq; ++q) {
-    w.qc[q] = qconst<FAST>(al[q], va[q]);
-    mo[q] = -kInfD;
-    lo[q] = 0.0;
+    w.qc[q] = (FAST || q >= nd) ? qconst<true>(al[q], va[q]) : qconst<false>(al[q], va[q]);
+    pw.m[q] = -kInfD;
+    pw.l[q] = 0.0;
+    if (K) topk_clear(pw.tv + q * K, pw.ti + q * K, K);
   }
-  std::memset(acc, 0, sizeof(double) * nq * dp);
+  std::memset(pw.acc, 0, sizeof(double) * nq * dp);
   const bool dbl = d > DB;
   for (int64_t t = tb; t < te; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
     pack_tile(yg, i0, n, d, dp, FAST ? cf : nullptr, w.yT, w.yR, w.yn, nullptr);
     load_bias(bg, i0, n, w.bt);
-    tile_S<FAST>(X, al, va, nq, d, w.yT, w.Sf, w.Sd, w.tmp);
+    tile_S<FAST>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
+    if (!FAST && nd < nq) {
+      centre_tile(w.yT, n, d, cf, pw.yTc, pw.ynd);
+      double* Se = w.Sd + (size_t)nd * NT;
+      for (int i = 0; i < (nq - nd) * NT; ++i) Se[i] = 0.0;
+      qblocks<QE>(nq - nd, [&](auto qc, int q) {
+        constexpr int Q = decltype(qc)::value;
+        k_logit_dbl<Q, true>(X + (size_t)(nd + q) * d, al + nd + q, va + nd + q, pw.yTc, 0, d, Se + q * NT);
+      });
+    }
     // online softmax update
     for (int q = 0; q < nq; ++q) {
       float* p = w.P + q * NT;
       const QConst& qc = w.qc[q];
+      const bool expq = !FAST && q >= nd;
+      const bool dq = dbl || expq;
       double mt;
       vf lg[NV];
       alignas(64) double lgd[NT];
-      if (!dbl) {
+      if (!dq) {
         vf mv = vb(-kInfF);
         for (int v = 0; v < NV; ++v) {
           lg[v] = logit_f<FAST>(vld(w.Sf + q * NT + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
@@ -678,11 +808,25 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
       } else {
         mt = -kInfD;
         for (int j = 0; j < NT; ++j) {
-          lgd[j] = logit_d<FAST>(w.Sd[q * NT + j], w.bt[j], w.yn[j], qc);
+          lgd[j] = expq ? (double)w.bt[j] + qc.d1 * w.Sd[q * NT + j] - qc.d2 * pw.ynd[j]
+                        : logit_d<FAST>(w.Sd[q * NT + j], w.bt[j], w.yn[j], qc);
           mt = lgd[j] > mt ? lgd[j] : mt;
         }
       }
-      const double mold = mo[q];
+      if (K) {  // the K largest logits (internal frame)
+        double* tv = pw.tv + q * K;
+        int64_t* ti = pw.ti + q * K;
+        if (mt > tv[K - 1]) {
+          if (!dq) {
+            alignas(64) float lf[NT];
+            for (int v = 0; v < NV; ++v) vst(lf + v * W, lg[v]);
+            for (int j = 0; j < n; ++j) topk_offer(tv, ti, K, (double)lf[j], i0 + j);
+          } else {
+            for (int j = 0; j < n; ++j) topk_offer(tv, ti, K, lgd[j], i0 + j);
+          }
+        }
+      }
+      const double mold = pw.m[q];
       const double mnew = mt > mold ? mt : mold;
       if (mnew == -kInfD) {  // everything masked so far
         for (int j = 0; j < NT; ++j) p[j] = 0.f;
@@ -691,7 +835,7 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
       }
       const double scale = mold == -kInfD ? 0.0 : mold == mnew ? 1.0 : std::exp(mold - mnew);
       vf sum = vb(0.f);
-      if (!dbl) {
+      if (!dq) {
         const vf mf = vb((float)mnew);
         for (int v = 0; v < NV; ++v) {
           const vf e = vexp(lg[v] - mf);
@@ -706,11 +850,22 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
           sum += e;
         }
       }
-      lo[q] = lo[q] * scale + (double)hsum(sum);
-      mo[q] = mnew;
+      pw.l[q] = pw.l[q] * scale + (double)hsum(sum);
+      pw.m[q] = mnew;
       w.sc[q] = scale;
     }
-    tile_wsum(w.P, w.yR, nq, dp, n, acc, w.sc);
+    tile_wsum(w.P, w.yR, nq, dp, n, pw.acc, w.sc);
+  }
+  // back to the callers' query order
+  for (int q = 0; q < nq; ++q) {
+    const int o = ord[q];
+    mo[o] = pw.m[q];
+    lo[o] = pw.l[q];
+    std::memcpy(acc + (size_t)o * dp, pw.acc + (size_t)q * dp, sizeof(double) * dp);
+    for (int k = 0; k < K; ++k) {
+      tvo[o * K + k] = pw.tv[q * K + k];
+      tio[o * K + k] = pw.ti[q * K + k];
+    }
   }
 }
 
@@ -719,22 +874,39 @@ void forward_impl(const SmArgs<float>& a) {
   const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
   const int dp = (int)(cdiv(d, W) * W);
   const int T = (int)imax(1, a.threads);
+  const int K = FAST ? 0 : a.top_k;
+  const bool planned = !FAST && a.expand;
   const int64_t ntiles = cdiv(N, NT);
   const int64_t nqc = cdiv(B, QCMAX);
   const int64_t qcs = cdiv(B, nqc);
   // split the points too when there are few (group, query chunk) items, for load balance
   int64_t S = 1;
   if (G * nqc < 4 * T) S = imax(1, imin(imin(cdiv(4 * T, G * nqc), ntiles / 4), 64));
-  Buf bc, bm, bl, bacc;
+  Buf bc, bm, bl, bacc, bpc, btv, bti;
+  // centre: the group centroid (fast) or the plan's centre (exact; used by expansion queries)
   const double* c = FAST ? centres(a, bc) : nullptr;
+  if (planned) {
+    double* pc = bpc.get<double>((size_t)G * d);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < d; ++k) pc[g * d + k] = (double)a.centre[g * a.centre_gs + k];
+    c = pc;
+  }
+  auto cfl = [&](int64_t g) -> const float* {
+    if (FAST) return cfloat(c, G, d) + g * d;
+    return planned ? a.centre + g * a.centre_gs : nullptr;
+  };
   double* pm = bm.get<double>((size_t)S * G * B);
   double* pl = bl.get<double>((size_t)S * G * B);
   double* pacc = bacc.get<double>((size_t)S * G * B * dp);
+  double* ptv = btv.get<double>((size_t)S * G * B * imax(1, K));
+  int64_t* pti = bti.get<int64_t>((size_t)S * G * B * imax(1, K));
   const int64_t nitems = G * nqc * S;
 #pragma omp parallel num_threads(T)
   {
     Work w;
     w.init((int)d, dp, (int)qcs);
+    PlanWork pw;
+    pw.init(dp, (int)qcs, K);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nitems; ++it) {
       const int64_t s = it % S, qi = (it / S) % nqc, g = it / (S * nqc);
@@ -743,9 +915,8 @@ void forward_impl(const SmArgs<float>& a) {
       if (nq <= 0) continue;
       const int64_t tb = s * ntiles / S, te = (s + 1) * ntiles / S;
       const int64_t base = (s * G + g) * B + q0;
-      fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr,
-                     c ? cfloat(c, G, d) + g * d : nullptr, pm + base, pl + base,
-                     pacc + base * dp, w);
+      fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, cfl(g), pm + base, pl + base,
+                     pacc + base * dp, ptv + base * K, pti + base * K, w, pw);
     }
     // merge the splits and finish: mean = acc/l (+ c), lse = m + log l + const
 #pragma omp for schedule(static)
@@ -769,22 +940,26 @@ void forward_impl(const SmArgs<float>& a) {
         if (FAST) v += c[g * d + k];
         a.mean_out[gb * d + k] = (float)v;
       }
-      double cst;
-      if (FAST) {
-        const float* xr = a.x + g * a.x_gs + b * d;
-        const float alv = a.alpha[g * a.alpha_gs + b];
-        double x2 = 0.0;
-        for (int64_t k = 0; k < d; ++k) {
-          const double xp = xprime(xr[k], alv, c[g * d + k]);
-          x2 += xp * xp;
-        }
-        cst = -0.5 * x2 / (double)a.var[g * a.var_gs + b];
-      } else {
-        cst = -0.5 * (double)d;
-      }
+      const bool expq = FAST || (planned && a.expand[gb]);
+      const double cst = frame_shift(a.x + g * a.x_gs + b * d, a.alpha[g * a.alpha_gs + b],
+                                     a.var[g * a.var_gs + b], expq ? c + g * d : nullptr, d, expq);
       const double lse = M + std::log(L) + cst;
       a.lse_out[gb] = (float)lse;
       if (a.lse64_out) a.lse64_out[gb] = lse;
+      if (K) {  // the K largest logits over the splits, in the true frame
+        double tv[64];
+        int64_t ti[64];
+        topk_clear(tv, ti, K);
+        for (int64_t s = 0; s < S; ++s)
+          for (int k = 0; k < K; ++k) {
+            const int64_t o = (s * G * B + gb) * K + k;
+            if (pti[o] >= 0) topk_offer(tv, ti, K, ptv[o], pti[o]);
+          }
+        for (int k = 0; k < K; ++k) {
+          a.top_idx[gb * K + k] = ti[k];
+          a.top_logit[gb * K + k] = ti[k] >= 0 ? tv[k] + cst : -kInfD;
+        }
+      }
     }
   }
 }

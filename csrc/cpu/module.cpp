@@ -94,6 +94,25 @@ void check_sizes(int64_t G, int64_t B, int64_t N, int64_t d) {
   if (G < 0 || B < 0 || N < 1 || d < 1) throw std::invalid_argument("diffmem._C: invalid sizes");
 }
 
+// The exact-mode plan (float32 only): all of centre, expand and the top-K buffers, or none.
+void check_plan(bool f32, int precision, std::uintptr_t centre, std::uintptr_t expand, int top_k,
+                std::uintptr_t top_idx, std::uintptr_t top_logit) {
+  if (!expand && !centre && !top_k) return;
+  if (!f32 || precision != 0)
+    throw std::invalid_argument("diffmem._C: an exact-mode plan needs float32 and precision 0");
+  if (!expand || !centre || top_k < 0 || top_k > 64 || (top_k > 0 && (!top_idx || !top_logit)))
+    throw std::invalid_argument("diffmem._C: incomplete exact-mode plan (centre, expand, 0 <= top_k <= 64, top buffers)");
+}
+void set_plan(SmArgs<float>& a, std::uintptr_t centre, int64_t centre_gs, std::uintptr_t expand, int top_k,
+              std::uintptr_t top_idx, std::uintptr_t top_logit) {
+  a.centre = cp<float>(centre);
+  a.centre_gs = centre_gs;
+  a.expand = cp<uint8_t>(expand);
+  a.top_k = a.expand ? top_k : 0;
+  a.top_idx = mp<int64_t>(top_idx);
+  a.top_logit = mp<double>(top_logit);
+}
+
 template <class T>
 SmArgs<T> make_args(int precision, int threads, int64_t G, int64_t B, int64_t N, int64_t d,
                     std::uintptr_t x, int64_t x_gs, std::uintptr_t y, int64_t y_gs,
@@ -115,9 +134,12 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
                           int64_t N, int64_t d, std::uintptr_t x, int64_t x_gs, std::uintptr_t y,
                           int64_t y_gs, std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var,
                           int64_t var_gs, std::uintptr_t bias, int64_t bias_gs,
-                          std::uintptr_t mean_out, std::uintptr_t lse_out, std::uintptr_t lse64_out) {
+                          std::uintptr_t mean_out, std::uintptr_t lse_out, std::uintptr_t lse64_out,
+                          std::uintptr_t centre, int64_t centre_gs, std::uintptr_t expand, int top_k,
+                          std::uintptr_t top_idx, std::uintptr_t top_logit) {
   check_sizes(G, B, N, d);
   const bool f32 = is_f32(dtype);
+  check_plan(f32, precision, centre, expand, top_k, top_idx, top_logit);
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
   if (f32) {
@@ -126,6 +148,7 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
     a.mean_out = mp<float>(mean_out);
     a.lse_out = mp<float>(lse_out);
     a.lse64_out = mp<double>(lse64_out);
+    set_plan(a, centre, centre_gs, expand, top_k, top_idx, top_logit);
     fwd32(a);
   } else {
     auto a = make_args<double>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
@@ -233,7 +256,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
         py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),
         py::arg("var"), py::arg("var_gs"), py::arg("bias"), py::arg("bias_gs"), py::arg("mean_out"),
-        py::arg("lse_out"), py::arg("lse64_out"));
+        py::arg("lse_out"), py::arg("lse64_out"), py::arg("centre") = 0, py::arg("centre_gs") = 0,
+        py::arg("expand") = 0, py::arg("top_k") = 0, py::arg("top_idx") = 0, py::arg("top_logit") = 0);
   m.def("softmax_mean_backward", &softmax_mean_backward, py::arg("dtype"), py::arg("precision"),
         py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
         py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),

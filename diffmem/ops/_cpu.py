@@ -47,23 +47,45 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def forward(x, points, alpha, var, bias, precision="exact"):
+# The float32 kernels take exact mode's plan (see _exact.py).
+EXACT_PLAN = True
+
+
+def _plan_args(plan, code: int) -> tuple:
+    """(centre, expand, top_k) for the kernel: the plan when the exact kernels run, else none."""
+    if plan is None or code != _PRECISION["exact"]:
+        return None, None, 0
+    return _groupwise(plan.centre), plan.expand.contiguous(), plan.top_k
+
+
+def forward(x, points, alpha, var, bias, precision="exact", plan=None):
+    """mean, lse, lse64; with a plan also top_idx (G, B, K) and top_logit (G, B, K) (K = 0 when
+    the fast kernels run)."""
     ext = load_cpu_extension()
     x, points, alpha, var, bias = (_groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
     N = points.shape[1]
+    code = _precision_code(precision, B)
+    centre, expand, K = _plan_args(plan, code)
     mean = new_output((G, B, d), x.dtype)
     lse = new_output((G, B), x.dtype)
     lse64 = new_output((G, B), torch.float64)
+    top_idx = new_output((G, B, K), torch.int64)
+    top_logit = new_output((G, B, K), torch.float64)
     ext.softmax_mean_forward(
-        str(x.dtype).removeprefix("torch."), _precision_code(precision, B), _threads(), G, B, N, d,
+        str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
         _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
         _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse), _ptr(lse64),
+        _ptr(centre), _gs(centre), _ptr(expand), K, _ptr(top_idx) if K else 0,
+        _ptr(top_logit) if K else 0,
     )
-    return mean, lse, lse64
+    if plan is None:
+        return mean, lse, lse64
+    return mean, lse, lse64, top_idx, top_logit
 
 
-def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision="exact"):
+def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision="exact",
+             plan=None, top_idx=None, top_logit=None):
     """``mean`` and ``lse64`` are the forward's outputs (mean in the input dtype, dense (G, B, d);
     lse64 float64, dense (G, B)): the kernel recomputes the weights from lse64 in one pass."""
     ext = load_cpu_extension()

@@ -76,11 +76,11 @@ class ExactPlan:
     top_k: int = TOP_K
 
 
-def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor) -> ExactPlan:
+def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
+              var: torch.Tensor) -> ExactPlan:
     """The per-query choice of logit form (see the module doc) for float32 canonical inputs.
 
-    x (G, B, d), points (G, N, d), alpha (G, B). The variance divides both error estimates and
-    so does not enter the choice.
+    x (G, B, d), points (G, N, d), alpha and var (G, B).
     """
     G, B, d = x.shape
     N = points.shape[1]
@@ -94,9 +94,13 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor) -> Exa
     xp = x.double() - a * centre.double()[:, None]
     xp2 = xp * xp
     # error scales (common factor eps / (2 var) dropped): expansion, with 4x for its chained
-    # float32 sums; direct, from E[diff^4] >= 3 E[diff^2]^2 per feature
+    # float32 sums; direct, from E[diff^4] >= 3 E[diff^2]^2 per feature, plus its chains' own
+    # rounding when the shift by var overshoots the squared differences (var > their mean: the
+    # chain then runs through values ~ 16 (var - mean) per 16 features)
+    sq = xp2 + a * a * spread  # mean squared difference per feature, over the points
     err_expand = 4.0 * a[..., 0] * (spread * (a * a * spread + 4.0 * xp2)).sum(-1).sqrt()
-    err_direct = (3.0 * ((xp2 + a * a * spread) ** 2).sum(-1)).sqrt()
+    overshoot = (var.double() - sq.mean(-1)).clamp_min(0.0)
+    err_direct = (3.0 * (sq * sq).sum(-1)).sqrt() + 8.0 * math.sqrt(d) * overshoot
     expand = (err_expand < err_direct).to(torch.uint8).contiguous()
     if shared:
         centre = centre[:1].expand(G, d)

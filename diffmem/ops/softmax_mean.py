@@ -40,7 +40,7 @@ def _softmax_mean_op(
     the backend needs no correction; see _exact.py), also kept for the backward.
     """
     mod = _backends.module(backend)
-    plan = _plan(mod, x, points, alpha)
+    plan = _plan(mod, x, points, alpha, var)
     if plan is None:
         mean, lse, lse64 = mod.forward(x, points, alpha, var, bias, precision)
         empty = lse64.new_empty((*lse64.shape, 0))
@@ -56,9 +56,9 @@ def _plan_free(mod, x) -> bool:
     return not getattr(mod, "EXACT_PLAN", False) or x.dtype != torch.float32
 
 
-def _plan(mod, x, points, alpha):
+def _plan(mod, x, points, alpha, var):
     """The exact-mode plan for backends that take one (float32 kernels), else None."""
-    return None if _plan_free(mod, x) else _exact.make_plan(x, points, alpha)
+    return None if _plan_free(mod, x) else _exact.make_plan(x, points, alpha, var)
 
 
 @_softmax_mean_op.register_fake
@@ -88,7 +88,7 @@ def _softmax_mean_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
     mod = _backends.module(backend)
-    plan = _plan(mod, x, points, alpha)
+    plan = _plan(mod, x, points, alpha, var)
     extra = () if plan is None else (plan, top_idx, top_logit)
     grads = mod.backward(
         x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, tuple(needs), precision,
