@@ -230,9 +230,10 @@ inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const floa
 }
 
 struct BWork {
-  Buf b_Xp, b_Gp, b_GY, b_YD, b_SD, b_GYd, b_YDd, b_SDd, b_W, b_Pq, b_dx, b_tmp, b_q, b_yTc, b_yP;
+  Buf b_Xp, b_Gp, b_GY, b_YD, b_SD, b_GYd, b_YDd, b_SDd, b_W, b_Pq, b_dx, b_tmp, b_q, b_yTc, b_yP,
+      b_Se, b_ynd;
   float *Xp, *Gp, *GY, *YD, *SD, *Wt, *Pq, *tmp, *yTc, *yP;
-  double *GYd, *YDd, *SDd, *dxa, *qd;
+  double *GYd, *YDd, *SDd, *dxa, *qd, *Se, *ynd;
   void init(int dp, int qcmax) {
     Xp = b_Xp.get<float>((size_t)qcmax * dp);
     Gp = b_Gp.get<float>((size_t)qcmax * dp);
@@ -249,6 +250,8 @@ struct BWork {
     qd = b_q.get<double>((size_t)qcmax * 12);
     yTc = b_yTc.get<float>((size_t)dp * NT);
     yP = b_yP.get<float>((size_t)cdiv(dp, DV_DXY * W) * NT * DV_DXY * W);
+    Se = b_Se.get<double>((size_t)qcmax * NT);
+    ynd = b_ynd.get<double>(NT);
   }
 };
 
@@ -337,7 +340,73 @@ struct BShared {
   double *lse_d, *c0, *cx;  // per query: lse in the internal frame, h - g.(mean - c), c.x'
   double* part;         // (T, B, dp) per-thread sum_i P diff   (dx)
   double* sums;         // (T, B, 3) per-thread sum P, sum P s, sum P y.diff
+  double* kc;           // per query: S - s, i.e. d var (shifted distance) or |x'|^2 (expansion)
+  // exact-mode plan: per-query form (null: all direct), the expansion queries' x' (B, dp),
+  // constants and lse in their frame; the corrected logits of the listed points (B, K),
+  // internal frame
+  const uint8_t* ex = nullptr;
+  float* Xe = nullptr;
+  QConst* qe = nullptr;
+  double* lse_e = nullptr;
+  int K = 0;
+  const int64_t* ov_idx = nullptr;
+  double* ov_val = nullptr;
+  bool expands(int64_t b) const { return ex && ex[b]; }
 };
+
+// |yc_j|^2 in double for the points of a centred transposed tile.
+void tile_sq_norms(const float* yTc, int d, double* ynd) {
+  vd s2[NV][2];
+  for (int v = 0; v < NV; ++v) s2[v][0] = s2[v][1] = vd{};
+  for (int k = 0; k < d; ++k)
+    for (int v = 0; v < NV; ++v) {
+      const vf t = vld(yTc + (size_t)k * NT + v * W);
+      const vd lo = lo_d(t), hi = hi_d(t);
+      s2[v][0] = vdfma(lo, lo, s2[v][0]);
+      s2[v][1] = vdfma(hi, hi, s2[v][1]);
+    }
+  for (int v = 0; v < NV; ++v) {
+    vstd(ynd + v * W, s2[v][0]);
+    vstd(ynd + v * W + H, s2[v][1]);
+  }
+}
+
+// x'.yc of the expansion queries among [q0, q0+nq) for the current tile, in the forward's
+// 16-coordinate chains added into double (bw.Se, row q of the chunk).
+void tile_expand(const BShared& sh, int64_t q0, int nq, int d, int dp, const float* al,
+                 const float* va, const float* yTc, BWork& bw) {
+  for (int q = 0; q < nq; ++q) {
+    if (!sh.expands(q0 + q)) continue;
+    double* se = bw.Se + q * NT;
+    for (int j = 0; j < NT; ++j) se[j] = 0.0;
+    k_logit_dbl<1, true>(sh.Xe + (size_t)(q0 + q) * dp, al + q, va + q, yTc, 0, d, se);
+  }
+}
+
+// Weights exp(logit - lse) of query b (row q of the chunk) for the tile's points in its planned
+// form, with the corrected logits of its listed points (exact mode; see diffmem/ops/_exact.py).
+inline void query_weights(const BShared& sh, const Work& w, const BWork& bw, int64_t b, int q,
+                          int64_t i0, int n, bool dbl, vf* out) {
+  const bool e = sh.expands(b);
+  const double lse = e ? sh.lse_e[b] : sh.lse_d[b];
+  if (e) {
+    const QConst& c = sh.qe[b];
+    alignas(64) float t[NT];
+    for (int j = 0; j < NT; ++j)
+      t[j] = (float)((double)w.bt[j] + c.d1 * bw.Se[q * NT + j] - c.d2 * bw.ynd[j] - lse);
+    for (int v = 0; v < NV; ++v) out[v] = vexp(vld(t + v * W));
+  } else {
+    tile_weights<false>(w, q, sh.qc[b], lse, dbl, out);
+  }
+  for (int k = 0; k < sh.K; ++k) {
+    const int64_t i = sh.ov_idx[b * sh.K + k];
+    if (i < i0 || i >= i0 + n) continue;
+    alignas(64) float t[NT];
+    for (int v = 0; v < NV; ++v) vst(t + v * W, out[v]);
+    t[i - i0] = (float)std::exp(sh.ov_val[b * sh.K + k] - lse);
+    for (int v = 0; v < NV; ++v) out[v] = vld(t + v * W);
+  }
+}
 
 // Pass 1 (only where the forward's float32 mean is too coarse for D, see backward_impl) for
 // queries [q0, q0+nq): D' = sum_i w_i g.(y_i - c) / sum_i w_i with exactly the g.(y - c) values
@@ -363,9 +432,14 @@ void bwd_pass1(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, const floa
     pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, w.yR, w.yn, w.cy, FAST ? nullptr : bw.yTc, cf);
     load_bias(bg, i0, n, w.bt);
     tile_B<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+    if (!FAST && sh.ex) {
+      tile_sq_norms(bw.yTc, d, bw.ynd);
+      tile_expand(sh, q0, nq, d, dp, al, va, bw.yTc, bw);
+    }
     for (int q = 0; q < nq; ++q) {
       vf wv[NV];
-      tile_weights<FAST>(w, q, sh.qc[q0 + q], sh.lse_d[q0 + q], dbl, wv);
+      if (FAST) tile_weights<FAST>(w, q, sh.qc[q0 + q], sh.lse_d[q0 + q], dbl, wv);
+      else query_weights(sh, w, bw, q0 + q, q, i0, n, dbl, wv);
       vf acc = vb(0.f), z = vb(0.f);
       for (int v = 0; v < NV; ++v) {
         acc = vfma(wv[v], vld(bw.GY + q * NT + v * W), acc);
@@ -382,7 +456,7 @@ void bwd_pass1(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, const floa
 // One packed tile (points i0..i0+n) for queries [q0, q0+nq): accumulates this thread's partial
 // dx / sums, the tile's dy (dyR, row form) and dbias (db).
 template <bool FAST>
-void bwd_tile(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int n, const BShared& sh,
+void bwd_tile(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t i0, int n, const BShared& sh,
               double* part, double* sums, float* dyR, vf* db, Work& w, BWork& bw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const float* al = a.alpha + g * a.alpha_gs + q0;
@@ -391,17 +465,30 @@ void bwd_tile(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int n, cons
   const float* Gm = sh.Gp + (size_t)q0 * dp;
   const bool dbl = d > DB;
   tile_B<FAST, true>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+  if (!FAST && sh.ex) tile_expand(sh, q0, nq, d, dp, al, va, bw.yTc, bw);
   for (int q = 0; q < nq; ++q) {
     const int64_t b = q0 + q;
     vf wv[NV];
-    tile_weights<FAST>(w, q, sh.qc[b], sh.lse_d[b], dbl, wv);
-    const vf c0 = vb((float)sh.c0[b]);
+    if (FAST) tile_weights<FAST>(w, q, sh.qc[b], sh.lse_d[b], dbl, wv);
+    else query_weights(sh, w, bw, b, q, i0, n, dbl, wv);
+    // expansion queries: S - |x'|^2 = alpha^2 |yc|^2 - 2 alpha x'.yc, accurate where the
+    // direct shifted distance is not
+    alignas(64) float se[NT];
+    const bool e = !FAST && sh.expands(b);
+    if (e) {
+      const double av = al[q];
+      for (int j = 0; j < NT; ++j) se[j] = (float)(av * av * bw.ynd[j] - 2.0 * av * bw.Se[q * NT + j]);
+    }
+    // c0 = h - D split into hi + lo floats: g.(y - c) + hi is exact where it cancels (Sterbenz),
+    // so h survives even when |g.(y - c)| >> |h|
+    const float c0h = (float)sh.c0[b];
+    const vf c0 = vb(c0h), c0l = vb((float)(sh.c0[b] - (double)c0h));
     const vf pqs = vb(al[q] / va[q]);
     vf s1 = vb(0.f), s2 = vb(0.f), s3 = vb(0.f);
     for (int v = 0; v < NV; ++v) {
       const int o = q * NT + v * W;
-      const vf P = wv[v] * (vld(bw.GY + o) + c0);
-      const vf sv = FAST ? vld(bw.SD + o) : vld(w.Sf + o);
+      const vf P = wv[v] * ((vld(bw.GY + o) + c0) + c0l);
+      const vf sv = FAST ? vld(bw.SD + o) : e ? vld(se + v * W) : vld(w.Sf + o);
       vf yd = vld(bw.YD + o);
       if (FAST) yd += vb((float)sh.cx[b]) - vb(al[q]) * vld(w.cy + v * W);
       s1 += P;
@@ -436,7 +523,7 @@ void backward_impl(const SmArgs<float>& a) {
   const int64_t nch = imin(B, T * cdiv(B, (int64_t)T * QCMAX));  // pass-1 query chunks
   const int64_t qc1 = cdiv(B, nch) + 1;
   const int64_t qcmax = imax(qc1, qc2);
-  Buf bc, bX, bG, bq, bd3, bpart, bsums, bss;
+  Buf bc, bX, bG, bq, bd3, bpart, bsums, bss, bXe, bqe, bpl;
   // Centre of the points (g.y is accumulated as g.(y - c)) and their spread per column.
   double* ss = bss.get<double>((size_t)G * d);
   const double* c = centres(a, bc, ss);
@@ -448,6 +535,17 @@ void backward_impl(const SmArgs<float>& a) {
   sh.lse_d = d3; sh.c0 = d3 + B; sh.cx = d3 + 2 * B;
   sh.part = a.dx ? bpart.get<double>((size_t)T * B * dp) : nullptr;
   sh.sums = bsums.get<double>((size_t)T * B * 3);
+  const bool planned = !FAST && a.expand;
+  const int K = planned ? a.top_k : 0;
+  double* pl = bpl.get<double>((size_t)B * (2 + K));
+  sh.kc = pl;
+  if (planned) {
+    sh.Xe = bXe.get<float>((size_t)B * dp);
+    sh.qe = bqe.get<QConst>((size_t)B);
+    sh.lse_e = pl + B;
+    sh.K = K;
+    sh.ov_val = pl + 2 * B;
+  }
 #pragma omp parallel num_threads(T)
   {
 #ifdef _OPENMP
@@ -475,6 +573,12 @@ void backward_impl(const SmArgs<float>& a) {
       const float* va = a.var + g * a.var_gs;
       const float* gm = a.grad_mean ? a.grad_mean + g * B * d : nullptr;
       const float* mg = a.mean ? a.mean + g * B * d : nullptr;
+      // this group's plan: forms and corrected logits
+      BShared sg = sh;
+      if (planned) {
+        sg.ex = a.expand + g * B;
+        sg.ov_idx = K ? a.top_idx + g * B * K : nullptr;
+      }
       // per-query preparation
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
@@ -496,13 +600,34 @@ void backward_impl(const SmArgs<float>& a) {
         sh.lse_d[b] = FAST ? lse + 0.5 * x2 / (double)va[b] : lse + 0.5 * (double)d;
         sh.cx[b] = cxx;
         sh.c0[b] = (a.grad_lse ? (double)a.grad_lse[g * B + b] : 0.0) - D;
+        sh.kc[b] = (double)d * (double)va[b];
+        if (sg.expands(b)) {  // the expansion form around this backward's centre
+          float* xe = sh.Xe + (size_t)b * dp;
+          double xe2 = 0.0;
+          for (int64_t k = 0; k < d; ++k) {
+            xe[k] = xprime(xg[b * d + k], al[b], cg[k]);
+            xe2 += (double)xe[k] * xe[k];
+          }
+          for (int64_t k = d; k < dp; ++k) xe[k] = 0.f;
+          sh.qe[b] = qconst<true>(al[b], va[b]);
+          sh.lse_e[b] = lse + 0.5 * xe2 / (double)va[b];
+          sh.kc[b] = xe2;
+        }
+        for (int k = 0; k < K; ++k) {  // corrected logits, true frame -> internal frame
+          const double v = a.top_logit[(g * B + b) * K + k];
+          sh.ov_val[b * K + k] = v + (sg.expands(b) ? sh.lse_e[b] - lse : 0.5 * (double)d);
+        }
       }
-      // D from the forward's mean has an absolute error ~ eps |g| |mean| (float32 rounding):
-      // fine while the points are not far from the origin relative to their spread; otherwise
-      // (|c| > 2 rms(y - c), e.g. data offset by 1000, or N = 1) a first pass recomputes D
-      // consistently from the weights.
-      bool p1 = false;
-      if (gm) {
+      // D = g.(mean - c) from the forward's mean is exact to rounding, but the main pass forms
+      // g.(y_i - c) in float32 chains, an absolute error ~ eps |g| |y - c| that does not cancel
+      // against D: where the weight sits on a few points, P_i = w_i (g.(y_i - c) - D + h) is
+      // then off by that much relative to h (data far from the origin relative to their spread,
+      // or simply large: the whole problem scaled by 1e3).  Exact mode therefore always takes a
+      // first pass that forms D = sum_i w_i g.(y_i - c) / sum_i w_i from the same float32
+      // values (they cancel, and sum_i P_i = h holds to rounding); fast mode only where the
+      // points are far from the origin (|c| > 2 rms(y - c), or N = 1).
+      bool p1 = !FAST && gm;
+      if (FAST && gm) {
         double c2 = 0.0, s2 = 0.0;
         for (int64_t k = 0; k < d; ++k) { c2 += cg[k] * cg[k]; s2 += ss[g * d + k]; }
         p1 = c2 > 4.0 * s2 / (double)N;
@@ -511,7 +636,7 @@ void backward_impl(const SmArgs<float>& a) {
 #pragma omp for schedule(static)
         for (int64_t ch = 0; ch < nch; ++ch) {
           const int64_t q0 = ch * B / nch, q1 = (ch + 1) * B / nch;
-          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cfg, sh, w, bw);
+          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cfg, sg, w, bw);
         }
       }
       // one pass over the points (thread tid owns a contiguous range of tiles)
@@ -526,12 +651,13 @@ void backward_impl(const SmArgs<float>& a) {
         pack_tile(yg, i0, n, (int)d, ldr, FAST ? cfg : nullptr, w.yT, w.yR, w.yn, w.cy,
                   FAST ? nullptr : bw.yTc, cfg);
         load_bias(bg, i0, n, w.bt);
+        if (sg.ex) tile_sq_norms(bw.yTc, (int)d, bw.ynd);
         if (a.dx || a.dy) to_panels(w.yR, ldr, dp, n, bw.yP);
         if (a.dy) std::memset(dyR, 0, sizeof(float) * npan);
         vf db[NV];
         for (int v = 0; v < NV; ++v) db[v] = vb(0.f);
         for (int64_t q0 = 0; q0 < B; q0 += qc2)
-          bwd_tile<FAST>(a, g, q0, (int)imin(qc2, B - q0), n, sh, part, sums, dyR, db, w, bw);
+          bwd_tile<FAST>(a, g, q0, (int)imin(qc2, B - q0), i0, n, sg, part, sums, dyR, db, w, bw);
         if (a.dy)
           for (int j = 0; j < n; ++j)
             for (int kc = 0; kc < d; kc += PW)
@@ -562,7 +688,7 @@ void backward_impl(const SmArgs<float>& a) {
           sP += su[0]; sPS += su[1]; sPY += su[2];
         }
         if (a.dalpha) a.dalpha[gb] = (float)(sPY / vv);
-        if (a.dvar) a.dvar[gb] = (float)((sPS + sP * (double)d * vv) / (2.0 * vv * vv));
+        if (a.dvar) a.dvar[gb] = (float)((sPS + sP * sh.kc[b]) / (2.0 * vv * vv));
       }
     }
   }

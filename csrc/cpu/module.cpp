@@ -181,9 +181,15 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
                            int64_t var_gs, std::uintptr_t bias, int64_t bias_gs, std::uintptr_t mean,
                            std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse, std::uintptr_t dx,
                            std::uintptr_t dy, std::uintptr_t dalpha, std::uintptr_t dvar,
-                           std::uintptr_t dbias) {
+                           std::uintptr_t dbias, std::uintptr_t expand, int top_k,
+                           std::uintptr_t top_idx, std::uintptr_t top_logit) {
   check_sizes(G, B, N, d);
   const bool f32 = is_f32(dtype);
+  if (expand || top_k) {
+    if (!f32 || precision != 0 || !expand || top_k < 0 || top_k > 64 ||
+        (top_k > 0 && (!top_idx || !top_logit)))
+      throw std::invalid_argument("diffmem._C.softmax_mean_backward: invalid exact-mode plan");
+  }
   if (G == 0) return;
   py::gil_scoped_release nogil;
   if (B == 0) {  // nothing flows back: zero the point gradients
@@ -198,6 +204,10 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
     auto a = make_args<float>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
                               var_gs, bias, bias_gs);
     fill_bwd(a, mean, lse64, grad_mean, grad_lse, dx, dy, dalpha, dvar, dbias);
+    a.expand = cp<uint8_t>(expand);
+    a.top_k = expand ? top_k : 0;
+    a.top_idx = mp<int64_t>(top_idx);
+    a.top_logit = mp<double>(top_logit);
     bwd32(a);
   } else {
     auto a = make_args<double>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
@@ -263,7 +273,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),
         py::arg("var"), py::arg("var_gs"), py::arg("bias"), py::arg("bias_gs"), py::arg("mean"),
         py::arg("lse64"), py::arg("grad_mean"), py::arg("grad_lse"), py::arg("dx"), py::arg("dy"), py::arg("dalpha"),
-        py::arg("dvar"), py::arg("dbias"));
+        py::arg("dvar"), py::arg("dbias"), py::arg("expand") = 0, py::arg("top_k") = 0,
+        py::arg("top_idx") = 0, py::arg("top_logit") = 0);
   m.def("knn", &knn, py::arg("dtype"), py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"),
         py::arg("d"), py::arg("k"), py::arg("x"), py::arg("x_gs"), py::arg("y"), py::arg("y_gs"),
         py::arg("dist_out"), py::arg("idx_out"));

@@ -19,10 +19,13 @@ _PRECISION = {"exact": 0, "fast": 1}
 FAST_MIN_QUERIES = 64
 
 
+def runs_exact(precision: str, B: int, d: int) -> bool:
+    """Whether a call runs the exact kernels: precision="exact", or "fast" with few queries."""
+    return precision == "exact" or B < FAST_MIN_QUERIES
+
+
 def _precision_code(precision: str, B: int) -> int:
-    if precision == "fast" and B < FAST_MIN_QUERIES:
-        precision = "exact"
-    return _PRECISION[precision]
+    return _PRECISION["exact" if runs_exact(precision, B, 0) else precision]
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -52,8 +55,8 @@ EXACT_PLAN = True
 
 
 def _plan_args(plan, code: int) -> tuple:
-    """(centre, expand, top_k) for the kernel: the plan when the exact kernels run, else none."""
-    if plan is None or code != _PRECISION["exact"]:
+    """(centre, expand, top_k) for the kernel: the plan (the exact kernels run), or none."""
+    if plan is None:
         return None, None, 0
     return _groupwise(plan.centre), plan.expand.contiguous(), plan.top_k
 
@@ -98,11 +101,18 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     N = points.shape[1]
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
     out = [new_output(s, x.dtype) if need else None for s, need in zip(shapes, needs)]
+    code = _precision_code(precision, B)
+    _, expand, K = _plan_args(plan, code)
+    if K:
+        top_idx = top_idx.contiguous()
+        top_logit = top_logit.to(torch.float64).contiguous()
+        K = top_idx.shape[-1]
     ext.softmax_mean_backward(
-        str(x.dtype).removeprefix("torch."), _precision_code(precision, B), _threads(), G, B, N, d,
+        str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
         _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
         _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse64), _ptr(grad_mean), _ptr(grad_lse),
-        *(_ptr(t) for t in out),
+        *(_ptr(t) for t in out), _ptr(expand), K, _ptr(top_idx) if K else 0,
+        _ptr(top_logit) if K else 0,
     )
     return tuple(out)
 

@@ -148,7 +148,7 @@ def correct_forward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit
     runner_up = ap.scatter(-1, best, -math.inf).amax(-1)
     if not bool((runner_up > best_ap[..., 0] - _NEGLIGIBLE).any()):
         return mean, lse64.to(mean.dtype), lse64, ap
-    mean64 = mean.double().clone()
+    mean64 = mean.double()
     lse64 = lse64.clone()
     corrected = ap.clone()
     for sl in _query_chunks(G, B, K, d):

@@ -40,7 +40,7 @@ def _softmax_mean_op(
     the backend needs no correction; see _exact.py), also kept for the backward.
     """
     mod = _backends.module(backend)
-    plan = _plan(mod, x, points, alpha, var)
+    plan = _plan(mod, x, points, alpha, var, precision)
     if plan is None:
         mean, lse, lse64 = mod.forward(x, points, alpha, var, bias, precision)
         empty = lse64.new_empty((*lse64.shape, 0))
@@ -51,20 +51,23 @@ def _softmax_mean_op(
     return mean, lse, lse64, top_idx, top_logit
 
 
-def _plan_free(mod, x) -> bool:
-    """Whether the backend computes without an exact-mode plan (float64, or no plan support)."""
-    return not getattr(mod, "EXACT_PLAN", False) or x.dtype != torch.float32
+def _plan_free(mod, x, precision) -> bool:
+    """Whether the call runs without an exact-mode plan: float64, a backend without plans, or
+    kernels that compute fast-mode logits (the backend's ``runs_exact(precision, B, d)``)."""
+    if not getattr(mod, "EXACT_PLAN", False) or x.dtype != torch.float32:
+        return True
+    return not mod.runs_exact(precision, x.shape[1], x.shape[2])
 
 
-def _plan(mod, x, points, alpha, var):
-    """The exact-mode plan for backends that take one (float32 kernels), else None."""
-    return None if _plan_free(mod, x) else _exact.make_plan(x, points, alpha, var)
+def _plan(mod, x, points, alpha, var, precision):
+    """The exact-mode plan where the call's kernels take one (see _plan_free), else None."""
+    return None if _plan_free(mod, x, precision) else _exact.make_plan(x, points, alpha, var)
 
 
 @_softmax_mean_op.register_fake
 def _(x, points, alpha, var, bias, backend, precision):
     G, B, d = x.shape
-    K = 0 if _plan_free(_backends.module(backend), x) else _exact.TOP_K
+    K = 0 if _plan_free(_backends.module(backend), x, precision) else _exact.TOP_K
     return (x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64),
             x.new_empty((G, B, K), dtype=torch.int64), x.new_empty((G, B, K), dtype=torch.float64))
 
@@ -88,7 +91,7 @@ def _softmax_mean_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
     mod = _backends.module(backend)
-    plan = _plan(mod, x, points, alpha, var)
+    plan = _plan(mod, x, points, alpha, var, precision)
     extra = () if plan is None else (plan, top_idx, top_logit)
     grads = mod.backward(
         x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, tuple(needs), precision,
