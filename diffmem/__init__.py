@@ -15,7 +15,7 @@ from .diffusion import (VE, VP, FlowMatching, Process, convert, ddim_sample, ddp
                         time_weights, training_loss)
 from .metrics import learned_means_metrics, memorization_ratio
 from .ops import backends, knn, softmax_mean
-from .train import ReferenceOptimizer, TrainedGMM, train_gmm_models, wsd_schedule
+from .training import ReferenceOptimizer, TrainedGMM, train_gmm_models, wsd_schedule
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ from diffmem.experiments import phase_transition as pt_module
 from diffmem.experiments import templates_run
 from diffmem.experiments.config import make_config
 from diffmem.experiments.phase_transition import run_phase_transition
-from diffmem.train_templates import train_template_model
+from diffmem.training import train_template_model
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 TINY = dict(data="templates", dim=6, components=2, samples=20, val_samples=10, eval_samples=6,

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from ..diffusion.processes import time_grid
-from ..train import train_gmm_models
+from ..training import train_gmm_models
 from .config import ConfigError, ExperimentConfig
 from .datasets import load_or_make_data
 from .evaluate import averages, evaluate_baselines, evaluate_trained, generator, to_x0_units

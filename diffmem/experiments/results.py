@@ -123,7 +123,7 @@ def save_models(path, models: dict) -> None:
 
 def load_models(path, dtype=torch.float32) -> dict:
     """Inverse of save_models: {M: TrainedGMM} (empty if the file does not exist)."""
-    from ..train import TrainedGMM
+    from ..training.gmm import TrainedGMM
 
     path = Path(path)
     if not path.exists():

@@ -26,7 +26,7 @@ from ..denoisers.partial import PartialMemorizingDenoiser
 from ..diffusion.processes import VP
 from ..diffusion.samplers import ddim_sample
 from ..metrics import learned_means_metrics, memorization_ratio, nearest_two
-from ..train_templates import TrainedTemplates, train_template_model
+from ..training.templates import TrainedTemplates, train_template_model
 from .evaluate import _losses, averages, generator, to_x0_units
 from .results import _atomic_npz, environment, read_json, remove_train_state, write_json
 from .transition import crossing_point, isotonic, locate_transition
