@@ -24,13 +24,13 @@ EXPERIMENTS = ("phase-transition", "sweep", "crossover")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(quick=not args.full)
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench import main as bench_main
+    from .tools.bench.cli import main as bench_main
 
     return bench_main(rest) or 0
 

@@ -1,4 +1,4 @@
-"""The default job of the ``diffmem`` command: the fused op on a memorization-style problem.
+"""``diffmem demo``: the fused op on a memorization-style problem.
 
 It builds a training set from a Gaussian mixture, noises training points with the VP process
 at several noise levels t, and evaluates the memorizing (empirical-optimal) denoiser
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import backends, softmax_mean
+from ..ops import backends, softmax_mean
 
 DEMO_T = (0.999, 0.7595, 0.3603, 0.1208, 0.01, 0.001)
 
@@ -73,6 +73,6 @@ def run_demo(quick: bool = True) -> int:
         print(f"{row['t']:7.4f} {row['backend']:>9s} {row['precision']:>9s} "
               f"{row['rel_error']:10.2e} {row['ms']:8.2f} {row['gflops']:8.1f}")
     print("\nComparison benchmark" + (" (quick mode; `diffmem bench` runs the full one)" if quick else ""))
-    from .bench import main as bench_main
+    from .bench.cli import main as bench_main
 
     return bench_main(["--quick"] if quick else []) or 0
