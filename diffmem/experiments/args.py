@@ -1,5 +1,6 @@
-"""Command-line front end of the experiments: argument definitions and handlers for
-``diffmem phase-transition``, ``diffmem sweep`` and ``diffmem crossover``.
+"""Command-line arguments of the experiments: the options of ``diffmem phase-transition``,
+``diffmem sweep`` and ``diffmem crossover``, and the ExperimentConfig they describe. Parsing
+only: diffmem/cli.py dispatches the parsed commands.
 
 Bad input exits with code 2 and one line on stderr ("diffmem <command>: error: ..."), never a
 traceback.
@@ -8,10 +9,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .config import PRESETS, ConfigError, ExperimentConfig
-from .sweep import GRIDS
+from .config import GRIDS, PRESETS, ExperimentConfig, make_config
 
 _D = ExperimentConfig()
 
@@ -107,8 +106,7 @@ _FIELDS = ("data", "dim", "components", "samples", "seed", "val_samples", "varia
 
 
 def config_from_args(args, **fixed) -> ExperimentConfig:
-    from .config import make_config
-
+    """The validated ExperimentConfig of parsed options (fixed values override them)."""
     values = {k: getattr(args, k, None) for k in _FIELDS}
     values.update(fixed)
     return make_config(args.preset, **values)
@@ -150,40 +148,4 @@ def build_parsers(sub) -> None:
                     help="time weighting of the losses (default x0-uniform)")
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"diffmem {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def run(command: str, args) -> int:
-    """Dispatch a parsed experiment command; ConfigError / OSError become exit code 2."""
-    threads = getattr(args, "threads", 1)
-    if threads < 0:
-        return _fail(command, f"--threads must be >= 0, got {threads}")
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-    try:
-        if command == "phase-transition":
-            from .phase_transition import run_phase_transition
-            config = config_from_args(args)
-            out = args.out or f"runs/phase-transition-{config.tag()}"
-            run_phase_transition(config, out, resume=args.resume, quiet=args.quiet,
-                                 plots=not args.no_plots)
-            print(f"results: {out}/results.json")
-            return 0
-        if command == "sweep":
-            from .sweep import run_sweep
-            return run_sweep(args)
-        if command == "crossover":
-            from .crossover import run_crossover
-            return run_crossover(args)
-    except ConfigError as e:
-        return _fail(command, str(e))
-    except KeyboardInterrupt:
-        print(f"diffmem {command}: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    raise ValueError(f"unknown command {command!r}")
-
-
-__all__ = ["OneLineParser", "build_parsers", "config_from_args", "run"]
+__all__ = ["OneLineParser", "add_common", "add_training", "build_parsers", "config_from_args"]
