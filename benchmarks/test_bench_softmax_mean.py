@@ -9,7 +9,8 @@ Run it with (the normal `pytest` / `pytest tests` run does not collect benchmark
 Every available diffmem backend, with both precisions, shares a group with the torch-naive
 baselines of the same pass, device and size, so the report's relative columns are ratios
 against baselines measured in the same run. Unavailable backends are skipped with the reason
-diffmem.backends() gives. Inputs are the VP-process queries of diffmem/tools/bench/problems.py (sigma = 0.5).
+diffmem.backends() gives. Inputs are the VP-process queries of diffmem/tools/bench/problems.py
+(sigma = 0.5).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pytest
 import torch
 
 import diffmem
-
 from diffmem.tools.bench.methods import backward_setup, diffmem_forward, torch_naive
 from diffmem.tools.bench.problems import make_problem
 

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     build_parsers(sub)
     demo = sub.add_parser("demo", help="accuracy across noise levels and a quick benchmark")
-    demo.add_argument("--full", action="store_true", help="run the full benchmark, not the quick one")
+    demo.add_argument("--full", action="store_true",
+                      help="run the full benchmark, not the quick one")
     sub.add_parser("bench", help="the comparison benchmark; options: diffmem bench --help",
                    add_help=False)
     if argv and argv[0] == "bench":

@@ -169,8 +169,9 @@ def test_the_checks_catch_a_cycle_and_a_layer_violation(tmp_path):
     graph = import_graph(pkg)
     assert graph[f"{PACKAGE.name}.ops.op"] == {f"{PACKAGE.name}.training.loop"}
     found = cycles(graph)
-    assert sorted(found) == [[f"{PACKAGE.name}.experiments.kind", f"{PACKAGE.name}.experiments.run"],
-                             [f"{PACKAGE.name}.ops.op", f"{PACKAGE.name}.training.loop"]]
+    p = PACKAGE.name
+    assert sorted(found) == [[f"{p}.experiments.kind", f"{p}.experiments.run"],
+                             [f"{p}.ops.op", f"{p}.training.loop"]]
     assert layer_violations(graph) == [
         f"{PACKAGE.name}.ops.op (ops) imports {PACKAGE.name}.training.loop (lab)"]
 

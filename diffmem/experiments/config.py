@@ -86,7 +86,7 @@ class ExperimentConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExperimentConfig":
+    def from_dict(cls, d: dict) -> ExperimentConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["sizes"] = tuple(kw.get("sizes", ()))

@@ -41,7 +41,8 @@ def run_crossover(args) -> int:
     try:
         check_writable(out)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out)!r}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot write to output folder {str(out)!r}: "
+                          f"{e.strerror or e}") from None
     t0 = time.perf_counter()
     kind = kind_for(config)
     data = kind.make_data(config)

@@ -24,8 +24,9 @@ def make_data(config) -> GMMData:
 def evaluate_baselines(data, ts, *, sizes, draws: int, seed: int, progress=None) -> dict:
     """Per-t train/val losses of the ground truth, memorizing and partially memorizing (each M
     in sizes, fresh subset per t) denoisers, plus the coded approximations on train:
-    ground_truth_approx, partial_mem_approx and the nearest-neighbour partial_mem_instancewise_approx.
-    data: GMMData (train (N, d), val (V, d)); ts: (T,) grid. Returns a JSON-ready dict."""
+    ground_truth_approx, partial_mem_approx and the nearest-neighbour
+    partial_mem_instancewise_approx. data: GMMData (train (N, d), val (V, d)); ts: (T,) grid.
+    Returns a JSON-ready dict."""
     N, d = data.train.shape
     gt = data.ground_truth(prediction="eps")
     mem = EmpiricalDenoiser(data.train, VP(), "eps")

@@ -19,7 +19,8 @@ from .evaluate import generator
 
 def measured_from_baselines(baselines: dict, ts, samples: int, weighting: str = "x0") -> dict:
     """M*/N where the weighted pmem train loss falls to the ground truth's, from evaluate_baselines
-    output (EPS-unit losses). Returns {"fraction", "sizes", "gaps"} (fraction None if no crossing)."""
+    output (EPS-unit losses). Returns {"fraction", "sizes", "gaps"} (fraction None if no
+    crossing)."""
     c = time_weights(ts, weighting, units="eps")
     gt = torch.tensor(baselines["ground_truth"]["train"], dtype=torch.float64)
     sizes = sorted(int(m) for m in baselines["partial_mem"])

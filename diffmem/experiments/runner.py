@@ -56,7 +56,8 @@ def _prepare_folder(config: ExperimentConfig, out: Path, resume: bool) -> None:
     try:
         check_writable(out)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out)!r}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot write to output folder {str(out)!r}: "
+                          f"{e.strerror or e}") from None
     cfg_path = out / "config.json"
     if cfg_path.exists():
         if not resume:

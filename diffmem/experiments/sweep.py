@@ -76,7 +76,8 @@ def run_sweep(args) -> int:
     try:
         check_writable(root)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(root)!r}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot write to output folder {str(root)!r}: "
+                          f"{e.strerror or e}") from None
     i, n = args.shard
     mine = [c for j, c in enumerate(built) if j % n == i]
     for j, config in enumerate(mine):

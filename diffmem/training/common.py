@@ -23,7 +23,8 @@ def check_number(value, name: str, low: float = -math.inf, high: float = math.in
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not (low < value if open_low else low <= value) or not value <= high:
-        raise ValueError(f"{name} must lie in {'(' if open_low else '['}{low}, {high}], got {value}")
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
     return value
 
 

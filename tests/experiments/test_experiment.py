@@ -18,8 +18,12 @@ from diffmem.experiments import gmm as gmm_kind
 from diffmem.experiments.config import ConfigError, make_config
 from diffmem.experiments.evaluate import sample_ratio
 from diffmem.experiments.runner import run_phase_transition
-from diffmem.experiments.transition import (crossing_point, isotonic, locate_transition,
-                                           refinement_sizes)
+from diffmem.experiments.transition import (
+    crossing_point,
+    isotonic,
+    locate_transition,
+    refinement_sizes,
+)
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 

@@ -6,15 +6,30 @@ import pytest
 import torch
 
 from diffmem.denoisers import IsotropicGMM
-from diffmem.denoisers.learnable import (LearnableGMM, SplitLearnableGMM, grid_index,
-                                         init_gaussian, init_pmem, init_prior, init_sphere,
-                                         initialize)
+from diffmem.denoisers.learnable import (
+    LearnableGMM,
+    SplitLearnableGMM,
+    grid_index,
+    init_gaussian,
+    init_pmem,
+    init_prior,
+    init_sphere,
+    initialize,
+)
 from diffmem.diffusion import time_grid
-from diffmem.training import (ReferenceOptimizer, TrainedGMM, TrainedTemplates, eps_losses,
-                              load_models, model_seed, save_models, train_gmm_models,
-                              train_template_model, wsd_schedule)
+from diffmem.training import (
+    ReferenceOptimizer,
+    TrainedGMM,
+    TrainedTemplates,
+    eps_losses,
+    load_models,
+    model_seed,
+    save_models,
+    train_gmm_models,
+    train_template_model,
+    wsd_schedule,
+)
 from diffmem.training.checkpoint import load_state, remove_state, save_state
-
 
 # ----------------------------------------------------------------------------- optimizer chain
 
@@ -123,8 +138,8 @@ def test_learnable_matches_isotropic_gmm(prediction):
     torch.testing.assert_close(out[1], IsotropicGMM(other, 0.04, prediction=prediction)(x, t))
     # per-model queries (G, B, d) with per-model times (G, B)
     xs, ts = torch.stack([x, x.flip(0)]), torch.stack([t, t.flip(0)])
-    torch.testing.assert_close(both(xs, ts)[1],
-                               IsotropicGMM(other, 0.04, prediction=prediction)(x.flip(0), t.flip(0)))
+    other_ref = IsotropicGMM(other, 0.04, prediction=prediction)(x.flip(0), t.flip(0))
+    torch.testing.assert_close(both(xs, ts)[1], other_ref)
     torch.testing.assert_close(both.denoiser(0, prediction)(x, t), ref)
 
 

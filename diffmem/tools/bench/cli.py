@@ -16,7 +16,6 @@ from .problems import TIME_SIGMA
 from .report import print_table, write_csv
 from .timing import Device, run_size
 
-
 SIZES = [(256, 10000, 64), (256, 100000, 64), (64, 50000, 3072), (1024, 20000, 32)]
 ERROR_SIGMAS = (0.5, 0.01)  # default of --error-sigmas
 DEFAULT_CSV_DIR = Path("runs") / "bench"  # relative to the working directory

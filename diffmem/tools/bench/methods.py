@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from ...ops import backends, softmax_mean
 from .problems import Problem
 
-
 PRECISIONS = ("exact", "fast")
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk of torch-chunked (16 MiB in float32)
 
@@ -200,5 +199,5 @@ def build_methods(device: str, include_reference: bool, check_inputs: bool = Tru
     return methods
 
 
-__all__ = ["Method", "backward_setup", "build_methods", "diffmem_forward", "forward_setup", "sdpa_fold",
-           "sdpa_mask", "torch_chunked", "torch_naive"]
+__all__ = ["Method", "backward_setup", "build_methods", "diffmem_forward", "forward_setup",
+           "sdpa_fold", "sdpa_mask", "torch_chunked", "torch_naive"]

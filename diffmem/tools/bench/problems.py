@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 TIME_SIGMA = 0.5
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .methods import Method
 from .problems import TIME_SIGMA, make_problem, reference_mean, row_errors
 
 
@@ -188,7 +187,7 @@ def run_size(size, methods, args, dev: Device) -> list[Row]:
             continue
         try:
             for i, s in enumerate(extra if _has_error(row) else extra[:1]):
-                call = lambda p=problems[s]: m.setup(p)()  # noqa: E731 (setup counts as memory)
+                call = lambda p=problems[s], m=m: m.setup(p)()  # noqa: E731 (setup counts as memory)
                 if i == 0:
                     out, row.peak_bytes = dev.peak_extra(call)
                 else:
