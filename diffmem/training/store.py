@@ -56,6 +56,9 @@ def save_npz(path, arrays: dict, meta: dict) -> None:
 def load_npz(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(arrays as tensors, metadata) of a file written by save_npz."""
     with np.load(Path(path), allow_pickle=False) as z:
+        if _META not in z.files:
+            raise ValueError(f"{str(path)!r} has no metadata: not written by save_npz (a run "
+                             f"folder of an older diffmem?)")
         meta = json.loads(str(z[_META]))
         arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != _META}
     return arrays, meta

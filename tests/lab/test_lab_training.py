@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,6 +349,9 @@ def test_save_load_models(tmp_path):
     with pytest.raises(ValueError, match="TrainedTemplates models, not TrainedGMM"):
         load_models(path, TrainedGMM)
     assert load_models(tmp_path / "none.npz", TrainedGMM) == {}
+    np.savez(tmp_path / "old.npz", means_3=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="no metadata"):
+        load_models(tmp_path / "old.npz", TrainedGMM)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
