@@ -1,4 +1,4 @@
-"""The comparison benchmark of softmax_mean against torch methods; see diffmem/bench.py.
+"""The comparison benchmark of softmax_mean against torch methods; see diffmem/tools/bench/.
 
     python benchmarks/compare.py [--quick] [--sizes "B,N,d;..."] [--device cuda] ...
 
@@ -7,7 +7,7 @@ is the same as ``diffmem bench ...``.
 
 import sys
 
-from diffmem.bench import main
+from diffmem.tools.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,9 @@ Covers: one and several groups with shared points, bias with masked points, d <=
 accumulators) and d > 64 (chunked), split and unsplit points and queries, both precisions,
 forward (tile kernels, on the CUDA cores and, for "fast", on the tensor cores; few-query
 kernel), all five gradients and knn. The few-query cases reach its group sizes 1, 32 and 256
-(the last with the cross-warp sums in shared memory), one and four queries per block. Exits non-zero if a result disagrees with the float64 reference (so a
-sanitizer run also checks the numbers). Without a GPU it runs on CPU tensors, which only the
+(the last with the cross-warp sums in shared memory), one and four queries per block. Exits
+non-zero if a result disagrees with the float64 reference (so a sanitizer run also checks the
+numbers). Without a GPU it runs on CPU tensors, which only the
 host-emulator build (DIFFMEM_CUDA_EMULATE=ON) accepts.
 """
 
@@ -38,7 +39,8 @@ def case(G, B, N, d, t, seed):
 
 
 def rel(a, b):
-    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm().clamp_min(1e-30))
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def main() -> int:

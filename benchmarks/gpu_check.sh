@@ -20,7 +20,7 @@ mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # real kernels only
-TESTS="${TESTS:-tests/test_softmax_mean.py tests/test_softmax_mean_grad.py tests/test_knn.py tests/test_gpu_kernels.py tests/test_cuda_module.py tests/test_op_registration.py}"
+TESTS="${TESTS:-tests/ops/test_softmax_mean.py tests/ops/test_softmax_mean_grad.py tests/ops/test_knn.py tests/ops/test_gpu_kernels.py tests/ops/test_cuda_module.py tests/ops/test_op_registration.py}"
 # Most informative first: a timeout cuts the tail.
 SIZES="${SIZES:-1,1000000,64;256,1000000,64;64,50000,3072;1,50000,3072;8,1000000,64;1024,100000,128}"
 METHODS="${METHODS:-*}"

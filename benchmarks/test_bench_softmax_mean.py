@@ -9,7 +9,8 @@ Run it with (the normal `pytest` / `pytest tests` run does not collect benchmark
 Every available diffmem backend, with both precisions, shares a group with the torch-naive
 baselines of the same pass, device and size, so the report's relative columns are ratios
 against baselines measured in the same run. Unavailable backends are skipped with the reason
-diffmem.backends() gives. Inputs are the VP-process queries of diffmem/bench.py (sigma = 0.5).
+diffmem.backends() gives. Inputs are the VP-process queries of diffmem/tools/bench/problems.py
+(sigma = 0.5).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pytest
 import torch
 
 import diffmem
-
-from diffmem.bench import backward_setup, diffmem_forward, make_problem, torch_naive
+from diffmem.tools.bench.methods import backward_setup, diffmem_forward, torch_naive
+from diffmem.tools.bench.problems import make_problem
 
 pytest.importorskip("pytest_benchmark")
 

@@ -101,14 +101,15 @@ def launch_configurations():
         single = num_d == 1
         if not fast or bd >= 16:  # the forward's chunks: any for exact, >= 16 for tl.dot
             for cfg in _config.autotune_configs(fast, bd, single):
-                yield ("forward", _forward._forward_kernel, dict(common, FINAL=single, **cfg.kwargs),
-                       cfg.num_warps, cfg.num_stages)
+                yield ("forward", _forward._forward_kernel,
+                       dict(common, FINAL=single, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
         if bd <= 16 or (fast and bd <= 32):  # the gradient kernels' chunks
             if fast and bd < 16:
                 continue
             for name, (fn, extra) in grads.items():
                 for cfg in _config.autotune_configs(False, bd, single, budget=32):
-                    yield name, fn, dict(common, **extra, **cfg.kwargs), cfg.num_warps, cfg.num_stages
+                    yield (name, fn, dict(common, **extra, **cfg.kwargs), cfg.num_warps,
+                           cfg.num_stages)
         if not fast and bd <= 16:  # the few-query forward: fixed blocks
             for bb in (2, 4, 8, 16):
                 bn = min(128, 64 * 128 // (bb * bd))

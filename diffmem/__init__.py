@@ -7,15 +7,37 @@ data and training. See the README for the full API.
 
 from . import theory
 from .data import GMMData, TemplateData, make_gmm_data, make_template_data
-from .denoisers import (ColoredTemplates, Denoiser, EmpiricalDenoiser, IsotropicGMM,
-                        LearnableColoredTemplates, LearnableGMM, LearnableLowRankGMM, LowRankGMM,
-                        PartialMemorizingDenoiser, SplitLearnableGMM)
-from .diffusion import (VE, VP, FlowMatching, Process, convert, ddim_sample, ddpm_sample,
-                        dsm_loss, euler_ode_sample, loss_per_t, loss_scale, time_grid,
-                        time_weights, training_loss)
+from .denoisers import (
+    ColoredTemplates,
+    Denoiser,
+    EmpiricalDenoiser,
+    IsotropicGMM,
+    LearnableColoredTemplates,
+    LearnableGMM,
+    LearnableLowRankGMM,
+    LowRankGMM,
+    PartialMemorizingDenoiser,
+    SplitLearnableGMM,
+)
+from .diffusion import (
+    VE,
+    VP,
+    FlowMatching,
+    Process,
+    convert,
+    ddim_sample,
+    ddpm_sample,
+    dsm_loss,
+    euler_ode_sample,
+    loss_per_t,
+    loss_scale,
+    time_grid,
+    time_weights,
+    training_loss,
+)
 from .metrics import learned_means_metrics, memorization_ratio
 from .ops import backends, knn, softmax_mean
-from .train import ReferenceOptimizer, TrainedGMM, train_gmm_models, wsd_schedule
+from .training import ReferenceOptimizer, TrainedGMM, train_gmm_models, wsd_schedule
 
 __version__ = "0.1.0"
 

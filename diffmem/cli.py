@@ -17,20 +17,59 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .experiments.cli import OneLineParser, build_parsers
-from .experiments.cli import run as run_experiment
+from .experiments.args import OneLineParser, build_parsers, config_from_args
+from .experiments.config import ConfigError
 
 EXPERIMENTS = ("phase-transition", "sweep", "crossover")
 
 
+def _fail(command: str, message: str) -> int:
+    print(f"diffmem {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_experiment(command: str, args: argparse.Namespace) -> int:
+    """Run a parsed experiment command; ConfigError becomes exit code 2 (one line on stderr)."""
+    threads = getattr(args, "threads", 1)
+    if threads < 0:
+        return _fail(command, f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    try:
+        if command == "phase-transition":
+            from .experiments.runner import run_phase_transition
+
+            config = config_from_args(args)
+            out = args.out or f"runs/phase-transition-{config.tag()}"
+            run_phase_transition(config, out, resume=args.resume, quiet=args.quiet,
+                                 plots=not args.no_plots)
+            print(f"results: {out}/results.json")
+            return 0
+        if command == "sweep":
+            from .experiments.sweep import run_sweep
+
+            return run_sweep(args)
+        if command == "crossover":
+            from .experiments.crossover import run_crossover
+
+            return run_crossover(args)
+    except ConfigError as e:
+        return _fail(command, str(e))
+    except KeyboardInterrupt:
+        print(f"diffmem {command}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    raise ValueError(f"unknown command {command!r}")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(quick=not args.full)
 
 
-def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench import main as bench_main
+def _bench(rest: list[str]) -> int:
+    from .tools.bench.cli import main as bench_main
 
     return bench_main(rest) or 0
 
@@ -42,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     build_parsers(sub)
     demo = sub.add_parser("demo", help="accuracy across noise levels and a quick benchmark")
-    demo.add_argument("--full", action="store_true", help="run the full benchmark, not the quick one")
+    demo.add_argument("--full", action="store_true",
+                      help="run the full benchmark, not the quick one")
     sub.add_parser("bench", help="the comparison benchmark; options: diffmem bench --help",
                    add_help=False)
     if argv and argv[0] == "bench":
-        return _bench(argparse.Namespace(), argv[1:])
+        return _bench(argv[1:])
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["phase-transition", *argv]  # the default command
     args = parser.parse_args(argv)

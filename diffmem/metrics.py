@@ -42,7 +42,8 @@ def nearest_two(queries: torch.Tensor, points: torch.Tensor, qname="queries", pn
     return knn(q, p, 2)[0]
 
 
-def memorization_ratio(samples: torch.Tensor, data: torch.Tensor, threshold: float = 1 / 3) -> float:
+def memorization_ratio(samples: torch.Tensor, data: torch.Tensor,
+                       threshold: float = 1 / 3) -> float:
     """Fraction of samples with d1 < threshold * d2 (strict), d1 <= d2 the distances to the two
     nearest data points. samples: (n, *shape), n >= 1; data: (N, *shape), N >= 2."""
     threshold = _check_threshold(threshold)

@@ -6,13 +6,14 @@ computed three ways, all under a time weighting (see diffusion.loss.time_weights
 default, "eps" = the training weighting):
   crossover_coded        the coded closed forms (E.1/E.3)
   crossover_instancewise the nearest-neighbour pmem excess (E.2) against Delta_gen
-  crossover_measured     measured losses of the ground-truth and partially memorizing denoisers (J.4)
+  crossover_measured     measured losses of the ground-truth and partially memorizing denoisers
+                         (J.4)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,7 +38,8 @@ def _unit_weight(grid: torch.Tensor, field: str, weights, process: Process) -> t
 
 def delta_gen(ts, dim: int, *, variance: float = 1.0, field: str = "eps", weights=None,
               process: Process | None = None) -> torch.Tensor:
-    """Generalizing minus memorizing excess (T,): W(t) d v / (1 + psi(t) v). VP/eps/v=1: d (1 - t^2)."""
+    """Generalizing minus memorizing excess (T,): W(t) d v / (1 + psi(t) v).
+    VP/eps/v=1: d (1 - t^2)."""
     grid, process = _grid(ts), process if process is not None else VP()
     v = _positive(variance, "variance")
     dim = int(_positive(dim, "dim"))
@@ -64,13 +66,15 @@ def ground_truth_approx(mem_losses, ts, dim: int, **kwargs) -> torch.Tensor:
 
 
 def partial_mem_approx(mem_losses, ts, dim: int, m: int, n: int, **kwargs) -> torch.Tensor:
-    """The reference's baseline (E.1): memorizing losses (T,) + delta_pmem(ts, dim, m, n, **kwargs)."""
+    """The reference's baseline (E.1): memorizing losses (T,)
+    + delta_pmem(ts, dim, m, n, **kwargs)."""
     pm = delta_pmem(ts, dim, m, n, **kwargs)
     return _per_t(mem_losses, pm.numel(), "mem_losses") + pm
 
 
 def draw_subsets(n: int, m: int, count: int = 1, generator: torch.Generator | None = None) -> list:
-    """`count` subsets of {0..n-1} of size min(m, n), uniform without replacement: list of (m,) int64."""
+    """`count` subsets of {0..n-1} of size min(m, n), uniform without replacement: list of (m,)
+    int64."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -206,7 +210,8 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     process = getattr(ground_truth, "process", None) or VP()
     field = getattr(ground_truth, "prediction", "eps")
     if field not in ("x0", "eps", "v"):
-        raise ValueError(f"ground_truth.prediction must be 'x0', 'eps' or 'v' (a DSM target), got {field!r}")
+        raise ValueError(f"ground_truth.prediction must be 'x0', 'eps' or 'v' (a DSM target), "
+                         f"got {field!r}")
     n, T = data.shape[0], grid.numel()
     c = time_weights(grid, weighting, units=field, weights=weights, process=process)
 
@@ -229,7 +234,7 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     for m in ms:
         subsets = draw_subsets(n, m, T if redraw_per_t else 1, generator)
         models = [pmem(m, s) for s in subsets]
-        lp = losses(lambda j: models[j if redraw_per_t else 0])
+        lp = losses(lambda j, models=models: models[j if redraw_per_t else 0])
         gaps.append(float((c * (lp - gt)).sum()))
     frac = crossing([m / n for m in ms], gaps)
     return (frac, ms, gaps) if return_scan else frac
@@ -237,5 +242,5 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
 
 __all__ = ["crossing", "crossover_coded", "crossover_instancewise", "crossover_measured",
            "delta_gen", "delta_pmem", "draw_subsets", "ground_truth_approx",
-           "instancewise_pmem_approx", "instancewise_pmem_excess", "nn_excess", "partial_mem_approx",
-           "scan_sizes"]
+           "instancewise_pmem_approx", "instancewise_pmem_excess", "nn_excess",
+           "partial_mem_approx", "scan_sizes"]

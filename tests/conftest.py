@@ -1,4 +1,5 @@
-"""Shared fixtures: the device under test, the backends to test, and VP-process test cases.
+"""Shared fixtures: the device under test, the backends to test, VP-process test cases, and a
+run of the phase-transition experiment killed and resumed (``kill_and_resume``).
 
 DIFFMEM_TEST_DEVICE=cuda runs the suite on CUDA tensors (on a machine with a GPU). Triton runs
 on CPU tensors only under TRITON_INTERPRET=1, and the CUDA kernels only in a build with
@@ -7,7 +8,10 @@ DIFFMEM_CUDA_EMULATE=ON (host emulator), both with small shapes.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +114,70 @@ def one_thread():
 def strip_volatile(results: dict) -> dict:
     """A results dict without the parts that differ between identical runs."""
     return {k: v for k, v in results.items() if k not in ("timings", "environment")}
+
+
+class Killed(Exception):
+    """Raised from a run's hook to simulate a kill at that point."""
+
+
+@dataclass
+class Resumed:
+    """What kill_and_resume saw: the uninterrupted results, the resumed ones, the run folder,
+    the events before the kill, the files the kill left, the calls of the spied training
+    function during the resume (each (args, kwargs)) and the events of the resume."""
+
+    full: dict
+    resumed: dict
+    folder: Path
+    events_before_kill: list
+    files_after_kill: set
+    train_calls: list
+    events_after_resume: list
+
+
+@pytest.fixture
+def kill_and_resume(tmp_path, monkeypatch):
+    """run(config, kill_when, spy=(module, name), checkpoint_steps=None) -> Resumed.
+
+    Runs config uninterrupted (folder a), then again in folder b with a hook that raises Killed
+    as soon as kill_when(events so far) is true (events are (name, value) pairs, see
+    run_phase_transition), with training checkpoints every checkpoint_steps steps if given;
+    then resumes b with the training function module.name spied on. Checks that the kill
+    happened and that the resumed results (returned and on disk) equal the uninterrupted ones
+    up to timings and environment.
+    """
+    from diffmem.experiments import runner
+
+    def run(config, kill_when, *, spy, checkpoint_steps=None) -> Resumed:
+        full = runner.run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
+        if checkpoint_steps is not None:
+            monkeypatch.setattr(runner, "CHECKPOINT_STEPS", checkpoint_steps)
+        folder, before = tmp_path / "b", []
+
+        def hook(event, value):
+            before.append((event, value))
+            if kill_when(before):
+                raise Killed
+
+        with pytest.raises(Killed):
+            runner.run_phase_transition(config, folder, quiet=True, plots=False, hook=hook)
+        files = {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
+        module, name = spy
+        real, calls, after = getattr(module, name), [], []
+
+        def spied(*args, **kwargs):
+            calls.append((args, kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spied)
+        resumed = runner.run_phase_transition(config, folder, resume=True, quiet=True,
+                                              plots=False, hook=lambda e, v: after.append((e, v)))
+        assert strip_volatile(resumed) == strip_volatile(full)
+        on_disk = [json.loads((tmp_path / f / "results.json").read_text()) for f in ("a", "b")]
+        assert strip_volatile(on_disk[1]) == strip_volatile(on_disk[0])
+        return Resumed(full, resumed, folder, before, files, calls, after)
+
+    return run
 
 
 def pytest_report_header(config):

@@ -22,7 +22,8 @@ class NpzRecord:
         arrays = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            arrays[f.name] = value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            is_tensor = isinstance(value, torch.Tensor)
+            arrays[f.name] = value.cpu().numpy() if is_tensor else np.asarray(value)
         with open(Path(path), "wb") as fh:
             np.savez(fh, **arrays)
 
@@ -32,7 +33,8 @@ class NpzRecord:
         with np.load(Path(path), allow_pickle=False) as z:
             missing = {f.name for f in fields(cls)} - set(z.files)
             if missing:
-                raise ValueError(f"path {str(path)!r} lacks {cls.__name__} fields {sorted(missing)}")
+                raise ValueError(f"path {str(path)!r} lacks {cls.__name__} fields "
+                                 f"{sorted(missing)}")
             kw = {f.name: torch.from_numpy(z[f.name].copy()) for f in fields(cls)}
         for name, kind in cls.SCALARS.items():
             kw[name] = kind(kw[name])

@@ -28,7 +28,8 @@ class GMMData(NpzRecord):
     priors: torch.Tensor
     seed: int = 0
 
-    def ground_truth(self, process: Process | None = None, prediction: str = "eps", **kwargs) -> IsotropicGMM:
+    def ground_truth(self, process: Process | None = None, prediction: str = "eps",
+                     **kwargs) -> IsotropicGMM:
         """The ground-truth denoiser IsotropicGMM(means, variance, priors); kwargs go to it."""
         return IsotropicGMM(self.means, self.variance, self.priors,
                             process if process is not None else VP(), prediction, **kwargs)

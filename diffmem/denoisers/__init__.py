@@ -3,8 +3,17 @@
 from .base import Denoiser
 from .empirical import EmpiricalDenoiser
 from .gmm import IsotropicGMM
-from .learnable import (INIT_STRATEGIES, LearnableGMM, SplitLearnableGMM, grid_index, init_gaussian,
-                        init_pmem, init_prior, init_sphere, initialize)
+from .learnable import (
+    INIT_STRATEGIES,
+    LearnableGMM,
+    SplitLearnableGMM,
+    grid_index,
+    init_gaussian,
+    init_pmem,
+    init_prior,
+    init_sphere,
+    initialize,
+)
 from .lowrank import LearnableLowRankGMM, LowRankGMM
 from .partial import PartialMemorizingDenoiser
 from .templates import ColoredTemplates, LearnableColoredTemplates

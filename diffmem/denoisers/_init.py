@@ -24,7 +24,8 @@ def check_count(name: str, value) -> int:
 
 
 def pmem_indices(n: int, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """PMEM rule (M,): m distinct indices of range(n) if m <= n, else all n then m - n uniform draws."""
+    """PMEM rule (M,): m distinct indices of range(n) if m <= n, else all n then m - n uniform
+    draws."""
     if m <= n:
         return torch.randperm(n, generator=generator)[:m]
     extra = torch.randint(0, n, (m - n,), generator=generator)

@@ -41,7 +41,8 @@ class EmpiricalDenoiser(Denoiser):
         return self._posterior(x, t, self.points)[0]
 
     def log_prob(self, x_t, t):
-        """log p_t(x) = logsumexp_i(-||x - alpha y_i||^2/(2 sigma^2)) - log N - (D/2) log(2 pi sigma^2)."""
+        """log p_t(x) = logsumexp_i(-||x - alpha y_i||^2/(2 sigma^2)) - log N
+        - (D/2) log(2 pi sigma^2)."""
         x = x_t.reshape(x_t.shape[0], -1)
         _, lse = self._posterior(x, t, self.points)
         var = as_param(self.process.sigma(t), x) ** 2

@@ -42,13 +42,15 @@ class IsotropicGMM(Denoiser):
         alpha = as_param(self.process.alpha(t), x)
         sigma2 = as_param(self.process.sigma(t), x) ** 2
         s = alpha * alpha * self.variance.to(x.dtype) + sigma2
-        mu_bar, lse = softmax_mean(x, self.means.to(x.dtype), alpha, s, self.priors.log().to(x.dtype),
-                                   backend=self.backend, precision=self.precision, return_lse=True)
+        mu_bar, lse = softmax_mean(x, self.means.to(x.dtype), alpha, s,
+                                   self.priors.log().to(x.dtype), backend=self.backend,
+                                   precision=self.precision, return_lse=True)
         return alpha, sigma2, s, mu_bar, lse
 
     def x0(self, x, t):
         alpha, sigma2, s, mu_bar, _ = self._posterior(x, t)
-        col = (lambda v: v[:, None]) if isinstance(s, torch.Tensor) and s.dim() == 1 else (lambda v: v)
+        per_query = isinstance(s, torch.Tensor) and s.dim() == 1
+        col = (lambda v: v[:, None]) if per_query else (lambda v: v)
         return col(alpha * self.variance.to(x.dtype) / s) * x + col(sigma2 / s) * mu_bar
 
     def log_prob(self, x_t, t):
@@ -59,7 +61,8 @@ class IsotropicGMM(Denoiser):
 
     def sample(self, n: int, generator: torch.Generator | None = None):
         """n samples (n, D) and their component labels (n,)."""
-        labels = torch.multinomial(self.priors.float().cpu(), n, replacement=True, generator=generator)
+        labels = torch.multinomial(self.priors.float().cpu(), n, replacement=True,
+                                   generator=generator)
         noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
         labels = labels.to(self.means.device)
         x = self.means[labels] + self.variance.sqrt() * noise.to(self.means.device)

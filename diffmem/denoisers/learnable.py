@@ -195,7 +195,8 @@ class SplitLearnableGMM(nn.Module):
         self.backend, self.precision = backend, precision
 
     def forward(self, x_t: torch.Tensor, t: Time) -> torch.Tensor:
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[1] != self.means.shape[2]:
+        if (not isinstance(x_t, torch.Tensor) or x_t.dim() != 2
+                or x_t.shape[1] != self.means.shape[2]):
             raise ValueError(f"x_t must have shape (B, {self.means.shape[2]})")
         B = x_t.shape[0]
         t = _times(t, (B,), x_t)
@@ -234,7 +235,8 @@ def _check_var(value, name: str) -> float:
 
 def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
 
 
 def init_pmem(data: torch.Tensor, M: int, *, generator: torch.Generator | None = None,
@@ -265,7 +267,8 @@ def _init_random(kind: str, d: int, M: int, generator, means_scale: float, init_
 def init_gaussian(d: int, M: int, *, generator: torch.Generator | None = None,
                   means_scale: float = 1.0, init_var: float = 1e-6,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
-    """GAUSSIAN: means N(0, I) * means_scale / sqrt(d) (norm about means_scale); std = sqrt(init_var)."""
+    """GAUSSIAN: means N(0, I) * means_scale / sqrt(d) (norm about means_scale);
+    std = sqrt(init_var)."""
     return _init_random("gaussian", d, M, generator, means_scale, init_var, dtype)
 
 
@@ -277,7 +280,8 @@ def init_sphere(d: int, M: int, *, generator: torch.Generator | None = None,
     return _init_random("sphere", d, M, generator, means_scale, init_var, dtype)
 
 
-def init_prior(gt, M: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+def init_prior(gt, M: int, *,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """PRIOR: M fresh samples of the ground-truth IsotropicGMM gt; std = sqrt(gt variance).
     Priors are uniform over the M samples (the reference keeps gt's K priors, SPEC F.1 [FLAG])."""
     from .gmm import IsotropicGMM
@@ -292,7 +296,8 @@ def init_prior(gt, M: int, *, generator: torch.Generator | None = None) -> tuple
 
 def initialize(strategy: str, M: int, *, generator: torch.Generator | None = None,
                data: torch.Tensor | None = None, gt=None, init_var: float = 1e-6,
-               noise_var: float = 0.0, means_scale: float | None = None) -> tuple[torch.Tensor, float]:
+               noise_var: float = 0.0,
+               means_scale: float | None = None) -> tuple[torch.Tensor, float]:
     """Dispatch to init_<strategy>; pmem needs data (N, d), prior needs gt, gaussian/sphere need
     data (for d and dtype) or gt; means_scale defaults to sqrt(d)."""
     if strategy not in INIT_STRATEGIES:

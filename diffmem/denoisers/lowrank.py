@@ -61,7 +61,8 @@ def lowrank_posterior(x: torch.Tensor, t: Time, process: Process, means: torch.T
     y, perp2 = torch.cat(y, 1), torch.cat(perp2, 1)                  # (B, K, q), (B, K)
     z = torch.cholesky_solve(y[..., None], chol.expand(B, *chol.shape[1:]))[..., 0]
     maha = perp2 / sigma2 + (y * z).sum(-1)
-    logdet = D * sigma2.log() + torch.log1p(alpha[..., None] ** 2 * lam[None] / sigma2[..., None]).sum(-1)
+    logdet = (D * sigma2.log()
+              + torch.log1p(alpha[..., None] ** 2 * lam[None] / sigma2[..., None]).sum(-1))
     weights, log_p = dense_posterior(priors.log() - 0.5 * (maha + logdet), D)
     coef = torch.einsum("kij,bkj->bki", S, z) * weights[..., None]     # (B, K, q)
     x0 = weights @ means + alpha * torch.einsum("bkq,kdq->bd", coef, Q)

@@ -1,4 +1,5 @@
-"""The partially memorizing ("pmem") denoiser: the empirical denoiser over m of the N points (SPEC C.2)."""
+"""The partially memorizing ("pmem") denoiser: the empirical denoiser over m of the N points
+(SPEC C.2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from ..diffusion.processes import Process, Time
 from ..ops import softmax_mean
-from .base import Denoiser, check_time, as_param, gaussian_log_norm
+from .base import Denoiser, as_param, check_time, gaussian_log_norm
 
 # Noise levels closer than this share a subset when the subset is redrawn per t.
 T_RESOLUTION = 1e-6
@@ -23,7 +24,8 @@ def subset_indices(n: int, m: int, seed: int) -> torch.Tensor:
 
 
 class PartialMemorizingDenoiser(Denoiser):
-    """x0_hat(x, t) = sum_{i in S} softmax_i(-||x - alpha y_i||^2 / (2 sigma^2)) y_i, |S| = min(m, N).
+    """x0_hat(x, t) = sum_{i in S} softmax_i(-||x - alpha y_i||^2 / (2 sigma^2)) y_i,
+    |S| = min(m, N).
 
     data: (N, *data_shape), a buffer. S is drawn without replacement from a seed taken from
     ``generator``. redraw_per_t=True (the reference's evaluation) uses a fresh S for each distinct
@@ -43,7 +45,8 @@ class PartialMemorizingDenoiser(Denoiser):
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m must be a positive int, got {m!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise TypeError(f"generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
         self.register_buffer("data", data)
         self.m, self.redraw_per_t = min(m, data.shape[0]), bool(redraw_per_t)
         self.seed = int(torch.randint(0, 2 ** 62, (), generator=generator))

@@ -8,7 +8,8 @@ A_k = alpha^2 v tau_k + sigma^2:
     Mahalanobis  q_k = sum_c ||x[c] - g[c] T^_k||^2 / sigma^2 + ||y||^2 / A_k
     log-det      L_k = C P log sigma^2 + C log(1 + alpha^2 v tau_k / sigma^2)   ("correct")
                  L_k = C P log sigma^2 +   log(1 + alpha^2 v tau_k / sigma^2)   ("reference")
-    x0_hat       = sum_k w_k [m_k (x) T_k + (alpha v tau_k / A_k) y (x) T^_k],  w = softmax(-(q + L)/2)
+    x0_hat       = sum_k w_k [m_k (x) T_k + (alpha v tau_k / A_k) y (x) T^_k],
+                 w = softmax(-(q + L)/2)
 
 "reference" reproduces the reference code's log-det, which misses the factor C (SPEC K.6). The
 residual is formed directly (precision as t -> 0). The softmax over templates is dense plain torch
@@ -221,7 +222,8 @@ class LearnableColoredTemplates(_TemplateMixture):
 
 
 def color_vectors(x: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
-    """Each sample's colors (N, C) = sum_p x[c, p] / sum_p T[p]; x (N, C, H, W), templates (N, H, W)."""
+    """Each sample's colors (N, C) = sum_p x[c, p] / sum_p T[p]; x (N, C, H, W), templates
+    (N, H, W)."""
     return x.flatten(2).sum(-1) / templates.flatten(1).sum(-1)[:, None]
 
 

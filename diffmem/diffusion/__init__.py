@@ -1,7 +1,14 @@
 """Processes, parametrizations, losses and samplers."""
 
-from .loss import (TARGETS, dsm_loss, dsm_target, loss_per_t, time_weights, training_loss,
-                   weighted_loss)
+from .loss import (
+    TARGETS,
+    dsm_loss,
+    dsm_target,
+    loss_per_t,
+    time_weights,
+    training_loss,
+    weighted_loss,
+)
 from .parametrization import FIELDS, convert, from_x0, loss_scale, to_x0
 from .processes import VE, VP, FlowMatching, Process, time_grid
 from .samplers import ddim_sample, ddpm_sample, euler_ode_sample

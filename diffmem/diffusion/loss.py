@@ -19,7 +19,8 @@ TARGETS = ("x0", "eps", "v")
 
 def _check_target(target: str) -> None:
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS} (score has no DSM target), got {target!r}")
+        raise ValueError(f"target must be one of {TARGETS} (score has no DSM target), "
+                         f"got {target!r}")
 
 
 def _check_draws(draws: int) -> None:
@@ -31,7 +32,8 @@ def _check_x0(x0: torch.Tensor, name: str = "x0") -> None:
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x0).__name__}")
     if x0.dim() < 2 or x0.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (B, *data_shape) with B >= 1, got {tuple(x0.shape)}")
+        raise ValueError(f"{name} must have shape (B, *data_shape) with B >= 1, "
+                         f"got {tuple(x0.shape)}")
 
 
 def _process(model) -> Process:
@@ -41,7 +43,8 @@ def _process(model) -> Process:
 
 def dsm_target(target: str, x0: torch.Tensor, eps: torch.Tensor, t: Time,
                process: Process) -> torch.Tensor:
-    """The regression target for x_t = alpha x0 + sigma eps; x0, eps (B, *shape), t float or (B,)."""
+    """The regression target for x_t = alpha x0 + sigma eps; x0, eps (B, *shape), t float or
+    (B,)."""
     _check_target(target)
     if target == "x0":
         return x0
@@ -104,7 +107,8 @@ def training_loss(model, x0: torch.Tensor, ts, *, probs=None, weights=None, draw
     _check_x0(x0)
     grid = _grid(ts)
     T = grid.numel()
-    p = torch.full((T,), 1.0 / T, dtype=torch.float64) if probs is None else _per_t(probs, T, "probs")
+    p = (torch.full((T,), 1.0 / T, dtype=torch.float64) if probs is None
+         else _per_t(probs, T, "probs"))
     if bool((p < 0).any()) or float(p.sum()) <= 0:
         raise ValueError("probs must be non-negative with a positive sum")
     w = torch.ones(T, dtype=torch.float64) if weights is None else _per_t(weights, T, "weights")
@@ -154,7 +158,8 @@ def time_weights(ts, weighting: str = "x0", *, units: str = "eps", weights=None,
     weighting: the field ("x0", "eps", "v", "score") in which the per-t weights w apply;
     "x0" = x0-uniform (default, the paper's 4/5 N), "eps" = the training weighting.
     weights: (T,) custom w, default ones. units: the units the losses L_t are measured in.
-    Uses L_weighting = lsf(units -> weighting) L_units (SPEC D.4), e.g. L_x0 = L_eps (sigma/alpha)^2.
+    Uses L_weighting = lsf(units -> weighting) L_units (SPEC D.4), e.g.
+    L_x0 = L_eps (sigma/alpha)^2.
     """
     for value, name in ((weighting, "weighting"), (units, "units")):
         if value not in FIELDS:

@@ -2,11 +2,11 @@
 
 With a = alpha'/alpha, s = sigma'/sigma and r = s - a (all at t):
 
-    from \\ to   x0                    eps                   v                     score
-    x0 (h)      h                     (x - alpha h)/sigma   s x - alpha r h       (alpha h - x)/sigma^2
-    eps (e)     (x - sigma e)/alpha   e                     a x + sigma r e       -e/sigma
-    v (v)       (s x - v)/(alpha r)   (v - a x)/(sigma r)   v                     (a x - v)/(sigma^2 r)
-    score (g)   (x + sigma^2 g)/alpha -sigma g              a x - sigma^2 r g     g
+    from \\ to  x0                    eps                   v                   score
+    x0 (h)     h                     (x - alpha h)/sigma   s x - alpha r h     (alpha h - x)/sigma^2
+    eps (e)    (x - sigma e)/alpha   e                     a x + sigma r e     -e/sigma
+    v (v)      (s x - v)/(alpha r)   (v - a x)/(sigma r)   v                   (a x - v)/(sigma^2 r)
+    score (g)  (x + sigma^2 g)/alpha -sigma g              a x - sigma^2 r g   g
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def _check(field: str, name: str) -> None:
         raise ValueError(f"{name} must be one of {FIELDS}, got {field!r}")
 
 
-def to_x0(field: str, value: torch.Tensor, x: torch.Tensor, t: Time, process: Process) -> torch.Tensor:
+def to_x0(field: str, value: torch.Tensor, x: torch.Tensor, t: Time,
+          process: Process) -> torch.Tensor:
     """The x0 prediction equivalent to `value`, a prediction of type `field` at (x, t)."""
     _check(field, "field")
     al, sg = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
@@ -38,7 +39,8 @@ def to_x0(field: str, value: torch.Tensor, x: torch.Tensor, t: Time, process: Pr
     return (s * x - value) / (al * (s - a))
 
 
-def from_x0(field: str, x0: torch.Tensor, x: torch.Tensor, t: Time, process: Process) -> torch.Tensor:
+def from_x0(field: str, x0: torch.Tensor, x: torch.Tensor, t: Time,
+            process: Process) -> torch.Tensor:
     """The prediction of type `field` equivalent to the x0 prediction x0 at (x, t)."""
     _check(field, "field")
     al, sg = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)

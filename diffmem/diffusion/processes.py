@@ -7,7 +7,7 @@ kind. Derivatives are the closed forms of the scalar functions (what autodiff gi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,4 +1,5 @@
-"""Samplers over a time grid (SPEC G.1): deterministic DDIM, stochastic DDPM, Euler probability-flow ODE.
+"""Samplers over a time grid (SPEC G.1): deterministic DDIM, stochastic DDPM, Euler
+probability-flow ODE.
 
 All take a model with ``model(x, t)`` returning the field ``model.prediction`` under
 ``model.process`` (defaults "x0" and VP when absent), x_init (B, *shape), and ts: the times to
@@ -37,7 +38,8 @@ def _x0_hat(model, x, t, process, prediction):
 
 @torch.no_grad()
 def ddim_sample(model, x_init: torch.Tensor, ts) -> torch.Tensor:
-    """Deterministic DDIM: x_{t1} = (sigma1/sigma) x_t + alpha1 (1 - (alpha/alpha1)(sigma1/sigma)) x0_hat."""
+    """Deterministic DDIM:
+    x_{t1} = (sigma1/sigma) x_t + alpha1 (1 - (alpha/alpha1)(sigma1/sigma)) x0_hat."""
     times, process, prediction = _setup(model, x_init, ts)
     x = x_init
     for t, t1 in zip(times[:-1], times[1:]):
@@ -48,7 +50,8 @@ def ddim_sample(model, x_init: torch.Tensor, ts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddpm_sample(model, x_init: torch.Tensor, ts, generator: torch.Generator | None = None) -> torch.Tensor:
+def ddpm_sample(model, x_init: torch.Tensor, ts,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Stochastic DDPM: x_{t1} ~ N(r12 x + alpha1 (1 - r11^2) x0_hat, sigma1^2 (1 - r11^2) I),
     with r11 = (alpha/alpha1)(sigma1/sigma) and r12 = r11 sigma1/sigma."""
     times, process, prediction = _setup(model, x_init, ts)
@@ -66,7 +69,8 @@ def ddpm_sample(model, x_init: torch.Tensor, ts, generator: torch.Generator | No
 
 @torch.no_grad()
 def euler_ode_sample(model, x_init: torch.Tensor, ts) -> torch.Tensor:
-    """Euler steps of the probability-flow ODE dx/dt = v(x, t) (v = alpha' x0_hat + sigma' eps_hat)."""
+    """Euler steps of the probability-flow ODE dx/dt = v(x, t)
+    (v = alpha' x0_hat + sigma' eps_hat)."""
     times, process, prediction = _setup(model, x_init, ts)
     x = x_init
     for t, t1 in zip(times[:-1], times[1:]):

@@ -1,25 +1,28 @@
 """The paper's experiments (``diffmem phase-transition | sweep | crossover``).
 
-- config.py            ExperimentConfig, presets ("default", "paper"), validation (ConfigError)
-- datasets.py          the data set of a configuration (GMM or colored templates)
-- phase_transition.py  run_phase_transition(config, out, resume=...): one configuration
-- templates_run.py     the same experiment on colored templates (--data templates)
-- sweep.py             the (d, K, N) sweep (or image side, K, N for templates) with shards and a
-                       summary table
-- crossover.py         theory-only predictions of M*/N
-- evaluate.py          baselines and trained-model evaluation per t and per M
-- predictions.py       coded / instance-wise / measured crossover
-- transition.py        the delta rule and the refinement sizes
-- results.py           atomic JSON, .npz checkpoints, environment info
-- plots.py             PNG figures (matplotlib, optional)
-- progress.py          progress lines on stderr
-- cli.py               argparse definitions and dispatch
+- config.py       ExperimentConfig, presets ("default", "paper"), sweep grids, validation
+                  (ConfigError)
+- args.py         the commands' options and the config they describe (parsing only)
+- runner.py       run_phase_transition(config, out, resume=...): start of run, the two training
+                  phases (train, evaluate, locate the transition, refine), results, resume
+- kind.py         ExperimentKind: the data-dependent steps a kind plugs into the runner
+- gmm.py          the isotropic-GMM kind (the default)
+- templates.py    the colored-template kind (--data templates)
+- sweep.py        the (d, K, N) sweep (or image side, K, N for templates) with shards and a
+                  summary table
+- crossover.py    theory-only predictions of M*/N
+- evaluate.py     measurements the kinds share: seeded losses, averages, the memorization ratio
+- predictions.py  coded / instance-wise / measured crossover
+- transition.py   the delta rule and the refinement sizes
+- results.py      run-folder files: atomic JSON, environment info
+- plots.py        PNG figures (matplotlib, optional)
+- progress.py     progress lines on stderr
 
-Import the submodules directly (e.g. ``from diffmem.experiments.phase_transition import
+Import the submodules directly (e.g. ``from diffmem.experiments.runner import
 run_phase_transition``).
 """
 
 from .config import PRESETS, ConfigError, ExperimentConfig, make_config
-from .phase_transition import run_phase_transition
+from .runner import run_phase_transition
 
 __all__ = ["ConfigError", "ExperimentConfig", "PRESETS", "make_config", "run_phase_transition"]

@@ -5,6 +5,7 @@
   steps, warmup 1,000, lr 0 -> 1.5e-2 -> 1e-5, 10 draws, gradient clip 1e3, 100 eval samples) and
   "paper" (SPEC F.5 sweep values: 50,000 steps, warmup 5,000, lr 0 -> 1e-3 -> 1e-6, 100 draws,
   clip 1e9, 50 eval samples).
+- ``GRIDS``: the default (d, K, N) grid of the sweep for each data kind.
 - ``make_config(preset, **overrides)``: a validated config; bad values raise ConfigError with a
   one-line message (the CLI turns it into exit code 2).
 """
@@ -85,7 +86,7 @@ class ExperimentConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExperimentConfig":
+    def from_dict(cls, d: dict) -> ExperimentConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["sizes"] = tuple(kw.get("sizes", ()))
@@ -101,6 +102,13 @@ TEMPLATE_PRESETS: dict[str, dict] = {
     "paper": dict(dim=15, components=6, steps=100_000, warmup=5_000, init_lr=0.0, peak_lr=1e-4,
                   final_lr=1e-8, draws=100, clip=1e3, ema=0.1, init_var=1e-6, baseline_step=2,
                   baseline_points=0),
+}
+
+# Default (dims, components, samples) grid of ``diffmem sweep`` for each data kind (templates:
+# image side x K x N, 2 x 2 x 2 around the paper's 15x15, K = 6, N = 100 run).
+GRIDS = {
+    "gmm": ([30, 40, 50, 60], [3, 6, 9, 12], [50, 100, 150, 200]),
+    "templates": ([10, 15], [3, 6], [50, 100]),
 }
 
 PRESETS: dict[str, dict] = {
@@ -191,4 +199,5 @@ def make_config(preset: str = "default", **overrides) -> ExperimentConfig:
     return validate(c)
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "PRESETS", "TEMPLATE_PRESETS", "make_config", "validate"]
+__all__ = ["ConfigError", "ExperimentConfig", "GRIDS", "PRESETS", "TEMPLATE_PRESETS", "make_config",
+           "validate"]

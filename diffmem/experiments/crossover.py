@@ -16,9 +16,9 @@ import torch
 
 from ..diffusion.processes import time_grid
 from .config import ConfigError, make_config
-from .datasets import make_data
 from .predictions import predict
 from .results import check_writable, environment, write_json
+from .runner import kind_for
 
 
 def _text(value, skipped: bool, samples: int) -> str:
@@ -30,7 +30,7 @@ def _text(value, skipped: bool, samples: int) -> str:
 
 
 def run_crossover(args) -> int:
-    """Handler of the crossover subcommand (args from experiments.cli); returns the exit code."""
+    """Handler of the crossover subcommand (args from experiments.args); returns the exit code."""
     values = {k: getattr(args, k, None) for k in ("data", "dim", "components", "samples", "seed",
                                                   "val_samples", "variance", "eval_draws")}
     config = make_config(args.preset, sizes=[1], **values)  # sizes: not used here
@@ -41,12 +41,14 @@ def run_crossover(args) -> int:
     try:
         check_writable(out)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out)!r}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot write to output folder {str(out)!r}: "
+                          f"{e.strerror or e}") from None
     t0 = time.perf_counter()
-    data = make_data(config)
+    kind = kind_for(config)
+    data = kind.make_data(config)
     ts = time_grid(dtype=torch.float64)
     pred = predict(data, ts, seed=config.seed, measured=not args.no_measured,
-                   draws=config.eval_draws, weighting=args.weighting)
+                   draws=config.eval_draws, weighting=args.weighting, theory_note=kind.theory_note)
     result = {"schema": "diffmem.crossover/1", "config": config.to_dict(), "predictions": pred,
               "environment": environment(), "seconds": time.perf_counter() - t0}
     write_json(out / "crossover.json", result)

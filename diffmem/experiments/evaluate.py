@@ -1,4 +1,5 @@
-"""Evaluating baselines and trained models of one configuration (SPEC E.4, G.1-G.4).
+"""Measurements every experiment kind shares (SPEC E.4, G.1-G.4): seeded generators, per-t
+losses, their averages and units, and the memorization ratio of DDIM samples.
 
 Every loss is per t on the 26-point grid, EPS units, shape (T,) (lists in JSON); x0-unit
 values are the EPS values times (sigma/alpha)^2. Randomness comes from generators seeded by
@@ -11,14 +12,11 @@ import hashlib
 
 import torch
 
-from .. import theory
-from ..denoisers.empirical import EmpiricalDenoiser
-from ..denoisers.partial import PartialMemorizingDenoiser
 from ..diffusion.loss import loss_per_t, weighted_loss
 from ..diffusion.parametrization import loss_scale
 from ..diffusion.processes import VP
 from ..diffusion.samplers import ddim_sample
-from ..metrics import learned_means_metrics, memorization_ratio
+from ..metrics import memorization_ratio
 from ..ops import knn
 
 
@@ -44,39 +42,21 @@ def averages(losses, ts) -> dict:
             "x0": weighted_loss(losses, ts, "x0", units="eps")}
 
 
-def _losses(model, data, ts, draws, seed, *label) -> list[float]:
-    return loss_per_t(model, data, ts, draws=draws, generator=generator(seed, *label)).tolist()
-
-
-def evaluate_baselines(data, ts, *, sizes, draws: int, seed: int, progress=None) -> dict:
-    """Per-t train/val losses of the ground truth, memorizing and partially memorizing (each M
-    in sizes, fresh subset per t) denoisers, plus the coded approximations on train:
-    ground_truth_approx, partial_mem_approx and the nearest-neighbour partial_mem_instancewise_approx.
-    data: GMMData (train (N, d), val (V, d)); ts: (T,) grid. Returns a JSON-ready dict."""
-    N, d = data.train.shape
-    gt = data.ground_truth(prediction="eps")
-    mem = EmpiricalDenoiser(data.train, VP(), "eps")
-    out = {"ground_truth": {}, "memorizing": {}, "partial_mem": {}, "partial_mem_approx": {},
-           "partial_mem_instancewise_approx": {}}
-    for split, x in (("train", data.train), ("val", data.val)):
-        out["ground_truth"][split] = _losses(gt, x, ts, draws, seed, "gt", split)
-        out["memorizing"][split] = _losses(mem, x, ts, draws, seed, "mem", split)
-    mem_train = out["memorizing"]["train"]
-    out["ground_truth_approx"] = {"train": theory.ground_truth_approx(
-        mem_train, ts, d, variance=float(data.variance)).tolist()}
-    for i, M in enumerate(sizes):
-        pm = PartialMemorizingDenoiser(data.train, int(M), generator=generator(seed, "pmem", M),
-                                       redraw_per_t=True, prediction="eps")
-        out["partial_mem"][str(M)] = {split: _losses(pm, x, ts, draws, seed, "pmem", M, split)
-                                      for split, x in (("train", data.train), ("val", data.val))}
-        out["partial_mem_approx"][str(M)] = {"train": theory.partial_mem_approx(
-            mem_train, ts, d, int(M), N, variance=float(data.variance)).tolist()}
-        subsets = [pm.subset_at(float(t)) for t in ts]
-        out["partial_mem_instancewise_approx"][str(M)] = {"train": theory.instancewise_pmem_approx(
-            mem_train, data.train, subsets, ts).tolist()}
-        if progress is not None:
-            progress(i + 1, len(sizes))
+def average_baselines(baselines: dict, ts) -> dict:
+    """averages() of every baseline: entries {split: losses} and {M: {split: losses}} alike."""
+    out = {}
+    for name, entry in baselines.items():
+        if all(isinstance(v, list) for v in entry.values()):
+            out[name] = {s: averages(v, ts) for s, v in entry.items()}
+        else:
+            out[name] = {m: {s: averages(v, ts) for s, v in per.items()}
+                         for m, per in entry.items()}
     return out
+
+
+def measure_losses(model, data, ts, draws, seed, *label) -> list[float]:
+    """loss_per_t of model on data (EPS units, (T,) as a list), noise seeded by (seed, label)."""
+    return loss_per_t(model, data, ts, draws=draws, generator=generator(seed, *label)).tolist()
 
 
 def sample_ratio(denoiser_x0, train, x_init, ts, threshold: float) -> dict:
@@ -90,22 +70,11 @@ def sample_ratio(denoiser_x0, train, x_init, ts, threshold: float) -> dict:
             "median_d1_over_d2": float((dist[:, 0] / dist[:, 1]).median())}
 
 
-def evaluate_trained(model, data, ts, *, x_init, draws: int, seed: int, threshold: float) -> dict:
-    """Everything measured on one TrainedGMM (size M): memorization ratio, learned variance,
-    learned-means metrics (G.2), per-t train/val losses (EPS) and their averages."""
-    M = model.size
-    eps_model = model.denoiser(prediction="eps")
-    train = _losses(eps_model, data.train, ts, draws, seed, "trained", M, "train")
-    val = _losses(eps_model, data.val, ts, draws, seed, "trained", M, "val")
-    out = {"size": M, "variance": float(model.std) ** 2}
-    out.update(sample_ratio(model.denoiser(prediction="x0"), data.train, x_init, ts, threshold))
-    out["learned_means"] = learned_means_metrics(model.means, data.means, data.train, threshold)
-    out["train_loss"], out["val_loss"] = train, val
-    out["avg_train_loss"], out["avg_val_loss"] = averages(train, ts), averages(val, ts)
-    tail = model.losses[-max(1, len(model.losses) // 20):]
-    out["final_training_loss"] = float(tail.double().mean())
-    return out
+def final_training_loss(losses: torch.Tensor) -> float:
+    """Mean of the last 5% (at least one) of a model's per-step training losses."""
+    tail = losses[-max(1, len(losses) // 20):]
+    return float(tail.double().mean())
 
 
-__all__ = ["averages", "evaluate_baselines", "evaluate_trained", "generator", "sample_ratio",
-           "sub_seed", "to_x0_units"]
+__all__ = ["average_baselines", "averages", "final_training_loss", "generator", "measure_losses",
+           "sample_ratio", "sub_seed", "to_x0_units"]

@@ -93,7 +93,8 @@ def plot_run(results: dict, folder) -> list[str]:
             ax.axhline(reduce(base["ground_truth"][split]), color="green", ls="--",
                        label="ground truth")
             ax.set_yscale("log")
-            ax.set(xlabel="M / N", ylabel=f"{split} loss (x0 units)", title=f"{title}, {_tag(results)}")
+            ax.set(xlabel="M / N", ylabel=f"{split} loss (x0 units)",
+                   title=f"{title}, {_tag(results)}")
             ax.legend(fontsize=6)
             name = "avg" if title.startswith("average") else title.split("= ")[1].replace(".", "_")
             _save(fig, folder / f"{split}_loss_{name}.png", made)

@@ -1,5 +1,6 @@
 """Predicted crossover M*/N of one configuration, three ways (SPEC E.3, J.4), x0-uniform weighting.
-Colored templates get only the measured one (the closed forms are GMM theory).
+Data that the closed forms do not describe (colored templates: they are GMM theory) get only the
+measured one.
 
 - coded: the closed forms (independent of the data): 0.6604 on the 26-point grid.
 - instancewise: nearest-neighbour pmem excess of the training set against Delta_gen.
@@ -12,18 +13,14 @@ from __future__ import annotations
 import torch
 
 from .. import theory
-from ..data import TemplateData
 from ..diffusion.loss import time_weights
 from .evaluate import generator
-
-TEMPLATE_NOTE = ("coded and instance-wise crossovers are GMM theory and do not apply to colored "
-                 "templates; measured = where the weighted pmem train loss meets the ground-truth "
-                 "template denoiser's")
 
 
 def measured_from_baselines(baselines: dict, ts, samples: int, weighting: str = "x0") -> dict:
     """M*/N where the weighted pmem train loss falls to the ground truth's, from evaluate_baselines
-    output (EPS-unit losses). Returns {"fraction", "sizes", "gaps"} (fraction None if no crossing)."""
+    output (EPS-unit losses). Returns {"fraction", "sizes", "gaps"} (fraction None if no
+    crossing)."""
     c = time_weights(ts, weighting, units="eps")
     gt = torch.tensor(baselines["ground_truth"]["train"], dtype=torch.float64)
     sizes = sorted(int(m) for m in baselines["partial_mem"])
@@ -34,15 +31,16 @@ def measured_from_baselines(baselines: dict, ts, samples: int, weighting: str = 
 
 
 def predict(data, ts, *, seed: int, baselines: dict | None = None, measured: bool = True,
-            draws: int = 100, weighting: str = "x0") -> dict:
-    """{"weighting", "coded", "instancewise", "measured"} predictions of M*/N for data: GMMData
-    (train (N, d)), or TemplateData (train (N, C, H, W)), for which coded and instance-wise are
-    None (GMM theory) and a "note" says so. measured comes from baselines when given, else is
-    measured here with theory.crossover_measured (None if not measured)."""
+            draws: int = 100, weighting: str = "x0", theory_note: str | None = None) -> dict:
+    """{"weighting", "coded", "instancewise", "measured"} predictions of M*/N for data (train
+    (N, ...), ground_truth()). With a theory_note (the closed forms do not apply to this data,
+    e.g. colored templates) coded and instance-wise are None and "note" says why. measured comes
+    from baselines when given, else is measured here with theory.crossover_measured (None if
+    not measured)."""
     N = data.train.shape[0]
     out = {"weighting": weighting}
-    if isinstance(data, TemplateData):
-        out.update(coded=None, instancewise=None, note=TEMPLATE_NOTE)
+    if theory_note is not None:
+        out.update(coded=None, instancewise=None, note=theory_note)
     else:
         out["coded"] = theory.crossover_coded(ts, weighting=weighting,
                                               variance=float(data.variance))
@@ -65,4 +63,4 @@ def predict(data, ts, *, seed: int, baselines: dict | None = None, measured: boo
     return out
 
 
-__all__ = ["TEMPLATE_NOTE", "measured_from_baselines", "predict"]
+__all__ = ["measured_from_baselines", "predict"]

@@ -13,14 +13,10 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from .config import ConfigError
+from .args import config_from_args
+from .config import GRIDS, ConfigError
 from .results import check_writable, read_json, write_json
-
-
-GRIDS = {  # default (dims, components, samples) of each data kind
-    "gmm": ([30, 40, 50, 60], [3, 6, 9, 12], [50, 100, 150, 200]),
-    "templates": ([10, 15], [3, 6], [50, 100]),
-}
+from .runner import run_phase_transition
 
 
 def configurations(dims, components, samples) -> list[tuple[int, int, int]]:
@@ -65,9 +61,6 @@ def format_table(rows: list[dict]) -> str:
 
 def run_sweep(args) -> int:
     """Handler of the sweep subcommand; returns the exit code (ConfigError for bad input)."""
-    from .cli import config_from_args
-    from .phase_transition import run_phase_transition
-
     grid = dict(zip(("dims", "components", "samples"), GRIDS[args.data]))
     for name in grid:
         values = getattr(args, name)
@@ -83,7 +76,8 @@ def run_sweep(args) -> int:
     try:
         check_writable(root)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(root)!r}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot write to output folder {str(root)!r}: "
+                          f"{e.strerror or e}") from None
     i, n = args.shard
     mine = [c for j, c in enumerate(built) if j % n == i]
     for j, config in enumerate(mine):
@@ -103,4 +97,4 @@ def run_sweep(args) -> int:
     return 0
 
 
-__all__ = ["GRIDS", "configurations", "format_table", "run_sweep", "summarize", "summary_row"]
+__all__ = ["configurations", "format_table", "run_sweep", "summarize", "summary_row"]

@@ -6,7 +6,7 @@ Pure functions on (sizes, ratios); no training here.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def locate_transition(sizes: Sequence[int], ratios: Sequence[float], delta: float = 0.1):

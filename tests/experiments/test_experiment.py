@@ -7,19 +7,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import strip_volatile
 from diffmem import EmpiricalDenoiser, make_gmm_data, time_grid
 from diffmem.cli import main
-from diffmem.experiments import phase_transition as pt_module
+from diffmem.experiments import gmm as gmm_kind
 from diffmem.experiments.config import ConfigError, make_config
 from diffmem.experiments.evaluate import sample_ratio
-from diffmem.experiments.phase_transition import run_phase_transition
-from diffmem.experiments.transition import (crossing_point, isotonic, locate_transition,
-                                           refinement_sizes)
+from diffmem.experiments.runner import run_phase_transition
+from diffmem.experiments.transition import (
+    crossing_point,
+    isotonic,
+    locate_transition,
+    refinement_sizes,
+)
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -92,77 +96,47 @@ def test_trained_models_go_from_generalizing_to_memorizing(tmp_path):
     assert 0.6 <= r["transition"]["midpoint_fraction"] <= 0.95
 
 
-class _Killed(Exception):
-    pass
+def _sizes_and_steps(calls):
+    """(sizes, resumed-from step or None) of each train_gmm_models call."""
+    return [(list(args[1]), None if kw["resume_state"] is None else kw["resume_state"]["step"])
+            for args, kw in calls]
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+def test_resume_after_kill_matches_uninterrupted(kill_and_resume):
     config = make_config(**TINY)
-    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
 
-    seen = []
+    def third_evaluation(events):
+        return events[-1][0] == "evaluated" and [e for e, _ in events].count("evaluated") == 3
 
-    def kill_after_three(event, value):
-        seen.append((event, value))
-        if event == "evaluated" and sum(e == "evaluated" for e, _ in seen) == 3:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False, hook=kill_after_three)
-    finished = {int(p.stem[1:]) for p in (tmp_path / "b" / "models").glob("M*.json")}
+    r = kill_and_resume(config, third_evaluation, spy=(gmm_kind, "train_gmm_models"))
+    finished = {int(p.stem[1:]) for p in r.files_after_kill
+                if p.parent == Path("models") and p.suffix == ".json"}
     assert len(finished) == 3
-
-    trained_sizes, evaluated = [], []
-    real_train = pt_module.train_gmm_models
-
-    def spy(data, sizes, **kw):
-        trained_sizes.append(list(sizes))
-        return real_train(data, sizes, **kw)
-
-    monkeypatch.setattr(pt_module, "train_gmm_models", spy)
-    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False,
-                                   hook=lambda e, v: evaluated.append(v) if e == "evaluated" else None)
     phase1 = set(config.train_sizes())
+    trained_sizes = [sizes for sizes, _ in _sizes_and_steps(r.train_calls)]
     assert all(not (set(s) & phase1) for s in trained_sizes)  # phase 1 was not retrained
-    assert not (set(evaluated) & finished)                     # finished models not re-evaluated
-    assert strip_volatile(resumed) == strip_volatile(full)
-    assert strip_volatile(json.loads((tmp_path / "b" / "results.json").read_text())) == \
-        strip_volatile(json.loads((tmp_path / "a" / "results.json").read_text()))
+    evaluated = {v for e, v in r.events_after_resume if e == "evaluated"}
+    assert not (evaluated & finished)                          # finished models not re-evaluated
 
 
 @pytest.mark.parametrize("phase", [1, 2])
-def test_resume_mid_training_phase_matches_uninterrupted(tmp_path, monkeypatch, phase):
+def test_resume_mid_training_phase_matches_uninterrupted(kill_and_resume, phase):
     """A kill inside a training phase loses only the steps since its last checkpoint: the
     resumed run continues from the saved state and ends with the same results."""
     config = make_config(**TINY)
-    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
-    monkeypatch.setattr(pt_module, "CHECKPOINT_STEPS", 7)  # steps = 20: checkpoints at 7, 14
-    seen = []
 
-    def kill_mid_phase(event, value):
-        seen.append((event, value))
-        if event == "checkpoint" and seen.count(("trained", 1)) == phase - 1 and value == 14:
-            raise _Killed
+    def second_checkpoint_of_phase(events):  # steps = 20: checkpoints at 7, 14
+        event, value = events[-1]
+        return event == "checkpoint" and events.count(("trained", 1)) == phase - 1 and value == 14
 
-    with pytest.raises(_Killed):
-        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False, hook=kill_mid_phase)
-    assert (tmp_path / "b" / "train_state.npz").exists()
-
-    calls = []
-    real_train = pt_module.train_gmm_models
-
-    def spy(data, sizes, **kw):
-        state = kw["resume_state"]
-        calls.append((list(sizes), None if state is None else state["step"]))
-        return real_train(data, sizes, **kw)
-
-    monkeypatch.setattr(pt_module, "train_gmm_models", spy)
-    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
+    r = kill_and_resume(config, second_checkpoint_of_phase, spy=(gmm_kind, "train_gmm_models"),
+                        checkpoint_steps=7)
+    assert Path("train_state.npz") in r.files_after_kill
+    calls = _sizes_and_steps(r.train_calls)
     assert calls[0][1] == 14 and all(step is None for _, step in calls[1:])
     assert (calls[0][0] == config.train_sizes()) == (phase == 1)
-    assert not (tmp_path / "b" / "train_state.npz").exists()
-    assert not (tmp_path / "b" / "train_state.json").exists()
-    assert strip_volatile(resumed) == strip_volatile(full)
+    assert not (r.folder / "train_state.npz").exists()
+    assert not (r.folder / "train_state.json").exists()
 
 
 def test_resume_requires_same_settings(tmp_path):

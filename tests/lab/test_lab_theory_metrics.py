@@ -1,4 +1,5 @@
-"""Laboratory layer: theory and crossovers (SPEC E, J.2-J.4), metrics (SPEC G) and GMM data (SPEC H.1)."""
+"""Laboratory layer: theory and crossovers (SPEC E, J.2-J.4), metrics (SPEC G) and GMM data
+(SPEC H.1)."""
 
 from __future__ import annotations
 
@@ -111,10 +112,11 @@ def test_crossover_measured_with_partial_denoiser(gmm):
     g = gen(3)
 
     def make(m):
-        return partial.PartialMemorizingDenoiser(gmm.train, m, generator=g, process=VP(), prediction="eps")
+        return partial.PartialMemorizingDenoiser(gmm.train, m, generator=g, process=VP(),
+                                                 prediction="eps")
 
-    frac = theory.crossover_measured(gmm.train, gmm.ground_truth(), time_grid(), ms=[140, 180], draws=5,
-                                     make_partial=make)
+    frac = theory.crossover_measured(gmm.train, gmm.ground_truth(), time_grid(), ms=[140, 180],
+                                     draws=5, make_partial=make)
     assert 0.77 < frac < 0.83
 
 
@@ -144,13 +146,15 @@ def _reference_metrics(means, true_means, data, thr=1 / 3, pct=(10, 25, 50, 75, 
         near_t &= dT[:, 0] < thr * dT[:, 1]
     if dS.shape[1] > 1:
         near_s &= dS[:, 0] < thr * dS[:, 1]
-    return near_t.sum(), near_s.sum(), dT, dS, np.percentile(dT[:, 0], pct), np.percentile(dS[:, 0], pct)
+    return (near_t.sum(), near_s.sum(), dT, dS, np.percentile(dT[:, 0], pct),
+            np.percentile(dS[:, 0], pct))
 
 
 def test_learned_means_hand_case():
     true_means = torch.tensor([[0.0, 0.0], [100.0, 0.0]])
     data = torch.tensor([[0.0, 30.0], [100.0, 30.0], [50.0, 80.0]])
-    means = torch.tensor([[0.0, 1.0], [100.0, 29.0], [50.0, 40.0]])   # near mean, near sample, neither
+    # near a mean, near a sample, neither
+    means = torch.tensor([[0.0, 1.0], [100.0, 29.0], [50.0, 40.0]])
     out = learned_means_metrics(means, true_means, data)
     assert out["num_near_true_mean"] == 1 and out["num_near_sample"] == 1
     ref = _reference_metrics(means.double().numpy(), true_means.double().numpy(),
@@ -173,7 +177,8 @@ def test_learned_means_single_mean_and_single_sample():
 
 
 def test_learned_means_random_against_numpy(gmm):
-    means = torch.cat([gmm.means[:3] + 0.01, gmm.train[:5] + 0.01, torch.randn(4, 50, generator=gen(2))])
+    means = torch.cat([gmm.means[:3] + 0.01, gmm.train[:5] + 0.01,
+                       torch.randn(4, 50, generator=gen(2))])
     out = learned_means_metrics(means, gmm.means, gmm.train)
     ref = _reference_metrics(means.double().numpy(), gmm.means.double().numpy(),
                              gmm.train.double().numpy())
@@ -189,7 +194,8 @@ def test_make_gmm_data(tmp_path):
     assert a.train.shape == (30, 20) and a.val.shape == (100, 20) and a.means.shape == (4, 20)
     assert a.train_labels.shape == (30,) and a.val_labels.shape == (100,)
     assert torch.allclose(a.means.norm(dim=1), torch.full((4,), 20 ** 0.5))
-    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val) and not torch.equal(a.train, c.train)
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert not torch.equal(a.train, c.train)
     assert torch.allclose(a.priors, torch.full((4,), 0.25))
     resid = a.train - a.means[a.train_labels]
     assert 0.5 < float(resid.var()) < 1.5

@@ -32,7 +32,8 @@ def naive(x, t, means, covs, priors):
         tb = float(t[b]) if isinstance(t, torch.Tensor) else t
         a, s2 = math.sqrt(1 - tb * tb), tb * tb
         sig = a * a * covs + s2 * torch.eye(D, dtype=F64)
-        logits = torch.stack([math.log(float(p)) + MultivariateNormal(a * m, s, validate_args=False).log_prob(x[b])
+        logits = torch.stack([math.log(float(p))
+                              + MultivariateNormal(a * m, s, validate_args=False).log_prob(x[b])
                               for m, s, p in zip(means, sig, priors)])
         w = torch.softmax(logits, 0)
         post = means + a * (covs @ torch.linalg.solve(sig, (x[b] - a * means)[..., None]))[..., 0]
@@ -98,9 +99,11 @@ def test_fields_and_log_prob_match_dense_oracle(case):
             for p, model in models.items():
                 want = from_x0(p, ref_x0, x, t, VP())
                 got = model(x, t)
-                assert torch.allclose(got, want, rtol=1e-7, atol=1e-7 * (1 + want.abs().max())), (t, p)
+                atol = 1e-7 * (1 + want.abs().max())
+                assert torch.allclose(got, want, rtol=1e-7, atol=atol), (t, p)
             if name != "partial_all":
-                assert torch.allclose(models["x0"].log_prob(x, t), ref_logp, rtol=1e-9, atol=1e-8), t
+                logp = models["x0"].log_prob(x, t)
+                assert torch.allclose(logp, ref_logp, rtol=1e-9, atol=1e-8), t
 
 
 def test_float32_small_t_keeps_precision():
@@ -154,7 +157,8 @@ def test_reference_logdet_misses_factor_c():
     ref = ColoredTemplates(temp, cm, v, logdet="reference").log_prob(x, t)
     a2, s2, tau = 1 - t * t, t * t, float(temp.square().sum())
     # log p = -(q + L)/2 + const: the reference L lacks (C - 1) log(1 + alpha^2 v tau / sigma^2).
-    assert torch.allclose(ref - good, torch.full_like(good, 0.5 * (C - 1) * math.log1p(a2 * v * tau / s2)))
+    gap = 0.5 * (C - 1) * math.log1p(a2 * v * tau / s2)
+    assert torch.allclose(ref - good, torch.full_like(good, gap))
     # With templates of different norms the posteriors differ too.
     temps = torch.stack([temp[0], 3 * temp[0]])
     cm2 = torch.zeros(2, C, dtype=F64)
@@ -197,7 +201,8 @@ def test_learnable_lowrank_init_and_gradients():
         assert m.means.shape == (6, 5) and m.factors.shape == (6, 5, 2)
         assert math.isclose(float(m.factors.detach().norm()), 0.5, rel_tol=1e-5)
     assert all(any(torch.equal(row, d) for d in data) for row in m.means)     # pmem rows are data
-    sphere = LearnableLowRankGMM.initialize("sphere", 3, 1, dim=4, means_scale=2.0, generator=gen(1))
+    sphere = LearnableLowRankGMM.initialize("sphere", 3, 1, dim=4, means_scale=2.0,
+                                            generator=gen(1))
     assert torch.allclose(sphere.means.norm(dim=1), torch.full((3,), 2.0))
     gt = LowRankGMM(torch.randn(3, 5), torch.randn(3, 5, 2))
     prior = LearnableLowRankGMM.initialize("prior", 3, 2, ground_truth=gt, generator=gen(1))

@@ -1,5 +1,6 @@
-"""Command-line front end of the experiments: argument definitions and handlers for
-``diffmem phase-transition``, ``diffmem sweep`` and ``diffmem crossover``.
+"""Command-line arguments of the experiments: the options of ``diffmem phase-transition``,
+``diffmem sweep`` and ``diffmem crossover``, and the ExperimentConfig they describe. Parsing
+only: diffmem/cli.py dispatches the parsed commands.
 
 Bad input exits with code 2 and one line on stderr ("diffmem <command>: error: ..."), never a
 traceback.
@@ -8,10 +9,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .config import PRESETS, ConfigError, ExperimentConfig
-from .sweep import GRIDS
+from .config import GRIDS, PRESETS, ExperimentConfig, make_config
 
 _D = ExperimentConfig()
 
@@ -27,7 +26,8 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -56,11 +56,13 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                         "ema 0.1)")
     if not sweep:
         g.add_argument("--dim", type=int, help=f"data dimension d (default {_D.dim})")
-        g.add_argument("--components", type=int, help=f"mixture components K (default {_D.components})")
+        g.add_argument("--components", type=int,
+                       help=f"mixture components K (default {_D.components})")
         g.add_argument("--samples", type=int, help=f"training points N (default {_D.samples})")
     g.add_argument("--seed", type=int, help=f"random seed (default {_D.seed})")
     g.add_argument("--val-samples", type=int, help=f"validation points (default {_D.val_samples})")
-    g.add_argument("--variance", type=float, help=f"ground-truth variance sigma0^2, for templates the color variance "
+    g.add_argument("--variance", type=float,
+                   help=f"ground-truth variance sigma0^2, for templates the color variance "
                         f"(default {_D.variance})")
     g.add_argument("--out", metavar="DIR", help="output folder (default runs/<command>-<config>)")
     g.add_argument("--resume", action="store_true",
@@ -74,12 +76,14 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 def add_training(p: argparse.ArgumentParser) -> None:
     """Training and evaluation hyperparameters (SPEC F.5, G); unset ones come from the preset."""
     t = p.add_argument_group("training (defaults from --preset; shown: the default preset)")
-    t.add_argument("--steps", type=int, help=f"optimizer steps, full batch (default {_D.steps}; paper 50000)")
+    t.add_argument("--steps", type=int,
+                   help=f"optimizer steps, full batch (default {_D.steps}; paper 50000)")
     t.add_argument("--warmup", type=int, help=f"warmup steps (default {_D.warmup}; paper 5000)")
     t.add_argument("--init-lr", type=float, help=f"initial lr (default {_D.init_lr})")
     t.add_argument("--peak-lr", type=float, help=f"peak lr (default {_D.peak_lr}; paper 1e-3)")
     t.add_argument("--final-lr", type=float, help=f"final lr (default {_D.final_lr}; paper 1e-6)")
-    t.add_argument("--draws", type=int, help=f"noise draws per sample per step (default {_D.draws}; paper 100)")
+    t.add_argument("--draws", type=int,
+                   help=f"noise draws per sample per step (default {_D.draws}; paper 100)")
     t.add_argument("--init-var", type=float, help=f"PMEM init variance (default {_D.init_var})")
     t.add_argument("--clip", type=float, help=f"gradient clipping norm (default {_D.clip:g})")
     t.add_argument("--ema", type=float, help=f"EMA of the updates (default {_D.ema})")
@@ -89,8 +93,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    help="do not refine the sizes around the transition")
     t.add_argument("--delta", type=float, help=f"transition threshold delta (default {_D.delta})")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-samples", type=int, help=f"DDIM samples for the memorization ratio (default {_D.eval_samples})")
-    e.add_argument("--eval-draws", type=int, help=f"noise draws per sample for per-t losses (default {_D.eval_draws})")
+    e.add_argument("--eval-samples", type=int,
+                   help=f"DDIM samples for the memorization ratio (default {_D.eval_samples})")
+    e.add_argument("--eval-draws", type=int,
+                   help=f"noise draws per sample for per-t losses (default {_D.eval_draws})")
     e.add_argument("--threshold", type=float, help="memorized iff d1 < threshold d2 (default 1/3)")
     e.add_argument("--baseline-step", type=int,
                    help="partially memorizing baseline sizes range(s, N+1, s)")
@@ -107,8 +113,7 @@ _FIELDS = ("data", "dim", "components", "samples", "seed", "val_samples", "varia
 
 
 def config_from_args(args, **fixed) -> ExperimentConfig:
-    from .config import make_config
-
+    """The validated ExperimentConfig of parsed options (fixed values override them)."""
     values = {k: getattr(args, k, None) for k in _FIELDS}
     values.update(fixed)
     return make_config(args.preset, **values)
@@ -145,45 +150,10 @@ def build_parsers(sub) -> None:
                                     "templates (--data templates) have only the measured one.")
     add_common(cr)
     cr.add_argument("--no-measured", action="store_true", help="skip the measured-loss prediction")
-    cr.add_argument("--eval-draws", type=int, help="noise draws per sample for measured losses (default 100)")
+    cr.add_argument("--eval-draws", type=int,
+                    help="noise draws per sample for measured losses (default 100)")
     cr.add_argument("--weighting", choices=["x0", "eps", "v", "score"], default="x0",
                     help="time weighting of the losses (default x0-uniform)")
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"diffmem {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def run(command: str, args) -> int:
-    """Dispatch a parsed experiment command; ConfigError / OSError become exit code 2."""
-    threads = getattr(args, "threads", 1)
-    if threads < 0:
-        return _fail(command, f"--threads must be >= 0, got {threads}")
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-    try:
-        if command == "phase-transition":
-            from .phase_transition import run_phase_transition
-            config = config_from_args(args)
-            out = args.out or f"runs/phase-transition-{config.tag()}"
-            run_phase_transition(config, out, resume=args.resume, quiet=args.quiet,
-                                 plots=not args.no_plots)
-            print(f"results: {out}/results.json")
-            return 0
-        if command == "sweep":
-            from .sweep import run_sweep
-            return run_sweep(args)
-        if command == "crossover":
-            from .crossover import run_crossover
-            return run_crossover(args)
-    except ConfigError as e:
-        return _fail(command, str(e))
-    except KeyboardInterrupt:
-        print(f"diffmem {command}: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    raise ValueError(f"unknown command {command!r}")
-
-
-__all__ = ["OneLineParser", "build_parsers", "config_from_args", "run"]
+__all__ = ["OneLineParser", "add_common", "add_training", "build_parsers", "config_from_args"]

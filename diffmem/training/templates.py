@@ -4,21 +4,22 @@
 another, full batch, EPS loss on the 26-point grid: PMEM init, then clip -> Adam -> EMA of the
 updates (``ReferenceOptimizer``) under the warmup-decay schedule. Each model's randomness (init,
 per-sample t, noise) comes from its own generator seeded by ``model_seed(seed, M)``. Training
-checkpoints and resumes mid-model with train.py's Checkpointer / training_state.
+checkpoints and resumes mid-model with checkpoint.py's Checkpointer / training_state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from .denoisers.templates import ColoredTemplates, LearnableColoredTemplates
-from .diffusion.loss import dsm_loss
-from .diffusion.processes import time_grid
-from .train import (Checkpointer, ReferenceOptimizer, _check_int, _check_sizes,
-                    load_training_state, model_seed, training_state, wsd_schedule)
+from ..denoisers.templates import ColoredTemplates, LearnableColoredTemplates
+from ..diffusion.loss import dsm_loss
+from ..diffusion.processes import time_grid
+from .checkpoint import Checkpointer, load_training_state, training_state
+from .common import check_int, check_sizes, model_seed
+from .optim import ReferenceOptimizer, wsd_schedule
 
 
 @dataclass
@@ -63,9 +64,9 @@ def train_template_model(data, M: int, *, steps: int, warmup: int, init_lr: floa
     checkpoint / checkpoint_every / checkpoint_seconds / resume_state as in train_gmm_models
     (sizes [M]; tensors templates (M, H, W), color_means (M, C), color_std (), losses (step,)):
     a run resumed from a checkpoint ends exactly as an uninterrupted one."""
-    M = _check_int(M, "M", 1)
-    steps, warmup = _check_int(steps, "steps", 1), _check_int(warmup, "warmup")
-    draws = _check_int(draws, "draws", 1)
+    M = check_int(M, "M", 1)
+    steps, warmup = check_int(steps, "steps", 1), check_int(warmup, "warmup")
+    draws = check_int(draws, "draws", 1)
     wsd_schedule(0, steps, warmup, steps - warmup)  # validates the schedule
     saver = Checkpointer(checkpoint, checkpoint_every, checkpoint_seconds)
     x = data.train
@@ -106,7 +107,7 @@ def train_template_models(data, sizes: Sequence[int], *, done: Callable | None =
     """train_template_model for each M in sizes (one after another); done(M, model) is called
     after each, e.g. to checkpoint. Returns {M: TrainedTemplates}."""
     out = {}
-    for M in _check_sizes(sizes):
+    for M in check_sizes(sizes):
         out[M] = train_template_model(data, M, **kwargs)
         if done is not None:
             done(M, out[M])

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import strip_volatile
 from diffmem.cli import main
 from diffmem.data.templates import make_template_data
-from diffmem.experiments import phase_transition as pt_module
-from diffmem.experiments import templates_run
-from diffmem.experiments.config import make_config
-from diffmem.experiments.phase_transition import run_phase_transition
-from diffmem.train_templates import train_template_model
+from diffmem.experiments import sweep
+from diffmem.experiments import templates as templates_kind
+from diffmem.experiments.config import GRIDS, make_config
+from diffmem.training import train_template_model
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 TINY = dict(data="templates", dim=6, components=2, samples=20, val_samples=10, eval_samples=6,
@@ -53,62 +52,39 @@ def test_templates_end_to_end_cli(tmp_path):
             assert (out / "plots" / name).stat().st_size > 1000
 
 
-class _Killed(Exception):
-    pass
+def _sizes_and_steps(calls):
+    """(M, resumed-from step or None) of each train_template_model call."""
+    return [(args[1], None if kw["resume_state"] is None else kw["resume_state"]["step"])
+            for args, kw in calls]
 
 
-def test_templates_resume_after_kill(tmp_path, monkeypatch):
+def test_templates_resume_after_kill(kill_and_resume):
     config = make_config(**TINY)
-    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
-    seen = []
 
-    def kill(event, value):
-        seen.append(event)
-        if seen.count("evaluated") == 2:
-            raise _Killed
+    def second_evaluation(events):
+        return [e for e, _ in events].count("evaluated") == 2
 
-    with pytest.raises(_Killed):
-        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False, hook=kill)
-    trained = []
-    real = templates_run.train_template_model
-    monkeypatch.setattr(templates_run, "train_template_model",
-                        lambda data, M, **kw: trained.append(M) or real(data, M, **kw))
-    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
+    r = kill_and_resume(config, second_evaluation, spy=(templates_kind, "train_template_model"))
+    trained = [M for M, _ in _sizes_and_steps(r.train_calls)]
     assert not set(trained) & set(config.train_sizes())
-    assert strip_volatile(resumed) == strip_volatile(full)
 
 
-def test_templates_resume_mid_model_matches_uninterrupted(tmp_path, monkeypatch):
+def test_templates_resume_mid_model_matches_uninterrupted(kill_and_resume):
     """A kill while a model trains loses only the steps since its last checkpoint: the resumed
     run continues that model from the saved state and ends with the same results."""
     config = make_config(**TINY)
-    full = run_phase_transition(config, tmp_path / "a", quiet=True, plots=False)
-    monkeypatch.setattr(pt_module, "CHECKPOINT_STEPS", 2)  # steps = 6: checkpoints at 2, 4
-    seen = []
 
-    def kill_mid_second_model(event, value):
-        seen.append((event, value))
-        if event == "checkpoint" and value == 4 and ("saved", 4) in seen:
-            raise _Killed
+    def mid_second_model(events):  # steps = 6: checkpoints at 2, 4
+        event, value = events[-1]
+        return event == "checkpoint" and value == 4 and ("saved", 4) in events
 
-    with pytest.raises(_Killed):
-        run_phase_transition(config, tmp_path / "b", quiet=True, plots=False,
-                             hook=kill_mid_second_model)
-    assert (tmp_path / "b" / "train_state.npz").exists()
-    calls = []
-    real = templates_run.train_template_model
-
-    def spy(data, M, **kw):
-        state = kw["resume_state"]
-        calls.append((M, None if state is None else state["step"]))
-        return real(data, M, **kw)
-
-    monkeypatch.setattr(templates_run, "train_template_model", spy)
-    resumed = run_phase_transition(config, tmp_path / "b", resume=True, quiet=True, plots=False)
+    r = kill_and_resume(config, mid_second_model, spy=(templates_kind, "train_template_model"),
+                        checkpoint_steps=2)
+    assert Path("train_state.npz") in r.files_after_kill
+    calls = _sizes_and_steps(r.train_calls)
     assert calls[0] == (10, 4) and all(step is None for _, step in calls[1:])
     assert 4 not in [M for M, _ in calls]                      # the saved model is not retrained
-    assert not (tmp_path / "b" / "train_state.npz").exists()
-    assert strip_volatile(resumed) == strip_volatile(full)
+    assert not (r.folder / "train_state.npz").exists()
 
 
 def test_train_template_model_resumes_exactly():
@@ -159,14 +135,12 @@ def test_templates_sweep_with_shards(tmp_path, capsys):
 
 def test_sweep_grid_defaults_follow_the_data(tmp_path, monkeypatch):
     """Without --dims/--components/--samples the template sweep runs its own 2 x 2 x 2 grid."""
-    from diffmem.experiments import sweep
-
     ran = []
-    monkeypatch.setattr(pt_module, "run_phase_transition",
+    monkeypatch.setattr(sweep, "run_phase_transition",
                         lambda config, folder, **kw: ran.append(config.tag()))
     assert main(["sweep", "--data", "templates", "--quiet", "--no-plots",
                  "--out", str(tmp_path)]) == 0
-    dims, ks, ns = sweep.GRIDS["templates"]
+    dims, ks, ns = GRIDS["templates"]
     assert ran == [f"templates-d{d}-K{k}-N{n}-s1" for d in dims for k in ks for n in ns]
 
 

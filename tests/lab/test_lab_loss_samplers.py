@@ -1,4 +1,5 @@
-"""Laboratory layer: parametrization round-trips, DSM losses (SPEC D, J.3) and samplers (SPEC G.1, J.5)."""
+"""Laboratory layer: parametrization round-trips, DSM losses (SPEC D, J.3) and samplers
+(SPEC G.1, J.5)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from torch import nn
 
 from diffmem.data import make_gmm_data
 from diffmem.denoisers import EmpiricalDenoiser
-from diffmem.diffusion import FIELDS, VE, VP, FlowMatching, convert, from_x0, loss_scale, time_grid, to_x0
+from diffmem.diffusion import (
+    FIELDS,
+    VE,
+    VP,
+    FlowMatching,
+    convert,
+    from_x0,
+    loss_scale,
+    time_grid,
+    to_x0,
+)
 from diffmem.diffusion.loss import dsm_loss, loss_per_t, time_weights, training_loss, weighted_loss
 from diffmem.diffusion.samplers import ddim_sample, ddpm_sample, euler_ode_sample
 from diffmem.metrics import memorization_ratio
@@ -45,7 +56,8 @@ def test_conversions_round_trip(process, per_sample):
 
 
 def test_conversion_matches_posterior_identities():
-    """For x = alpha x0 + sigma eps exactly, x0 -> eps recovers eps and eps -> v gives alpha' x0 + sigma' eps."""
+    """For x = alpha x0 + sigma eps exactly, x0 -> eps recovers eps and eps -> v gives
+    alpha' x0 + sigma' eps."""
     p, t = VP(), 0.6
     g = gen(2)
     x0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
@@ -59,10 +71,12 @@ def test_conversion_matches_posterior_identities():
 # --- losses (SPEC D) -----------------------------------------------------------------------
 
 def test_dsm_loss_units_and_targets(gmm):
-    """Same noise: L_eps = lsf(x0->eps) L_x0 and L_v = lsf(x0->v) L_x0, per sample and per-sample t."""
+    """Same noise: L_eps = lsf(x0->eps) L_x0 and L_v = lsf(x0->v) L_x0, per sample and
+    per-sample t."""
     x0 = gmm.train[:8].double()
     t = torch.linspace(0.2, 0.9, 8, dtype=torch.float64)
-    losses = {f: dsm_loss(gmm.ground_truth(prediction=f), x0, t, draws=5, target=f, generator=gen(3))
+    losses = {f: dsm_loss(gmm.ground_truth(prediction=f), x0, t, draws=5, target=f,
+                          generator=gen(3))
               for f in ("x0", "eps", "v")}
     assert losses["x0"].shape == (8,)
     for f in ("eps", "v"):
@@ -75,8 +89,10 @@ def test_loss_per_t_matches_spec_j3(gmm):
     a different data draw than the spec's run."""
     ts = torch.tensor([0.7595, 0.5998, 0.4401, 0.3603, 0.2006])
     gt = loss_per_t(gmm.ground_truth(), gmm.train, ts, draws=20, generator=gen(0))
-    assert torch.allclose(gt, torch.tensor([21.2, 32.1, 40.3, 43.5, 48.0], dtype=torch.float64), rtol=0.04)
-    mem = loss_per_t(EmpiricalDenoiser(gmm.train, VP(), "eps"), gmm.train, ts, draws=20, generator=gen(0))
+    expected = torch.tensor([21.2, 32.1, 40.3, 43.5, 48.0], dtype=torch.float64)
+    assert torch.allclose(gt, expected, rtol=0.04)
+    mem = loss_per_t(EmpiricalDenoiser(gmm.train, VP(), "eps"), gmm.train, ts, draws=20,
+                     generator=gen(0))
     assert mem[0] < 0.3                      # 0.027 in J.3; a few points are not yet resolved
     assert bool((mem[1:] < 1e-6).all())      # ~0: the empirical denoiser is exact on its data
 
@@ -104,7 +120,8 @@ def test_training_loss_weights_and_grad(gmm):
     model = _Scaled(gmm.ground_truth())
     ts = time_grid(dtype=torch.float32)
     one = training_loss(model, gmm.train[:16], ts, draws=3, generator=gen(4))
-    two = training_loss(model, gmm.train[:16], ts, draws=3, generator=gen(4), weights=2 * torch.ones(26))
+    two = training_loss(model, gmm.train[:16], ts, draws=3, generator=gen(4),
+                        weights=2 * torch.ones(26))
     assert one.dim() == 0 and torch.allclose(two, 2 * one)
     one.backward()
     assert model.scale.grad is not None and torch.isfinite(model.scale.grad)
@@ -121,7 +138,8 @@ def test_time_weights():
     p = VP()
     c = time_weights(ts, "x0", units="eps")
     assert torch.allclose(c, (p.sigma(ts) / p.alpha(ts)) ** 2 / 26)
-    assert torch.allclose(time_weights(ts, "eps", units="eps"), torch.full((26,), 1 / 26, dtype=torch.float64))
+    assert torch.allclose(time_weights(ts, "eps", units="eps"),
+                          torch.full((26,), 1 / 26, dtype=torch.float64))
     w = torch.arange(26.0)
     assert weighted_loss(torch.ones(26), ts, "eps", weights=w) == pytest.approx(float(w.mean()))
 

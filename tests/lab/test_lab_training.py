@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from diffmem.denoisers import IsotropicGMM
-from diffmem.denoisers.learnable import (LearnableGMM, SplitLearnableGMM, grid_index,
-                                         init_gaussian, init_pmem, init_prior, init_sphere,
-                                         initialize)
+from diffmem.denoisers.learnable import (
+    LearnableGMM,
+    SplitLearnableGMM,
+    grid_index,
+    init_gaussian,
+    init_pmem,
+    init_prior,
+    init_sphere,
+    initialize,
+)
 from diffmem.diffusion import time_grid
-from diffmem.train import (ReferenceOptimizer, eps_losses, load_results, model_seed, save_results,
-                           train_gmm_models, wsd_schedule)
-
+from diffmem.training import (
+    ReferenceOptimizer,
+    TrainedGMM,
+    TrainedTemplates,
+    eps_losses,
+    load_models,
+    model_seed,
+    save_models,
+    train_gmm_models,
+    train_template_model,
+    wsd_schedule,
+)
+from diffmem.training.checkpoint import load_state, remove_state, save_state
 
 # ----------------------------------------------------------------------------- optimizer chain
 
@@ -121,8 +139,8 @@ def test_learnable_matches_isotropic_gmm(prediction):
     torch.testing.assert_close(out[1], IsotropicGMM(other, 0.04, prediction=prediction)(x, t))
     # per-model queries (G, B, d) with per-model times (G, B)
     xs, ts = torch.stack([x, x.flip(0)]), torch.stack([t, t.flip(0)])
-    torch.testing.assert_close(both(xs, ts)[1],
-                               IsotropicGMM(other, 0.04, prediction=prediction)(x.flip(0), t.flip(0)))
+    other_ref = IsotropicGMM(other, 0.04, prediction=prediction)(x.flip(0), t.flip(0))
+    torch.testing.assert_close(both(xs, ts)[1], other_ref)
     torch.testing.assert_close(both.denoiser(0, prediction)(x, t), ref)
 
 
@@ -309,14 +327,50 @@ def test_resume_from_checkpoint_equals_uninterrupted_training():
     assert every == list(range(1, 9))
 
 
-def test_save_load_results(tmp_path):
+def test_save_load_models(tmp_path):
+    """One persister for every trained-model type: exact round trip, type checked on load."""
     res = train_gmm_models(_toy_data(), [3, 5], **{**KW, "steps": 2})
-    path = tmp_path / "res.json"
-    save_results(str(path), res)
-    back = load_results(str(path))
+    path = tmp_path / "models.npz"
+    save_models(path, res)
+    back = load_models(path, TrainedGMM)
     for M in (3, 5):
         assert torch.equal(back[M].means, res[M].means) and back[M].std == res[M].std
         assert torch.equal(back[M].losses, res[M].losses)
+        assert back[M].means.dtype == res[M].means.dtype and back[M].size == M
+    from diffmem.data.templates import make_template_data
+
+    data = make_template_data(2, 12, 3, size=5, val_samples=2)
+    tm = {4: train_template_model(data, 4, steps=2, warmup=1, draws=2, seed=7)}
+    save_models(path, tm)
+    tback = load_models(path, TrainedTemplates)[4]
+    assert torch.equal(tback.templates, tm[4].templates) and tback.color_std == tm[4].color_std
+    assert torch.equal(tback.color_means, tm[4].color_means)
+    assert torch.equal(tback.losses, tm[4].losses) and tback.losses.dtype == torch.float64
+    with pytest.raises(ValueError, match="TrainedTemplates models, not TrainedGMM"):
+        load_models(path, TrainedGMM)
+    assert load_models(tmp_path / "none.npz", TrainedGMM) == {}
+    np.savez(tmp_path / "old.npz", means_3=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="no metadata"):
+        load_models(tmp_path / "old.npz", TrainedGMM)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_training_state_file_round_trip(tmp_path):
+    """A checkpoint written to a run folder resumes a run exactly like the in-memory state."""
+    X = _toy_data()
+    kw = {**KW, "steps": 6}
+    saved = []
+    straight = train_gmm_models(X, [3, 4], **kw)
+    train_gmm_models(X, [3, 4], checkpoint=saved.append, checkpoint_every=4, **kw)
+    save_state(tmp_path, saved[0])
+    state = load_state(tmp_path)
+    assert state["step"] == 4 and state["sizes"] == [3, 4]
+    resumed = train_gmm_models(X, [3, 4], resume_state=state, **kw)
+    for M in (3, 4):
+        assert torch.equal(resumed[M].means, straight[M].means)
+        assert torch.equal(resumed[M].losses, straight[M].losses)
+    remove_state(tmp_path)
+    assert load_state(tmp_path) is None
 
 
 # ----------------------------------------------------------------------------- bad input

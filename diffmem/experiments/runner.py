@@ -1,0 +1,350 @@
+"""The phase-transition experiment on one configuration (the paper's main experiment), for
+every kind of data.
+
+run_phase_transition(config, out): start of run (folder, data, baselines, predicted
+crossovers) -> phase 1: train the sizes M, evaluate each, locate the transition (delta rule)
+-> phase 2: train and evaluate the refinement sizes around it -> results.json (+ plots). The
+steps that depend on the data come from the configuration's ExperimentKind (KINDS: gmm.py,
+templates.py); everything else is here, once.
+
+Every stage is checkpointed in the run folder (see results.py), so resume=True recomputes
+nothing that finished; a killed run loses at most the stage in progress: one model's
+evaluation, or the training steps since the last training checkpoint (every
+CHECKPOINT_SECONDS of wall time, or CHECKPOINT_STEPS steps if set).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..diffusion.processes import time_grid
+from ..training.checkpoint import load_state, remove_state, save_state
+from ..training.store import load_models, save_models
+from . import gmm, templates
+from .config import ConfigError, ExperimentConfig
+from .evaluate import average_baselines, generator, to_x0_units
+from .kind import ExperimentKind
+from .predictions import predict
+from .progress import Progress
+from .results import check_writable, environment, read_json, write_json
+from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
+
+SCHEMA = "diffmem.phase_transition/1"
+CHECKPOINT_SECONDS = 30.0  # wall time between training checkpoints
+CHECKPOINT_STEPS = 0       # also checkpoint every this many steps (0: off; tests set it)
+KINDS: dict[str, ExperimentKind] = {k.name: k for k in (gmm.KIND, templates.KIND)}
+
+
+def kind_for(config: ExperimentConfig) -> ExperimentKind:
+    """The ExperimentKind of config.data."""
+    try:
+        return KINDS[config.data]
+    except KeyError:
+        raise ConfigError(f"data must be one of {sorted(KINDS)}, got {config.data!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Start of a run
+
+
+def _prepare_folder(config: ExperimentConfig, out: Path, resume: bool) -> None:
+    try:
+        check_writable(out)
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {str(out)!r}: "
+                          f"{e.strerror or e}") from None
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        if not resume:
+            raise ConfigError(f"{str(out)!r} already holds a run; pass --resume to continue it "
+                              f"or choose another --out")
+        saved = ExperimentConfig.from_dict(read_json(cfg_path))
+        if saved != config:
+            diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+            raise ConfigError(f"--resume: settings differ from the run in {str(out)!r}: {diff}")
+    else:
+        write_json(cfg_path, config.to_dict())
+
+
+class Timings:
+    """Wall times per stage, persisted in timings.json so resumed runs keep earlier ones."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.values = read_json(path) if resume and path.exists() else {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + seconds
+        write_json(self.path, self.values)
+
+
+@dataclass
+class Run:
+    """One run in progress: its settings, folder and everything measured so far."""
+
+    config: ExperimentConfig
+    kind: ExperimentKind
+    out: Path
+    resume: bool
+    hook: object
+    progress: Progress
+    timings: Timings
+    t_start: float
+    data: object = None
+    ts: torch.Tensor = None
+    baselines: dict = None
+    predictions: dict = None
+    x_init: torch.Tensor = None
+    models: dict = field(default_factory=dict)  # {M: trained model}
+    evals: dict = field(default_factory=dict)   # {M: metrics of models[M]}
+
+    def event(self, name: str, value) -> None:
+        if self.hook is not None:
+            self.hook(name, value)
+
+
+def load_or_make_data(kind: ExperimentKind, config, out: Path, resume: bool):
+    """out/data.npz when resuming and it exists, else kind.make_data(config), saved there."""
+    path = Path(out) / "data.npz"
+    if resume and path.exists():
+        return kind.data_type.load(path)
+    data = kind.make_data(config)
+    data.save(path)
+    return data
+
+
+def cached_baselines(run: Run) -> dict:
+    """Baseline losses from out/baselines.json when resuming, else measured and saved there."""
+    config, progress = run.config, run.progress
+    base_path = run.out / "baselines.json"
+    if run.resume and base_path.exists():
+        return read_json(base_path)
+    t0 = time.perf_counter()
+    progress.note(f"baselines: ground truth, memorizing, {len(config.baseline_sizes())} "
+                  f"partially memorizing sizes")
+    baselines = run.kind.evaluate_baselines(run.data, run.ts, sizes=config.baseline_sizes(),
+                                            draws=config.eval_draws, seed=config.seed,
+                                            progress=progress.task("baselines"))
+    write_json(base_path, baselines)
+    run.timings.add("baselines", time.perf_counter() - t0)
+    return baselines
+
+
+def begin_run(config: ExperimentConfig, out, resume: bool, quiet: bool, hook=None) -> Run:
+    """The start of a run: folder, progress, timings, data, the t grid, the (cached) baselines,
+    the predicted crossovers, the DDIM starting noise, and on resume the saved models and
+    evaluations."""
+    kind, out = kind_for(config), Path(out)
+    progress = Progress(quiet)
+    _prepare_folder(config, out, resume)
+    run = Run(config, kind, out, resume, hook, progress, Timings(out / "timings.json", resume),
+              time.perf_counter())
+    progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
+    run.data = load_or_make_data(kind, config, out, resume)
+    run.ts = time_grid(dtype=torch.float64)
+    run.baselines = cached_baselines(run)
+    t0 = time.perf_counter()
+    run.predictions = predict(run.data, run.ts, seed=config.seed, baselines=run.baselines,
+                              theory_note=kind.theory_note)
+    run.timings.add("predictions", time.perf_counter() - t0)
+    progress.note("predicted M*/N (x0-uniform): coded {coded:.3f}, instance-wise "
+                  "{instancewise:.3f}, measured {measured:.3f}".format(
+                      **{k: (run.predictions[k] if run.predictions[k] is not None else float("nan"))
+                         for k in ("coded", "instancewise", "measured")}))
+    train = run.data.train
+    run.x_init = torch.randn(config.eval_samples, *train.shape[1:],
+                             generator=generator(config.seed, "x_init"), dtype=train.dtype)
+    if resume:
+        run.models = load_models(out / "models.npz", kind.model_type)
+        run.evals = load_evals(run)
+    return run
+
+
+def load_evals(run: Run) -> dict:
+    """The saved evaluations of saved models whose artifacts were saved too."""
+    evals, folder = {}, run.out / "models"
+    if folder.is_dir():
+        for p in folder.glob("M*.json"):
+            r = read_json(p)
+            M = int(r["size"])
+            if M in run.models and all((folder / f"M{M}_{a}.npy").exists()
+                                       for a in run.kind.artifacts):
+                evals[M] = r
+    return evals
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluating sizes
+
+
+def checkpointing(out: Path, sizes: list[int], resume: bool, hook) -> dict:
+    """Keyword arguments that make a training call on `sizes` resumable in run folder out:
+    checkpoint (writes train_state.npz, then hook("checkpoint", step)), checkpoint_every,
+    checkpoint_seconds and resume_state (the saved state of these sizes when resuming, else
+    None; a checkpoint of other sizes is stale and ignored)."""
+    state = load_state(out) if resume else None
+    if state is not None and state.get("sizes") != list(sizes):
+        state = None
+
+    def checkpoint(s):
+        save_state(out, s)
+        if hook is not None:
+            hook("checkpoint", s["step"])
+
+    return {"checkpoint": checkpoint, "checkpoint_every": CHECKPOINT_STEPS,
+            "checkpoint_seconds": CHECKPOINT_SECONDS, "resume_state": state}
+
+
+def record_training(timings: Timings, label: str, seconds: float, steps: int,
+                    models: int) -> None:
+    """Add one training call to the timings: its wall time and steps x models it ran."""
+    timings.add(f"{label}_train", seconds)
+    timings.add("train_steps_x_models", steps * models)
+    timings.add("train_seconds_total", seconds)
+
+
+def train_sizes(run: Run, sizes: list[int], label: str) -> None:
+    """Train the sizes not yet in run.models (all in one call for a batched kind, else one
+    after another), each call resumable from the run folder's training checkpoint; save
+    models.npz after each call. Events: "checkpoint" step, "saved" M."""
+    config, progress = run.config, run.progress
+    todo = sorted(m for m in sizes if m not in run.models)
+    if not todo:
+        return
+    groups = [todo] if run.kind.batched else [[m] for m in todo]
+    progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws"
+                  + ("" if run.kind.batched else ", one after another") + ")")
+    for group in groups:
+        ck = checkpointing(run.out, group, run.resume, run.hook)
+        state = ck["resume_state"]
+        start = state["step"] if state is not None else 0
+        what = f"M={group[0]}" if len(group) == 1 else f"{len(group)} models"
+        if start:
+            progress.note(f"{label}: {what} resumes at step {start}")
+        t0 = time.perf_counter()
+        trained = run.kind.train(config, run.data, group,
+                                 progress=progress.task(f"{label} training {what}",
+                                                        zero_based=True), **ck)
+        seconds = time.perf_counter() - t0
+        run.models.update(trained)
+        save_models(run.out / "models.npz", run.models)
+        remove_state(run.out)
+        record_training(run.timings, label, seconds, config.steps - start, len(group))
+        for M in group:
+            run.event("saved", M)
+
+
+def evaluate_sizes(run: Run) -> None:
+    """Evaluate every model not yet evaluated; save models/M<M>.json (and its artifacts) each.
+    Event: "evaluated" M."""
+    config, out = run.config, run.out
+    todo = sorted(m for m in run.models if m not in run.evals)
+    task = run.progress.task(f"evaluating {len(todo)} models")
+    for i, M in enumerate(todo):
+        t0 = time.perf_counter()
+        metrics, artifacts = run.kind.evaluate(run.models[M], run.data, run.ts, x_init=run.x_init,
+                                               draws=config.eval_draws, seed=config.seed,
+                                               threshold=config.threshold)
+        (out / "models").mkdir(exist_ok=True)
+        for name, value in artifacts.items():
+            np.save(out / "models" / f"M{M}_{name}.npy", value.numpy(), allow_pickle=False)
+        write_json(out / "models" / f"M{M}.json", metrics)
+        run.evals[M] = metrics
+        run.timings.add("evaluate_models", time.perf_counter() - t0)
+        task(i + 1, len(todo))
+        run.event("evaluated", M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def assemble(run: Run, transition: dict) -> dict:
+    """The results dict of everything measured so far (schema SCHEMA)."""
+    config, evals, ts = run.config, run.evals, run.ts
+    sizes, N = sorted(evals), config.samples
+    ratios = [evals[m]["memorization_ratio"] for m in sizes]
+    tr = dict(transition)
+    if sizes:
+        # rho = 0.5 on the monotone (isotonic) fit of the noisy ratios; the raw first crossing too
+        start, end = locate_transition(sizes, ratios, config.delta)
+        mid = crossing_point(sizes, isotonic(ratios), 0.5)
+        raw_mid = crossing_point(sizes, ratios, 0.5)
+        tr.update(start=start, end=end, start_fraction=start / N, end_fraction=end / N,
+                  midpoint=mid, midpoint_fraction=mid / N, first_half_crossing_fraction=raw_mid / N,
+                  isotonic_ratio=isotonic(ratios))
+    return {
+        "schema": SCHEMA, "config": config.to_dict(), "environment": environment(),
+        "grid": ts.tolist(), "x0_scale": to_x0_units([1.0] * len(ts), ts),
+        "data": run.kind.describe_data(config, run.data),
+        "baselines": run.baselines, "baseline_averages": average_baselines(run.baselines, ts),
+        "trained": {str(m): evals[m] for m in sizes},
+        "sizes": sizes, "fractions": [m / N for m in sizes], "memorization_ratio": ratios,
+        "variance": [evals[m]["variance"] for m in sizes],
+        "transition": tr, "predictions": run.predictions, "timings": dict(run.timings.values),
+    }
+
+
+def run_two_phases(run: Run) -> dict:
+    """The two training phases of SPEC G.5.
+
+    Trains and evaluates config.train_sizes(), locates the transition with the delta rule,
+    then (config.refine) trains and evaluates the refinement sizes around it; results.json is
+    written after each phase. Events: "trained" phase index.
+    """
+    config, progress = run.config, run.progress
+    initial = config.train_sizes()
+    train_sizes(run, initial, "phase 1")
+    run.event("trained", 1)
+    evaluate_sizes(run)
+    ratios = [run.evals[m]["memorization_ratio"] for m in initial]
+    start, end = locate_transition(initial, ratios, config.delta)
+    transition = {"delta": config.delta, "initial_sizes": initial, "initial_start": start,
+                  "initial_end": end, "refined_sizes": []}
+    progress.note("memorization ratio: " + ", ".join(f"M={m}: {r:.2f}" for m, r in
+                                                     zip(initial, ratios)))
+    write_json(run.out / "results.json", assemble(run, transition))
+    if config.refine:
+        new = [m for m in refinement_sizes(start, end, config.coverage) if m not in initial]
+        transition["refined_sizes"] = new
+        if new:
+            progress.note(f"transition between M={start} and M={end}; refining with {new}")
+            train_sizes(run, new, "phase 2")
+            run.event("trained", 2)
+            evaluate_sizes(run)
+    results = assemble(run, transition)
+    results["timings"]["last_invocation_seconds"] = time.perf_counter() - run.t_start
+    write_json(run.out / "results.json", results)
+    tr = results["transition"]
+    progress.note(f"transition: start M={tr['start']} ({tr['start_fraction']:.2f} N), end "
+                  f"M={tr['end']} ({tr['end_fraction']:.2f} N), rho=0.5 at "
+                  f"{tr['midpoint_fraction']:.3f} N")
+    return results
+
+
+def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
+                         quiet: bool = False, plots: bool = True, hook=None) -> dict:
+    """Run (or resume) the experiment for config in folder out; returns the results dict that is
+    also written to out/results.json. hook(event, value), if given, is called after each
+    checkpoint ("checkpoint" training step, "saved" M: a model trained and saved, "trained"
+    phase index, "evaluated" M) -- tests use it to simulate a kill."""
+    run = begin_run(config, out, resume, quiet, hook)
+    results = run_two_phases(run)
+    if plots:
+        from .plots import plot_run
+
+        made = plot_run(results, run.out / "plots")
+        if run.kind.plots is not None:
+            made += run.kind.plots(results, run.out)
+        run.progress.note(f"plots: {len(made)} files in {run.out / 'plots'}" if made else
+                          "plots skipped (matplotlib is not installed)")
+    return results
+
+
+__all__ = ["CHECKPOINT_SECONDS", "CHECKPOINT_STEPS", "KINDS", "SCHEMA", "Run", "begin_run",
+           "kind_for", "run_phase_transition"]

@@ -1,0 +1,47 @@
+"""What the training loops share: argument checks and the per-model seed."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """value if it is an int >= minimum; TypeError / ValueError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_number(value, name: str, low: float = -math.inf, high: float = math.inf,
+                 open_low: bool = False) -> float:
+    """float(value) if it is a number in [low, high] ((low, high] with open_low)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (low < value if open_low else low <= value) or not value <= high:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+def check_sizes(sizes) -> list[int]:
+    """A non-empty sequence of distinct model sizes M >= 1, as a list."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
+        raise TypeError("sizes must be a non-empty sequence of ints")
+    sizes = [check_int(M, "sizes[i]", 1) for M in sizes]
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes must be distinct, got {sizes}")
+    return sizes
+
+
+def model_seed(seed: int, M: int) -> int:
+    """A 63-bit seed that depends only on (seed, M)."""
+    digest = hashlib.sha256(f"diffmem.train:{seed}:{M}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+__all__ = ["check_int", "check_number", "check_sizes", "model_seed"]
