@@ -3,7 +3,7 @@
     python benchmarks/accuracy_table.py [--dims 3072,12288] [--cases 6] [--backends cpu,triton]
         [--precisions exact,fast] [--budget 2e7]
 
-For each input class of tests/test_accuracy_classes.py and each d, draws seeded cases (N and B
+For each input class of tests/ops/test_accuracy_classes.py and each d, draws seeded cases (N and B
 as in the test, shrunk to the size budget), compares with the float64 reference and prints the
 worst mean error (relative Frobenius) and lse error (|error| / max(1, |lse|)) as a Markdown
 table. Slow emulations (Triton interpreter, CUDA host emulator) want a small --budget.
@@ -19,7 +19,8 @@ import torch
 
 import diffmem
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+_TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(_TESTS), str(_TESTS / "ops")]
 import test_accuracy_classes as classes  # noqa: E402
 from conftest import lse_err, rel_fro  # noqa: E402
 
