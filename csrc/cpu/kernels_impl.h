@@ -201,6 +201,9 @@ inline vd vldd(const double* p) { vd r; std::memcpy(&r, p, sizeof r); return r; 
 inline void vstd(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
 inline vd h2d(const float* p) { vh r; std::memcpy(&r, p, sizeof r); return __builtin_convertvector(r, vd); }
 inline double dsum(vd v) { double s = 0; for (int l = 0; l < H; ++l) s += v[l]; return s; }
+inline double dmax(vd v) { double m = v[0]; for (int l = 1; l < H; ++l) m = v[l] > m ? v[l] : m; return m; }
+inline vd vdb(double a) { vd r; for (int l = 0; l < H; ++l) r[l] = a; return r; }
+inline void vsth(float* p, vh v) { std::memcpy(p, &v, sizeof v); }
 inline vd vdfma(vd a, vd b, vd c) {
 #if DM_ISA == 2
   return _mm512_fmadd_pd(a, b, c);
@@ -676,6 +679,10 @@ void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, dou
   }
 }
 
+// Logits this far below the largest carry weights < 2e-9: they need no correction, and the
+// top-K lists keep only points within this gap of the running max.
+constexpr double kTopGap = 20.0;
+
 // The K largest logits of one query, kept sorted (descending) with their point indices.
 inline void topk_offer(double* val, int64_t* idx, int K, double v, int64_t i) {
   if (!(v > val[K - 1])) return;
@@ -687,6 +694,25 @@ inline void topk_offer(double* val, int64_t* idx, int K, double v, int64_t i) {
   }
   val[p] = v;
   idx[p] = i;
+}
+// Offers the first n lanes of v (points i0, i0 + 1, ...): only lanes above the K-th largest
+// and above floor are visited (usually none or one of a tile).
+inline void offer_lanes(double* val, int64_t* idx, int K, double floor, vf v, int64_t i0, int n) {
+  // lanes above both the K-th largest and floor (rounded to float either way: the offer
+  // rechecks the K-th in double)
+  const float thr = (float)(val[K - 1] > floor ? val[K - 1] : floor);
+#if DM_ISA == 2
+  unsigned m = (unsigned)_mm512_cmp_ps_mask(v, vb(thr), _CMP_GE_OQ);
+  if (n < W) m &= (1u << (n > 0 ? n : 0)) - 1u;
+  while (m) {
+    const int l = __builtin_ctz(m);
+    topk_offer(val, idx, K, (double)v[l], i0 + l);
+    m &= m - 1;
+  }
+#else
+  for (int l = 0; l < W && l < n; ++l)
+    if (v[l] >= thr) topk_offer(val, idx, K, (double)v[l], i0 + l);
+#endif
 }
 inline void topk_clear(double* val, int64_t* idx, int K) {
   for (int k = 0; k < K; ++k) { val[k] = -kInfD; idx[k] = -1; }
@@ -757,7 +783,7 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
   float* al = pw.al;
   float* va = pw.va;
   for (int q = 0; q < nq; ++q) { al[q] = al0[ord[q]]; va[q] = va0[ord[q]]; }
-  constexpr int QE = QB_EXACT_D;  // query block of the expansion chains
+  constexpr int QE = QB_FAST;  // query block of the expansion chains
   if (FAST) {
     pack_x<true>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[ord[q] * d + k], al[q], c[k]); });
   } else {
@@ -784,9 +810,14 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
       centre_tile(w.yT, n, d, cf, pw.yTc, pw.ynd);
       double* Se = w.Sd + (size_t)nd * NT;
       for (int i = 0; i < (nq - nd) * NT; ++i) Se[i] = 0.0;
-      qblocks<QE>(nq - nd, [&](auto qc, int q) {
+      qblocks<QE>(nq - nd, [&](auto qc, int q) {  // x'.yc: 16-coordinate chains into double
         constexpr int Q = decltype(qc)::value;
-        k_logit_dbl<Q, true>(X + (size_t)(nd + q) * d, al + nd + q, va + nd + q, pw.yTc, 0, d, Se + q * NT);
+        const float* Xq = X + (size_t)(nd + q) * d;
+        double* sq = Se + q * NT;
+        for (int k0 = 0; k0 < d; k0 += 16) {
+          k_logit<Q, true>(Xq, nullptr, nullptr, pw.yTc, k0, (int)imin(d, k0 + 16), w.tmp);
+          for (int i = 0; i < Q * NT; ++i) sq[i] += (double)w.tmp[i];
+        }
       });
     }
     // online softmax update
@@ -805,29 +836,34 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
           mv = vmax(mv, lg[v]);
         }
         mt = hmax(mv);
-      } else {
-        mt = -kInfD;
-        for (int j = 0; j < NT; ++j) {
-          lgd[j] = expq ? (double)w.bt[j] + qc.d1 * w.Sd[q * NT + j] - qc.d2 * pw.ynd[j]
-                        : logit_d<FAST>(w.Sd[q * NT + j], w.bt[j], w.yn[j], qc);
-          mt = lgd[j] > mt ? lgd[j] : mt;
+      } else {  // logits in double lanes
+        vd mv = vdb(-kInfD);
+        for (int u = 0; u < NT / H; ++u) {
+          const vd sd = vldd(w.Sd + q * NT + u * H), bd = h2d(w.bt + u * H);
+          vd l;
+          if (expq) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * vldd(pw.ynd + u * H);
+          else if (FAST) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * h2d(w.yn + u * H);
+          else l = bd - sd * vdb(qc.d1);
+          vstd(lgd + u * H, l);
+          mv = mv > l ? mv : l;
         }
-      }
-      if (K) {  // the K largest logits (internal frame)
-        double* tv = pw.tv + q * K;
-        int64_t* ti = pw.ti + q * K;
-        if (mt > tv[K - 1]) {
-          if (!dq) {
-            alignas(64) float lf[NT];
-            for (int v = 0; v < NV; ++v) vst(lf + v * W, lg[v]);
-            for (int j = 0; j < n; ++j) topk_offer(tv, ti, K, (double)lf[j], i0 + j);
-          } else {
-            for (int j = 0; j < n; ++j) topk_offer(tv, ti, K, lgd[j], i0 + j);
-          }
-        }
+        mt = dmax(mv);
       }
       const double mold = pw.m[q];
       const double mnew = mt > mold ? mt : mold;
+      if (K) {  // the K largest logits (internal frame) among those within kTopGap of the max
+        double* tv = pw.tv + q * K;
+        int64_t* ti = pw.ti + q * K;
+        const double floor = mnew - kTopGap;
+        if (mt > tv[K - 1] && mt > floor) {
+          if (!dq) {
+            for (int v = 0; v < NV; ++v) offer_lanes(tv, ti, K, floor, lg[v], i0 + v * W, n - v * W);
+          } else {
+            for (int j = 0; j < n; ++j)
+              if (lgd[j] > floor) topk_offer(tv, ti, K, lgd[j], i0 + j);
+          }
+        }
+      }
       if (mnew == -kInfD) {  // everything masked so far
         for (int j = 0; j < NT; ++j) p[j] = 0.f;
         w.sc[q] = 1.0;
@@ -843,7 +879,8 @@ void fwd_item(const SmArgs<float>& a, int64_t g, int64_t q0, int nq, int64_t tb,
           sum += e;
         }
       } else {
-        for (int j = 0; j < NT; ++j) p[j] = (float)(lgd[j] - mnew);
+        for (int u = 0; u < NT / H; ++u)
+          vsth(p + u * H, __builtin_convertvector(vldd(lgd + u * H) - vdb(mnew), vh));
         for (int v = 0; v < NV; ++v) {
           const vf e = vexp(vld(p + v * W));
           vst(p + v * W, e);
@@ -932,33 +969,59 @@ void forward_impl(const SmArgs<float>& a) {
         f[s] = m == -kInfD ? 0.0 : std::exp(m - M);
         L += f[s] * pl[s * G * B + gb];
       }
-      const double invL = 1.0 / L;
-      for (int64_t k = 0; k < d; ++k) {
-        double v = 0.0;
-        for (int64_t s = 0; s < Sc; ++s) v += f[s] * pacc[(s * G * B + gb) * dp + k];
-        v *= invL;
-        if (FAST) v += c[g * d + k];
-        a.mean_out[gb * d + k] = (float)v;
-      }
       const bool expq = FAST || (planned && a.expand[gb]);
-      const double cst = frame_shift(a.x + g * a.x_gs + b * d, a.alpha[g * a.alpha_gs + b],
-                                     a.var[g * a.var_gs + b], expq ? c + g * d : nullptr, d, expq);
-      const double lse = M + std::log(L) + cst;
-      a.lse_out[gb] = (float)lse;
-      if (a.lse64_out) a.lse64_out[gb] = lse;
-      if (K) {  // the K largest logits over the splits, in the true frame
-        double tv[64];
-        int64_t ti[64];
+      const float* xr = a.x + g * a.x_gs + b * d;
+      const float alv = a.alpha[g * a.alpha_gs + b], vav = a.var[g * a.var_gs + b];
+      const double cst = frame_shift(xr, alv, vav, expq ? c + g * d : nullptr, d, expq);
+      // the K largest logits over the splits (internal frame), moved to their exact values
+      // relative to the largest (see diffmem/ops/_exact.py); their weight changes dw go into
+      // l and acc
+      double tv[64], dw[64];
+      int64_t ti[64];
+      int nc = 0;  // corrected slots
+      if (K) {
         topk_clear(tv, ti, K);
         for (int64_t s = 0; s < S; ++s)
           for (int k = 0; k < K; ++k) {
             const int64_t o = (s * G * B + gb) * K + k;
             if (pti[o] >= 0) topk_offer(tv, ti, K, ptv[o], pti[o]);
           }
-        for (int k = 0; k < K; ++k) {
-          a.top_idx[gb * K + k] = ti[k];
-          a.top_logit[gb * K + k] = ti[k] >= 0 ? tv[k] + cst : -kInfD;
+        if (K > 1 && ti[1] >= 0 && tv[1] > tv[0] - kTopGap) {
+          const float* yg = a.y + g * a.y_gs;
+          const float* bg = a.bias ? a.bias + g * a.bias_gs : nullptr;
+          double ex[64];
+          for (; nc < K && ti[nc] >= 0; ++nc) {
+            const float* yi = yg + ti[nc] * d;
+            double s2 = 0.0;
+            for (int64_t j = 0; j < d; ++j) {
+              const double df = (double)xr[j] - (double)alv * (double)yi[j];
+              s2 += df * df;
+            }
+            ex[nc] = (bg ? (double)bg[ti[nc]] : 0.0) - 0.5 * s2 / (double)vav;
+          }
+          for (int k = 0; k < nc; ++k) {
+            const double nv = tv[0] + (ex[k] - ex[0]);
+            dw[k] = std::exp(nv - M) - std::exp(tv[k] - M);
+            tv[k] = nv;
+            L += dw[k];
+          }
         }
+      }
+      const double invL = 1.0 / L;
+      for (int64_t k = 0; k < d; ++k) {
+        double v = 0.0;
+        for (int64_t s = 0; s < Sc; ++s) v += f[s] * pacc[(s * G * B + gb) * dp + k];
+        for (int j = 0; j < nc; ++j) v += dw[j] * (double)a.y[g * a.y_gs + ti[j] * d + k];
+        v *= invL;
+        if (FAST) v += c[g * d + k];
+        a.mean_out[gb * d + k] = (float)v;
+      }
+      const double lse = M + std::log(L) + cst;
+      a.lse_out[gb] = (float)lse;
+      if (a.lse64_out) a.lse64_out[gb] = lse;
+      for (int k = 0; k < K; ++k) {
+        a.top_idx[gb * K + k] = ti[k];
+        a.top_logit[gb * K + k] = ti[k] >= 0 ? tv[k] + cst : -kInfD;
       }
     }
   }

@@ -50,8 +50,10 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# The float32 kernels take exact mode's plan (see _exact.py).
+# The float32 kernels take exact mode's plan (see _exact.py) and correct their top logits
+# themselves, in float64, before forming mean and lse.
 EXACT_PLAN = True
+CORRECTS_TOP_K = True
 
 
 def _plan_args(plan, code: int) -> tuple:

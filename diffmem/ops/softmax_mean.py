@@ -45,9 +45,10 @@ def _softmax_mean_op(
         mean, lse, lse64 = mod.forward(x, points, alpha, var, bias, precision)
         empty = lse64.new_empty((*lse64.shape, 0))
         return mean, lse, lse64, empty.long(), empty
-    mean, _, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)
-    mean, lse, lse64, top_logit = _exact.correct_forward(
-        x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
+    mean, lse, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)
+    if not getattr(mod, "CORRECTS_TOP_K", False):
+        mean, lse, lse64, top_logit = _exact.correct_forward(
+            x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
     return mean, lse, lse64, top_idx, top_logit
 
 
