@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
+#include "problem.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -16,12 +16,12 @@ namespace diffmem {
 namespace {
 
 // logits of query b of group g: lg[i] = bias_i - |x - alpha y_i|^2 / (2 var)
-void logits64(const SmArgs<double>& a, int64_t g, int64_t b, std::vector<double>& lg) {
+void logits64(const Problem<double>& a, int64_t g, int64_t b, std::vector<double>& lg) {
   const int64_t N = a.N, d = a.d;
-  const double* x = a.x + g * a.x_gs + b * d;
-  const double* y = a.y + g * a.y_gs;
-  const double al = a.alpha[g * a.alpha_gs + b], v = a.var[g * a.var_gs + b];
-  const double* bias = a.bias ? a.bias + g * a.bias_gs : nullptr;
+  const double* x = a.x + g * a.gs_x + b * d;
+  const double* y = a.y + g * a.gs_y;
+  const double al = a.alpha[g * a.gs_alpha + b], v = a.var[g * a.gs_var + b];
+  const double* bias = a.bias ? a.bias + g * a.gs_bias : nullptr;
   for (int64_t i = 0; i < N; ++i) {
     double s = 0.0;
     for (int64_t k = 0; k < d; ++k) {
@@ -34,7 +34,7 @@ void logits64(const SmArgs<double>& a, int64_t g, int64_t b, std::vector<double>
 
 }  // namespace
 
-void forward_f64(const SmArgs<double>& a) {
+void forward_f64(const Problem<double>& a) {
   const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
 #pragma omp parallel num_threads(a.threads > 0 ? a.threads : 1)
   {
@@ -45,7 +45,7 @@ void forward_f64(const SmArgs<double>& a) {
       logits64(a, g, b, lg);
       double M = -std::numeric_limits<double>::infinity();
       for (int64_t i = 0; i < N; ++i) M = std::max(M, lg[i]);
-      const double* y = a.y + g * a.y_gs;
+      const double* y = a.y + g * a.gs_y;
       std::fill(acc.begin(), acc.end(), 0.0);
       double L = 0.0;
       for (int64_t i = 0; i < N; ++i) {
@@ -61,7 +61,7 @@ void forward_f64(const SmArgs<double>& a) {
   }
 }
 
-void backward_f64(const SmArgs<double>& a) {
+void backward_f64(const Problem<double>& a) {
   if (!(a.dx || a.dy || a.dalpha || a.dvar || a.dbias)) return;
   const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
   const int T = a.threads > 0 ? a.threads : 1;
@@ -87,9 +87,9 @@ void backward_f64(const SmArgs<double>& a) {
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
         const int64_t gb = g * B + b;
-        const double* x = a.x + g * a.x_gs + b * d;
-        const double* y = a.y + g * a.y_gs;
-        const double al = a.alpha[g * a.alpha_gs + b], v = a.var[g * a.var_gs + b];
+        const double* x = a.x + g * a.gs_x + b * d;
+        const double* y = a.y + g * a.gs_y;
+        const double al = a.alpha[g * a.gs_alpha + b], v = a.var[g * a.gs_var + b];
         const double* gm = a.grad_mean ? a.grad_mean + gb * d : nullptr;
         const double h = a.grad_lse ? a.grad_lse[gb] : 0.0;
         const double lse = a.lse64[gb];
@@ -150,7 +150,7 @@ void backward_f64(const SmArgs<double>& a) {
   }
 }
 
-void knn_f64(const KnnArgs<double>& a) {
+void knn_f64(const KnnProblem<double>& a) {
   const int64_t G = a.G, B = a.B, N = a.N, d = a.d, K = a.k;
 #pragma omp parallel num_threads(a.threads > 0 ? a.threads : 1)
   {
@@ -158,8 +158,8 @@ void knn_f64(const KnnArgs<double>& a) {
 #pragma omp for schedule(static)
     for (int64_t gb = 0; gb < G * B; ++gb) {
       const int64_t g = gb / B, b = gb % B;
-      const double* x = a.x + g * a.x_gs + b * d;
-      const double* y = a.y + g * a.y_gs;
+      const double* x = a.x + g * a.gs_x + b * d;
+      const double* y = a.y + g * a.gs_y;
       for (int64_t i = 0; i < N; ++i) {
         double s = 0.0;
         for (int64_t k = 0; k < d; ++k) {

@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "common.h"
+#include "problem.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -51,7 +51,7 @@ const char* isa_name(Isa i) {
   }
 }
 
-void fwd32(const SmArgs<float>& a) {
+void fwd32(const Problem<float>& a) {
   switch (g_isa) {
 #if DIFFMEM_X86
     case Isa::avx512: return isa_avx512::forward_f32(a);
@@ -60,7 +60,7 @@ void fwd32(const SmArgs<float>& a) {
     default: return isa_generic::forward_f32(a);
   }
 }
-void bwd32(const SmArgs<float>& a) {
+void bwd32(const Problem<float>& a) {
   switch (g_isa) {
 #if DIFFMEM_X86
     case Isa::avx512: return isa_avx512::backward_f32(a);
@@ -69,7 +69,7 @@ void bwd32(const SmArgs<float>& a) {
     default: return isa_generic::backward_f32(a);
   }
 }
-void knn32(const KnnArgs<float>& a) {
+void knn32(const KnnProblem<float>& a) {
   switch (g_isa) {
 #if DIFFMEM_X86
     case Isa::avx512: return isa_avx512::knn_f32(a);
@@ -103,10 +103,10 @@ void check_plan(bool f32, int precision, std::uintptr_t centre, std::uintptr_t e
   if (!expand || !centre || top_k < 0 || top_k > 64 || (top_k > 0 && (!top_idx || !top_logit)))
     throw std::invalid_argument("diffmem._C: incomplete exact-mode plan (centre, expand, 0 <= top_k <= 64, top buffers)");
 }
-void set_plan(SmArgs<float>& a, std::uintptr_t centre, int64_t centre_gs, std::uintptr_t expand, int top_k,
+void set_plan(Problem<float>& a, std::uintptr_t centre, int64_t gs_centre, std::uintptr_t expand, int top_k,
               std::uintptr_t top_idx, std::uintptr_t top_logit) {
   a.centre = cp<float>(centre);
-  a.centre_gs = centre_gs;
+  a.gs_centre = gs_centre;
   a.expand = cp<uint8_t>(expand);
   a.top_k = a.expand ? top_k : 0;
   a.top_idx = mp<int64_t>(top_idx);
@@ -114,28 +114,28 @@ void set_plan(SmArgs<float>& a, std::uintptr_t centre, int64_t centre_gs, std::u
 }
 
 template <class T>
-SmArgs<T> make_args(int precision, int threads, int64_t G, int64_t B, int64_t N, int64_t d,
-                    std::uintptr_t x, int64_t x_gs, std::uintptr_t y, int64_t y_gs,
-                    std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var, int64_t var_gs,
-                    std::uintptr_t bias, int64_t bias_gs) {
-  SmArgs<T> a;
+Problem<T> make_problem(int precision, int threads, int64_t G, int64_t B, int64_t N, int64_t d,
+                    std::uintptr_t x, int64_t gs_x, std::uintptr_t y, int64_t gs_y,
+                    std::uintptr_t alpha, int64_t gs_alpha, std::uintptr_t var, int64_t gs_var,
+                    std::uintptr_t bias, int64_t gs_bias) {
+  Problem<T> a;
   a.precision = precision;
   a.threads = threads > 0 ? threads : 1;
   a.G = G; a.B = B; a.N = N; a.d = d;
-  a.x = cp<T>(x); a.x_gs = x_gs;
-  a.y = cp<T>(y); a.y_gs = y_gs;
-  a.alpha = cp<T>(alpha); a.alpha_gs = alpha_gs;
-  a.var = cp<T>(var); a.var_gs = var_gs;
-  a.bias = cp<T>(bias); a.bias_gs = bias_gs;
+  a.x = cp<T>(x); a.gs_x = gs_x;
+  a.y = cp<T>(y); a.gs_y = gs_y;
+  a.alpha = cp<T>(alpha); a.gs_alpha = gs_alpha;
+  a.var = cp<T>(var); a.gs_var = gs_var;
+  a.bias = cp<T>(bias); a.gs_bias = gs_bias;
   return a;
 }
 
 void softmax_mean_forward(const std::string& dtype, int precision, int threads, int64_t G, int64_t B,
-                          int64_t N, int64_t d, std::uintptr_t x, int64_t x_gs, std::uintptr_t y,
-                          int64_t y_gs, std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var,
-                          int64_t var_gs, std::uintptr_t bias, int64_t bias_gs,
+                          int64_t N, int64_t d, std::uintptr_t x, int64_t gs_x, std::uintptr_t y,
+                          int64_t gs_y, std::uintptr_t alpha, int64_t gs_alpha, std::uintptr_t var,
+                          int64_t gs_var, std::uintptr_t bias, int64_t gs_bias,
                           std::uintptr_t mean_out, std::uintptr_t lse_out, std::uintptr_t lse64_out,
-                          std::uintptr_t centre, int64_t centre_gs, std::uintptr_t expand, int top_k,
+                          std::uintptr_t centre, int64_t gs_centre, std::uintptr_t expand, int top_k,
                           std::uintptr_t top_idx, std::uintptr_t top_logit) {
   check_sizes(G, B, N, d);
   const bool f32 = is_f32(dtype);
@@ -143,16 +143,16 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
   if (f32) {
-    auto a = make_args<float>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
-                              var_gs, bias, bias_gs);
+    auto a = make_problem<float>(precision, threads, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var,
+                              gs_var, bias, gs_bias);
     a.mean_out = mp<float>(mean_out);
     a.lse_out = mp<float>(lse_out);
     a.lse64_out = mp<double>(lse64_out);
-    set_plan(a, centre, centre_gs, expand, top_k, top_idx, top_logit);
+    set_plan(a, centre, gs_centre, expand, top_k, top_idx, top_logit);
     fwd32(a);
   } else {
-    auto a = make_args<double>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
-                               var_gs, bias, bias_gs);
+    auto a = make_problem<double>(precision, threads, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var,
+                               gs_var, bias, gs_bias);
     a.mean_out = mp<double>(mean_out);
     a.lse_out = mp<double>(lse_out);
     a.lse64_out = mp<double>(lse64_out);
@@ -161,7 +161,7 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
 }
 
 template <class T>
-void fill_bwd(SmArgs<T>& a, std::uintptr_t mean, std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse,
+void fill_bwd(Problem<T>& a, std::uintptr_t mean, std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse,
               std::uintptr_t dx, std::uintptr_t dy, std::uintptr_t dalpha, std::uintptr_t dvar,
               std::uintptr_t dbias) {
   a.mean = cp<T>(mean);
@@ -176,9 +176,9 @@ void fill_bwd(SmArgs<T>& a, std::uintptr_t mean, std::uintptr_t lse64, std::uint
 }
 
 void softmax_mean_backward(const std::string& dtype, int precision, int threads, int64_t G, int64_t B,
-                           int64_t N, int64_t d, std::uintptr_t x, int64_t x_gs, std::uintptr_t y,
-                           int64_t y_gs, std::uintptr_t alpha, int64_t alpha_gs, std::uintptr_t var,
-                           int64_t var_gs, std::uintptr_t bias, int64_t bias_gs, std::uintptr_t mean,
+                           int64_t N, int64_t d, std::uintptr_t x, int64_t gs_x, std::uintptr_t y,
+                           int64_t gs_y, std::uintptr_t alpha, int64_t gs_alpha, std::uintptr_t var,
+                           int64_t gs_var, std::uintptr_t bias, int64_t gs_bias, std::uintptr_t mean,
                            std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse, std::uintptr_t dx,
                            std::uintptr_t dy, std::uintptr_t dalpha, std::uintptr_t dvar,
                            std::uintptr_t dbias, std::uintptr_t expand, int top_k,
@@ -201,8 +201,8 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
   if (!lse64) throw std::invalid_argument("diffmem._C.softmax_mean_backward: lse64 is required");
   if (grad_mean && !mean) throw std::invalid_argument("diffmem._C.softmax_mean_backward: mean is required");
   if (f32) {
-    auto a = make_args<float>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
-                              var_gs, bias, bias_gs);
+    auto a = make_problem<float>(precision, threads, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var,
+                              gs_var, bias, gs_bias);
     fill_bwd(a, mean, lse64, grad_mean, grad_lse, dx, dy, dalpha, dvar, dbias);
     a.expand = cp<uint8_t>(expand);
     a.top_k = expand ? top_k : 0;
@@ -210,28 +210,28 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
     a.top_logit = mp<double>(top_logit);
     bwd32(a);
   } else {
-    auto a = make_args<double>(precision, threads, G, B, N, d, x, x_gs, y, y_gs, alpha, alpha_gs, var,
-                               var_gs, bias, bias_gs);
+    auto a = make_problem<double>(precision, threads, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var,
+                               gs_var, bias, gs_bias);
     fill_bwd(a, mean, lse64, grad_mean, grad_lse, dx, dy, dalpha, dvar, dbias);
     backward_f64(a);
   }
 }
 
 template <class T>
-KnnArgs<T> knn_args(int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k, std::uintptr_t x,
-                    int64_t x_gs, std::uintptr_t y, int64_t y_gs, std::uintptr_t dist_out,
+KnnProblem<T> knn_problem(int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k, std::uintptr_t x,
+                    int64_t gs_x, std::uintptr_t y, int64_t gs_y, std::uintptr_t dist_out,
                     std::uintptr_t idx_out) {
-  KnnArgs<T> a;
+  KnnProblem<T> a;
   a.threads = threads > 0 ? threads : 1;
   a.G = G; a.B = B; a.N = N; a.d = d; a.k = k;
-  a.x = cp<T>(x); a.x_gs = x_gs; a.y = cp<T>(y); a.y_gs = y_gs;
+  a.x = cp<T>(x); a.gs_x = gs_x; a.y = cp<T>(y); a.gs_y = gs_y;
   a.dist_out = mp<T>(dist_out);
   a.idx_out = mp<int64_t>(idx_out);
   return a;
 }
 
 void knn(const std::string& dtype, int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k,
-         std::uintptr_t x, int64_t x_gs, std::uintptr_t y, int64_t y_gs, std::uintptr_t dist_out,
+         std::uintptr_t x, int64_t gs_x, std::uintptr_t y, int64_t gs_y, std::uintptr_t dist_out,
          std::uintptr_t idx_out) {
   check_sizes(G, B, N, d);
   if (k < 1 || k > N) throw std::invalid_argument("diffmem._C.knn: need 1 <= k <= N");
@@ -239,9 +239,9 @@ void knn(const std::string& dtype, int threads, int64_t G, int64_t B, int64_t N,
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
   if (f32)
-    knn32(knn_args<float>(threads, G, B, N, d, k, x, x_gs, y, y_gs, dist_out, idx_out));
+    knn32(knn_problem<float>(threads, G, B, N, d, k, x, gs_x, y, gs_y, dist_out, idx_out));
   else
-    knn_f64(knn_args<double>(threads, G, B, N, d, k, x, x_gs, y, y_gs, dist_out, idx_out));
+    knn_f64(knn_problem<double>(threads, G, B, N, d, k, x, gs_x, y, gs_y, dist_out, idx_out));
 }
 
 py::dict info() {
@@ -264,18 +264,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("info", &info, "Build/run-time facts: {'isa', 'openmp', 'max_threads'}");
   m.def("softmax_mean_forward", &softmax_mean_forward, py::arg("dtype"), py::arg("precision"),
         py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
-        py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),
-        py::arg("var"), py::arg("var_gs"), py::arg("bias"), py::arg("bias_gs"), py::arg("mean_out"),
-        py::arg("lse_out"), py::arg("lse64_out"), py::arg("centre") = 0, py::arg("centre_gs") = 0,
+        py::arg("gs_x"), py::arg("y"), py::arg("gs_y"), py::arg("alpha"), py::arg("gs_alpha"),
+        py::arg("var"), py::arg("gs_var"), py::arg("bias"), py::arg("gs_bias"), py::arg("mean_out"),
+        py::arg("lse_out"), py::arg("lse64_out"), py::arg("centre") = 0, py::arg("gs_centre") = 0,
         py::arg("expand") = 0, py::arg("top_k") = 0, py::arg("top_idx") = 0, py::arg("top_logit") = 0);
   m.def("softmax_mean_backward", &softmax_mean_backward, py::arg("dtype"), py::arg("precision"),
         py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
-        py::arg("x_gs"), py::arg("y"), py::arg("y_gs"), py::arg("alpha"), py::arg("alpha_gs"),
-        py::arg("var"), py::arg("var_gs"), py::arg("bias"), py::arg("bias_gs"), py::arg("mean"),
+        py::arg("gs_x"), py::arg("y"), py::arg("gs_y"), py::arg("alpha"), py::arg("gs_alpha"),
+        py::arg("var"), py::arg("gs_var"), py::arg("bias"), py::arg("gs_bias"), py::arg("mean"),
         py::arg("lse64"), py::arg("grad_mean"), py::arg("grad_lse"), py::arg("dx"), py::arg("dy"), py::arg("dalpha"),
         py::arg("dvar"), py::arg("dbias"), py::arg("expand") = 0, py::arg("top_k") = 0,
         py::arg("top_idx") = 0, py::arg("top_logit") = 0);
   m.def("knn", &knn, py::arg("dtype"), py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"),
-        py::arg("d"), py::arg("k"), py::arg("x"), py::arg("x_gs"), py::arg("y"), py::arg("y_gs"),
+        py::arg("d"), py::arg("k"), py::arg("x"), py::arg("gs_x"), py::arg("y"), py::arg("gs_y"),
         py::arg("dist_out"), py::arg("idx_out"));
 }

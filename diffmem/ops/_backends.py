@@ -15,6 +15,7 @@ An explicitly requested backend that cannot run the call is an error, never a si
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from ._extension import cpu_extension_status
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    module: str  # module path, imported lazily
-    status: Callable[[], tuple[bool, str]]  # (available, reason why not)
-    devices: tuple[str, ...]
+    module: str  # module path, imported on first use
+    status: Callable[[], tuple[bool, str]]  # (available, reason why not); probes on first call
+    devices: Callable[[], tuple[str, ...]]  # device types it runs on
     dtypes: tuple[torch.dtype, ...]
 
 
@@ -40,26 +41,18 @@ def _always() -> tuple[bool, str]:
     return True, ""
 
 
-def _probe_triton() -> tuple[ModuleType | None, str]:
-    """Import the Triton kernels once, at import time (torch.compile cannot trace imports)."""
+@functools.cache
+def _triton_module() -> tuple[ModuleType | None, str]:
+    """The Triton kernels, imported on first use (importing diffmem does not import Triton)."""
     try:
         return importlib.import_module("diffmem.ops._triton"), ""
     except ImportError as exc:
         return None, f"triton kernels could not be loaded ({exc})"
 
 
-_TRITON, _TRITON_IMPORT_ERROR = _probe_triton()
-_cuda._module()  # load and query the CUDA module once, outside any torch.compile trace
-
-
 def _triton_status() -> tuple[bool, str]:
-    if _TRITON is None:
-        return False, _TRITON_IMPORT_ERROR
-    return _TRITON.status()
-
-
-def _cuda_status() -> tuple[bool, str]:
-    return _cuda.status()
+    mod, reason = _triton_module()
+    return (False, reason) if mod is None else mod.status()
 
 
 def _triton_devices() -> tuple[str, ...]:
@@ -67,29 +60,26 @@ def _triton_devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
+def _everywhere() -> tuple[str, ...]:
+    return ("cpu", "cuda")
+
+
+def _cpu_only() -> tuple[str, ...]:
+    return ("cpu",)
+
+
 _F32_F64 = (torch.float32, torch.float64)
 
 BACKENDS: dict[str, BackendSpec] = {
-    "reference": BackendSpec("reference", "diffmem.ops._reference", _always, ("cpu", "cuda"), _F32_F64),
-    "cpu": BackendSpec("cpu", "diffmem.ops._cpu", cpu_extension_status, ("cpu",), _F32_F64),
-    "triton": BackendSpec("triton", "diffmem.ops._triton", _triton_status, ("cuda",), (torch.float32,)),
-    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda_status, ("cuda",), (torch.float32,)),
+    "reference": BackendSpec("reference", "diffmem.ops._reference", _always, _everywhere, _F32_F64),
+    "cpu": BackendSpec("cpu", "diffmem.ops._cpu", cpu_extension_status, _cpu_only, _F32_F64),
+    "triton": BackendSpec("triton", "diffmem.ops._triton", _triton_status, _triton_devices,
+                          (torch.float32,)),
+    # the CUDA module is loaded on first use; its host-emulator build runs on CPU tensors
+    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda.status, _cuda.devices, (torch.float32,)),
 }
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
-
-
-def _cuda_devices() -> tuple[str, ...]:
-    # The host-emulator build of the CUDA kernels runs on CPU tensors (used by the tests).
-    return _cuda.devices()
-
-
-def _devices(spec: BackendSpec) -> tuple[str, ...]:
-    if spec.name == "triton":
-        return _triton_devices()
-    if spec.name == "cuda":
-        return _cuda_devices()
-    return spec.devices
 
 
 def backends() -> dict[str, dict]:
@@ -100,7 +90,7 @@ def backends() -> dict[str, dict]:
         report[name] = {
             "available": ok,
             "reason": "" if ok else reason,
-            "devices": list(_devices(spec)),
+            "devices": list(spec.devices()),
             "dtypes": [str(t).removeprefix("torch.") for t in spec.dtypes],
         }
     return report
@@ -111,17 +101,29 @@ def _can_run(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str
     ok, reason = spec.status()
     if not ok:
         return reason
-    if device.type not in _devices(spec):
-        return f"it runs on {', '.join(_devices(spec))} tensors, not {device.type}"
+    if device.type not in spec.devices():
+        return f"it runs on {', '.join(spec.devices())} tensors, not {device.type}"
     if dtype not in spec.dtypes:
         return f"it supports {', '.join(str(t) for t in spec.dtypes)}, not {dtype}"
     return ""
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name that runs a call with tensors on device/dtype (see module doc)."""
+def check_name(requested: object) -> None:
+    """A backend argument is "auto" or a known name (availability is checked by resolve)."""
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {requested!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name that runs a call with tensors on device/dtype (see module doc).
+
+    Called inside the custom ops (eagerly, also under torch.compile), so probing a backend on
+    first use, which may import it, never happens in a traced region.
+    """
+    check_name(requested)
     name = requested
     if name == "auto":
         name = os.environ.get("DIFFMEM_BACKEND", "auto") or "auto"

@@ -17,7 +17,8 @@ from ._canonical import _broadcast, _to_groups, check_knn_inputs
 @torch.library.custom_op("diffmem::knn", mutates_args=())
 def _knn_op(queries: torch.Tensor, points: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical (G, B, d) and (G, N, d) in; dist (G, B, k) and int64 idx (G, B, k) out."""
-    return _backends.module(backend).knn(queries, points, k)
+    name = _backends.resolve(backend, queries.device, queries.dtype)
+    return _backends.module(name).knn(queries, points, k)
 
 
 @_knn_op.register_fake
@@ -39,7 +40,7 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int = 2, *, backend: str
     batch = _broadcast([("queries", tuple(queries.shape[:-2])), ("points", tuple(points.shape[:-2]))])
     B, d = queries.shape[-2:]
     N = points.shape[-2]
-    name = _backends.resolve(backend, queries.device, queries.dtype)
+    _backends.check_name(backend)  # resolved inside the op (see _backends.resolve)
     if B == 0:
         empty = queries.new_zeros((*batch, 0, k))
         return empty, empty.long()
@@ -47,5 +48,5 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int = 2, *, backend: str
     p = _to_groups(points.detach(), batch, (N, d))
     if math.prod(points.shape[:-2]) == 1 and math.prod(batch) > 1:
         q, p = q.reshape(1, -1, d), p[:1]
-    dist, idx = _knn_op(q, p, k, name)
+    dist, idx = _knn_op(q, p, k, backend)
     return dist.reshape(*batch, B, k), idx.reshape(*batch, B, k)

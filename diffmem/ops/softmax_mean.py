@@ -39,7 +39,7 @@ def _softmax_mean_op(
     (G, B, K) float64 are the points with the largest logits and their exact values (K = 0 when
     the backend needs no correction; see _exact.py), also kept for the backward.
     """
-    mod = _backends.module(backend)
+    mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
     plan = _plan(mod, x, points, alpha, var, precision)
     if plan is None:
         mean, lse, lse64 = mod.forward(x, points, alpha, var, bias, precision)
@@ -68,7 +68,8 @@ def _plan(mod, x, points, alpha, var, precision):
 @_softmax_mean_op.register_fake
 def _(x, points, alpha, var, bias, backend, precision):
     G, B, d = x.shape
-    K = 0 if _plan_free(_backends.module(backend), x, precision) else _exact.TOP_K
+    mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
+    K = 0 if _plan_free(mod, x, precision) else _exact.TOP_K
     return (x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64),
             x.new_empty((G, B, K), dtype=torch.int64), x.new_empty((G, B, K), dtype=torch.float64))
 
@@ -91,7 +92,7 @@ def _softmax_mean_backward_op(
     precision: str,
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
-    mod = _backends.module(backend)
+    mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
     plan = _plan(mod, x, points, alpha, var, precision)
     extra = () if plan is None else (plan, top_idx, top_logit)
     grads = mod.backward(
@@ -166,13 +167,13 @@ def softmax_mean(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     c = canonicalize(x, points, alpha, var, bias, check_inputs=check_inputs)
-    name = _backends.resolve(backend, c.x.device, c.x.dtype)
+    _backends.check_name(backend)  # resolved inside the op (see _backends.resolve)
     B, d = x.shape[-2], x.shape[-1]
     if B == 0:
         mean = c.x.new_zeros((*c.batch_shape, 0, d))
         lse = c.x.new_zeros((*c.batch_shape, 0))
         return (mean, lse) if return_lse else mean
-    mean, lse, *_ = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, name, precision)
+    mean, lse, *_ = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, backend, precision)
     mean = mean.reshape(*c.batch_shape, B, d)
     lse = lse.reshape(*c.batch_shape, B)
     return (mean, lse) if return_lse else mean

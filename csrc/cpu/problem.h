@@ -8,15 +8,15 @@ namespace diffmem {
 // Arguments of one softmax-mean call.  All strides are in elements; a group stride of 0
 // means "shared by all groups".  Null pointers mean "absent" (see module.cpp).
 template <class T>
-struct SmArgs {
+struct Problem {
   int precision = 0;  // 0 = exact, 1 = fast
   int threads = 1;
   int64_t G = 0, B = 0, N = 0, d = 0;
-  const T* x = nullptr;     int64_t x_gs = 0;      // (G,) x (B,d)
-  const T* y = nullptr;     int64_t y_gs = 0;      // (G,) x (N,d)
-  const T* alpha = nullptr; int64_t alpha_gs = 0;  // (G,) x (B,)
-  const T* var = nullptr;   int64_t var_gs = 0;    // (G,) x (B,)
-  const T* bias = nullptr;  int64_t bias_gs = 0;   // (G,) x (N,) or null
+  const T* x = nullptr;     int64_t gs_x = 0;      // (G,) x (B,d)
+  const T* y = nullptr;     int64_t gs_y = 0;      // (G,) x (N,d)
+  const T* alpha = nullptr; int64_t gs_alpha = 0;  // (G,) x (B,)
+  const T* var = nullptr;   int64_t gs_var = 0;    // (G,) x (B,)
+  const T* bias = nullptr;  int64_t gs_bias = 0;   // (G,) x (N,) or null
   // forward outputs
   T* mean_out = nullptr;  // (G,B,d)
   T* lse_out = nullptr;   // (G,B)
@@ -35,7 +35,7 @@ struct SmArgs {
   // no top-K is reported).  Forward: centre of the points and the per-query form; the K
   // largest logits per query go to top_idx / top_logit (true frame).  Backward: the same
   // forms, and the corrected logits of the listed points replace the recomputed ones.
-  const T* centre = nullptr; int64_t centre_gs = 0;  // (G,) x (d,)
+  const T* centre = nullptr; int64_t gs_centre = 0;  // (G,) x (d,)
   const uint8_t* expand = nullptr;                   // (G,B): 1 = expansion form
   int top_k = 0;
   int64_t* top_idx = nullptr;   // (G,B,K), -1 = empty slot
@@ -43,11 +43,11 @@ struct SmArgs {
 };
 
 template <class T>
-struct KnnArgs {
+struct KnnProblem {
   int threads = 1;
   int64_t G = 0, B = 0, N = 0, d = 0, k = 1;
-  const T* x = nullptr; int64_t x_gs = 0;
-  const T* y = nullptr; int64_t y_gs = 0;
+  const T* x = nullptr; int64_t gs_x = 0;
+  const T* y = nullptr; int64_t gs_y = 0;
   T* dist_out = nullptr;      // (G,B,k)
   int64_t* idx_out = nullptr;  // (G,B,k)
 };
@@ -55,17 +55,17 @@ struct KnnArgs {
 // One set of fp32 entry points per instruction-set variant (same source, see kernels_impl.h).
 #define DIFFMEM_DECLARE_F32(NS)                         \
   namespace NS {                                        \
-  void forward_f32(const SmArgs<float>& a);             \
-  void backward_f32(const SmArgs<float>& a);            \
-  void knn_f32(const KnnArgs<float>& a);                \
+  void forward_f32(const Problem<float>& a);             \
+  void backward_f32(const Problem<float>& a);            \
+  void knn_f32(const KnnProblem<float>& a);                \
   }
 DIFFMEM_DECLARE_F32(isa_generic)
 DIFFMEM_DECLARE_F32(isa_avx2)
 DIFFMEM_DECLARE_F32(isa_avx512)
 
 // float64: one simple portable path (used for gradcheck / references).
-void forward_f64(const SmArgs<double>& a);
-void backward_f64(const SmArgs<double>& a);
-void knn_f64(const KnnArgs<double>& a);
+void forward_f64(const Problem<double>& a);
+void backward_f64(const Problem<double>& a);
+void knn_f64(const KnnProblem<double>& a);
 
 }  // namespace diffmem

@@ -1,0 +1,388 @@
+// Forward fp32 kernels; included by kernels_impl.h inside namespace DM_NS (it relies on the
+// tile helpers defined there).
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Exact-mode plan helpers.  A query of the expansion form computes its logits as
+//   bias + alpha/var x'.yc - alpha^2/(2 var) |yc|^2,  x' = x - alpha c, yc = y - c
+// (c = the plan's centre, rounded to float; |yc|^2 in double), the direct form as above.
+// centre_tile: yTc = yT - c for the valid points of a packed tile (0 elsewhere) and
+// ynd[j] = |yc_j|^2 in double.
+void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, double* ynd) {
+  vd s2[NV][2];
+  vi valid[NV];
+  for (int v = 0; v < NV; ++v) {
+    s2[v][0] = s2[v][1] = vd{};
+    for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
+  }
+  for (int k = 0; k < d; ++k) {
+    const vf cb = vb(cf[k]);
+    for (int v = 0; v < NV; ++v) {
+      vf t = vld(yT + (size_t)k * NT + v * W) - cb;
+      t = valid[v] ? t : vb(0.f);
+      vst(yTc + (size_t)k * NT + v * W, t);
+      const vd lo = lo_d(t), hi = hi_d(t);
+      s2[v][0] = vdfma(lo, lo, s2[v][0]);
+      s2[v][1] = vdfma(hi, hi, s2[v][1]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    vstd(ynd + v * W, s2[v][0]);
+    vstd(ynd + v * W + H, s2[v][1]);
+  }
+}
+
+// Logits this far below the largest carry weights < 2e-9: they need no correction, and the
+// top-K lists keep only points within this gap of the running max.
+constexpr double kTopGap = 20.0;
+
+// The K largest logits of one query, kept sorted (descending) with their point indices.
+inline void topk_offer(double* val, int64_t* idx, int K, double v, int64_t i) {
+  if (!(v > val[K - 1])) return;
+  int p = K - 1;
+  while (p > 0 && val[p - 1] < v) {
+    val[p] = val[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  val[p] = v;
+  idx[p] = i;
+}
+// Offers the first n lanes of v (points i0, i0 + 1, ...): only lanes above the K-th largest
+// and above floor are visited (usually none or one of a tile).
+inline void offer_lanes(double* val, int64_t* idx, int K, double floor, vf v, int64_t i0, int n) {
+  // lanes above both the K-th largest and floor (rounded to float either way: the offer
+  // rechecks the K-th in double)
+  const float thr = (float)(val[K - 1] > floor ? val[K - 1] : floor);
+#if DM_ISA == 2
+  unsigned m = (unsigned)_mm512_cmp_ps_mask(v, vb(thr), _CMP_GE_OQ);
+  if (n < W) m &= (1u << (n > 0 ? n : 0)) - 1u;
+  while (m) {
+    const int l = __builtin_ctz(m);
+    topk_offer(val, idx, K, (double)v[l], i0 + l);
+    m &= m - 1;
+  }
+#else
+  for (int l = 0; l < W && l < n; ++l)
+    if (v[l] >= thr) topk_offer(val, idx, K, (double)v[l], i0 + l);
+#endif
+}
+inline void topk_clear(double* val, int64_t* idx, int K) {
+  for (int k = 0; k < K; ++k) { val[k] = -kInfD; idx[k] = -1; }
+}
+
+// Per-query constant from the internal logit frame to the true one: -d/2 (direct, shifted
+// distance) or -|x'|^2/(2 var) (expansion), x' = float(x - alpha c) as the kernels form it.
+inline double frame_shift(const float* xr, float alpha, float var, const double* c, int64_t d,
+                          bool expansion) {
+  if (!expansion) return -0.5 * (double)d;
+  double x2 = 0.0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double xp = xprime(xr[k], alpha, c[k]);
+    x2 += xp * xp;
+  }
+  return -0.5 * x2 / (double)var;
+}
+
+// Thread-local workspace of a planned exact forward item (queries reordered: direct first).
+struct PlanWork {
+  Buf b_ord, b_al, b_va, b_yTc, b_ynd, b_acc, b_m, b_l, b_tv, b_ti;
+  int* ord;
+  float *al, *va, *yTc;
+  double *ynd, *acc, *m, *l, *tv;
+  int64_t* ti;
+  void init(int dp, int qcmax, int K) {
+    ord = b_ord.get<int>(qcmax);
+    al = b_al.get<float>(qcmax);
+    va = b_va.get<float>(qcmax);
+    yTc = b_yTc.get<float>((size_t)dp * NT);
+    ynd = b_ynd.get<double>(NT);
+    acc = b_acc.get<double>((size_t)qcmax * dp);
+    m = b_m.get<double>(qcmax);
+    l = b_l.get<double>(qcmax);
+    tv = b_tv.get<double>((size_t)qcmax * (K > 0 ? K : 1));
+    ti = b_ti.get<int64_t>((size_t)qcmax * (K > 0 ? K : 1));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
+// online-softmax state (m, l, acc) of these queries, and with a plan (exact mode) their K
+// largest logits so far (tv, ti; internal frame).
+//   fast:        every query in the expansion frame around the group centre (c, cf).
+//   exact:       every query in the direct form, or, with a plan, each query in its planned
+//                form (direct queries first, then expansion queries around the plan centre
+//                cf; c is its double copy).
+template <bool FAST>
+void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb, int64_t te,
+              const double* c, const float* cf, double* mo, double* lo, double* acc,
+              double* tvo, int64_t* tio, Work& w, PlanWork& pw) {
+  const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
+  const int64_t N = a.N;
+  const int K = FAST ? 0 : a.top_k;
+  const float* xg = a.x + g * a.gs_x + q0 * a.d;
+  const float* yg = a.y + g * a.gs_y;
+  const float* al0 = a.alpha + g * a.gs_alpha + q0;
+  const float* va0 = a.var + g * a.gs_var + q0;
+  const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
+  const uint8_t* ex = (!FAST && a.expand) ? a.expand + g * a.B + q0 : nullptr;
+  // query order: direct queries [0, nd), then expansion queries [nd, nq)
+  int nd = 0;
+  for (int q = 0; q < nq; ++q)
+    if (!ex || !ex[q]) pw.ord[nd++] = q;
+  for (int q = 0, e = nd; q < nq; ++q)
+    if (ex && ex[q]) pw.ord[e++] = q;
+  const int* ord = pw.ord;
+  float* al = pw.al;
+  float* va = pw.va;
+  for (int q = 0; q < nq; ++q) { al[q] = al0[ord[q]]; va[q] = va0[ord[q]]; }
+  constexpr int QE = QB_FAST;  // query block of the expansion chains
+  if (FAST) {
+    pack_x<true>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[ord[q] * d + k], al[q], c[k]); });
+  } else {
+    pack_x<false>(nd, d, w.xc, [&](int q, int k) { return xg[ord[q] * d + k]; });
+    pack_x_blocks(QE, nq - nd, d, w.xc + (size_t)nd * d,
+                  [&](int q, int k) { return xprime(xg[ord[nd + q] * d + k], al[nd + q], c[k]); });
+  }
+  const float* X = w.xc;
+  for (int q = 0; q < nq; ++q) {
+    w.qc[q] = (FAST || q >= nd) ? qconst<true>(al[q], va[q]) : qconst<false>(al[q], va[q]);
+    pw.m[q] = -kInfD;
+    pw.l[q] = 0.0;
+    if (K) topk_clear(pw.tv + q * K, pw.ti + q * K, K);
+  }
+  std::memset(pw.acc, 0, sizeof(double) * nq * dp);
+  const bool dbl = d > DB;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t i0 = t * NT;
+    const int n = (int)imin(NT, N - i0);
+    pack_tile(yg, i0, n, d, dp, FAST ? cf : nullptr, w.yT, w.yR, w.yn, nullptr);
+    load_bias(bg, i0, n, w.bt);
+    tile_S<FAST>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
+    if (!FAST && nd < nq) {
+      centre_tile(w.yT, n, d, cf, pw.yTc, pw.ynd);
+      double* Se = w.Sd + (size_t)nd * NT;
+      for (int i = 0; i < (nq - nd) * NT; ++i) Se[i] = 0.0;
+      qblocks<QE>(nq - nd, [&](auto qc, int q) {  // x'.yc: 16-coordinate chains into double
+        constexpr int Q = decltype(qc)::value;
+        const float* Xq = X + (size_t)(nd + q) * d;
+        double* sq = Se + q * NT;
+        for (int k0 = 0; k0 < d; k0 += 16) {
+          k_logit<Q, true>(Xq, nullptr, nullptr, pw.yTc, k0, (int)imin(d, k0 + 16), w.tmp);
+          for (int i = 0; i < Q * NT; ++i) sq[i] += (double)w.tmp[i];
+        }
+      });
+    }
+    // online softmax update
+    for (int q = 0; q < nq; ++q) {
+      float* p = w.P + q * NT;
+      const QConst& qc = w.qc[q];
+      const bool expq = !FAST && q >= nd;
+      const bool dq = dbl || expq;
+      double mt;
+      vf lg[NV];
+      alignas(64) double lgd[NT];
+      if (!dq) {
+        vf mv = vb(-kInfF);
+        for (int v = 0; v < NV; ++v) {
+          lg[v] = logit_f<FAST>(vld(w.Sf + q * NT + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
+          mv = vmax(mv, lg[v]);
+        }
+        mt = hmax(mv);
+      } else {  // logits in double lanes
+        vd mv = vdb(-kInfD);
+        for (int u = 0; u < NT / H; ++u) {
+          const vd sd = vldd(w.Sd + q * NT + u * H), bd = h2d(w.bt + u * H);
+          vd l;
+          if (expq) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * vldd(pw.ynd + u * H);
+          else if (FAST) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * h2d(w.yn + u * H);
+          else l = bd - sd * vdb(qc.d1);
+          vstd(lgd + u * H, l);
+          mv = mv > l ? mv : l;
+        }
+        mt = dmax(mv);
+      }
+      const double mold = pw.m[q];
+      const double mnew = mt > mold ? mt : mold;
+      if (K) {  // the K largest logits (internal frame) among those within kTopGap of the max
+        double* tv = pw.tv + q * K;
+        int64_t* ti = pw.ti + q * K;
+        const double floor = mnew - kTopGap;
+        if (mt > tv[K - 1] && mt > floor) {
+          if (!dq) {
+            for (int v = 0; v < NV; ++v) offer_lanes(tv, ti, K, floor, lg[v], i0 + v * W, n - v * W);
+          } else {
+            for (int j = 0; j < n; ++j)
+              if (lgd[j] > floor) topk_offer(tv, ti, K, lgd[j], i0 + j);
+          }
+        }
+      }
+      if (mnew == -kInfD) {  // everything masked so far
+        for (int j = 0; j < NT; ++j) p[j] = 0.f;
+        w.sc[q] = 1.0;
+        continue;
+      }
+      const double scale = mold == -kInfD ? 0.0 : mold == mnew ? 1.0 : std::exp(mold - mnew);
+      vf sum = vb(0.f);
+      if (!dq) {
+        const vf mf = vb((float)mnew);
+        for (int v = 0; v < NV; ++v) {
+          const vf e = vexp(lg[v] - mf);
+          vst(p + v * W, e);
+          sum += e;
+        }
+      } else {
+        for (int u = 0; u < NT / H; ++u)
+          vsth(p + u * H, __builtin_convertvector(vldd(lgd + u * H) - vdb(mnew), vh));
+        for (int v = 0; v < NV; ++v) {
+          const vf e = vexp(vld(p + v * W));
+          vst(p + v * W, e);
+          sum += e;
+        }
+      }
+      pw.l[q] = pw.l[q] * scale + (double)hsum(sum);
+      pw.m[q] = mnew;
+      w.sc[q] = scale;
+    }
+    tile_wsum(w.P, w.yR, nq, dp, n, pw.acc, w.sc);
+  }
+  // back to the callers' query order
+  for (int q = 0; q < nq; ++q) {
+    const int o = ord[q];
+    mo[o] = pw.m[q];
+    lo[o] = pw.l[q];
+    std::memcpy(acc + (size_t)o * dp, pw.acc + (size_t)q * dp, sizeof(double) * dp);
+    for (int k = 0; k < K; ++k) {
+      tvo[o * K + k] = pw.tv[q * K + k];
+      tio[o * K + k] = pw.ti[q * K + k];
+    }
+  }
+}
+
+template <bool FAST>
+void forward_impl(const Problem<float>& a) {
+  const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
+  const int dp = (int)(cdiv(d, W) * W);
+  const int T = (int)imax(1, a.threads);
+  const int K = FAST ? 0 : a.top_k;
+  const bool planned = !FAST && a.expand;
+  const int64_t ntiles = cdiv(N, NT);
+  const int64_t nqc = cdiv(B, QCMAX);
+  const int64_t qcs = cdiv(B, nqc);
+  // split the points too when there are few (group, query chunk) items, for load balance
+  int64_t S = 1;
+  if (G * nqc < 4 * T) S = imax(1, imin(imin(cdiv(4 * T, G * nqc), ntiles / 4), 64));
+  Buf bc, bm, bl, bacc, bpc, btv, bti;
+  // centre: the group centroid (fast) or the plan's centre (exact; used by expansion queries)
+  const double* c = FAST ? centres(a, bc) : nullptr;
+  if (planned) {
+    double* pc = bpc.get<double>((size_t)G * d);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < d; ++k) pc[g * d + k] = (double)a.centre[g * a.gs_centre + k];
+    c = pc;
+  }
+  auto cfl = [&](int64_t g) -> const float* {
+    if (FAST) return cfloat(c, G, d) + g * d;
+    return planned ? a.centre + g * a.gs_centre : nullptr;
+  };
+  double* pm = bm.get<double>((size_t)S * G * B);
+  double* pl = bl.get<double>((size_t)S * G * B);
+  double* pacc = bacc.get<double>((size_t)S * G * B * dp);
+  double* ptv = btv.get<double>((size_t)S * G * B * imax(1, K));
+  int64_t* pti = bti.get<int64_t>((size_t)S * G * B * imax(1, K));
+  const int64_t nitems = G * nqc * S;
+#pragma omp parallel num_threads(T)
+  {
+    Work w;
+    w.init((int)d, dp, (int)qcs);
+    PlanWork pw;
+    pw.init(dp, (int)qcs, K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nitems; ++it) {
+      const int64_t s = it % S, qi = (it / S) % nqc, g = it / (S * nqc);
+      const int64_t q0 = qi * qcs;
+      const int nq = (int)imin(qcs, B - q0);
+      if (nq <= 0) continue;
+      const int64_t tb = s * ntiles / S, te = (s + 1) * ntiles / S;
+      const int64_t base = (s * G + g) * B + q0;
+      fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, cfl(g), pm + base, pl + base,
+                     pacc + base * dp, ptv + base * K, pti + base * K, w, pw);
+    }
+    // merge the splits and finish: mean = acc/l (+ c), lse = m + log l + const
+#pragma omp for schedule(static)
+    for (int64_t gb = 0; gb < G * B; ++gb) {
+      const int64_t g = gb / B, b = gb % B;
+      double M = -kInfD;
+      for (int64_t s = 0; s < S; ++s) M = pm[s * G * B + gb] > M ? pm[s * G * B + gb] : M;
+      double L = 0.0;
+      alignas(64) double f[64];
+      const int64_t Sc = S;
+      for (int64_t s = 0; s < Sc; ++s) {
+        const double m = pm[s * G * B + gb];
+        f[s] = m == -kInfD ? 0.0 : std::exp(m - M);
+        L += f[s] * pl[s * G * B + gb];
+      }
+      const bool expq = FAST || (planned && a.expand[gb]);
+      const float* xr = a.x + g * a.gs_x + b * d;
+      const float alv = a.alpha[g * a.gs_alpha + b], vav = a.var[g * a.gs_var + b];
+      const double cst = frame_shift(xr, alv, vav, expq ? c + g * d : nullptr, d, expq);
+      // the K largest logits over the splits (internal frame), moved to their exact values
+      // relative to the largest (see diffmem/ops/_exact.py); their weight changes dw go into
+      // l and acc
+      double tv[64], dw[64];
+      int64_t ti[64];
+      int nc = 0;  // corrected slots
+      if (K) {
+        topk_clear(tv, ti, K);
+        for (int64_t s = 0; s < S; ++s)
+          for (int k = 0; k < K; ++k) {
+            const int64_t o = (s * G * B + gb) * K + k;
+            if (pti[o] >= 0) topk_offer(tv, ti, K, ptv[o], pti[o]);
+          }
+        if (K > 1 && ti[1] >= 0 && tv[1] > tv[0] - kTopGap) {
+          const float* yg = a.y + g * a.gs_y;
+          const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
+          double ex[64];
+          for (; nc < K && ti[nc] >= 0; ++nc) {
+            const float* yi = yg + ti[nc] * d;
+            double s2 = 0.0;
+            for (int64_t j = 0; j < d; ++j) {
+              const double df = (double)xr[j] - (double)alv * (double)yi[j];
+              s2 += df * df;
+            }
+            ex[nc] = (bg ? (double)bg[ti[nc]] : 0.0) - 0.5 * s2 / (double)vav;
+          }
+          for (int k = 0; k < nc; ++k) {
+            const double nv = tv[0] + (ex[k] - ex[0]);
+            dw[k] = std::exp(nv - M) - std::exp(tv[k] - M);
+            tv[k] = nv;
+            L += dw[k];
+          }
+        }
+      }
+      const double invL = 1.0 / L;
+      for (int64_t k = 0; k < d; ++k) {
+        double v = 0.0;
+        for (int64_t s = 0; s < Sc; ++s) v += f[s] * pacc[(s * G * B + gb) * dp + k];
+        for (int j = 0; j < nc; ++j) v += dw[j] * (double)a.y[g * a.gs_y + ti[j] * d + k];
+        v *= invL;
+        if (FAST) v += c[g * d + k];
+        a.mean_out[gb * d + k] = (float)v;
+      }
+      const double lse = M + std::log(L) + cst;
+      a.lse_out[gb] = (float)lse;
+      if (a.lse64_out) a.lse64_out[gb] = lse;
+      for (int k = 0; k < K; ++k) {
+        a.top_idx[gb * K + k] = ti[k];
+        a.top_logit[gb * K + k] = ti[k] >= 0 ? tv[k] + cst : -kInfD;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void forward_f32(const Problem<float>& a) {
+  if (a.precision == 1) forward_impl<true>(a);
+  else forward_impl<false>(a);
+}
