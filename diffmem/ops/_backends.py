@@ -8,8 +8,9 @@ A backend is a module with these functions over the canonical layout of _canonic
     knn(queries, points, k) -> dist (G, B, k), idx (G, B, k) int64
 
 lse64 is lse in float64 (weights recomputed from a rounded lse would not sum to one when |lse|
-is large); outputs are allocated with _alloc.new_output. BACKENDS says where each one runs. ``backend="auto"`` (or the environment variable DIFFMEM_BACKEND)
-picks, for CUDA tensors: cuda, then triton, then reference; for CPU tensors: cpu, then reference.
+is large); outputs are allocated with _alloc.new_output. BACKENDS says where each one runs.
+``backend="auto"`` (or the environment variable DIFFMEM_BACKEND) picks, for CUDA tensors: cuda,
+then triton, then reference; for CPU tensors: cpu, then reference.
 An explicitly requested backend that cannot run the call is an error, never a silent fallback.
 """
 
@@ -18,9 +19,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
 
 import torch
 

@@ -75,7 +75,8 @@ def _broadcast(name_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...
     return shape
 
 
-def _to_groups(t: torch.Tensor, batch_shape: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
+def _to_groups(t: torch.Tensor, batch_shape: tuple[int, ...],
+               tail: tuple[int, ...]) -> torch.Tensor:
     """Broadcast t to batch_shape + tail and view it as (G, *tail).
 
     When t has no batch dimensions of its own, the result shares one contiguous copy across
@@ -122,7 +123,8 @@ def canonicalize(
     x = _check_tensor("x", x)
     points = _check_tensor("points", points)
     if points.dtype != x.dtype:
-        raise TypeError(f"points has dtype {points.dtype} but x has dtype {x.dtype}; they must match")
+        raise TypeError(
+            f"points has dtype {points.dtype} but x has dtype {x.dtype}; they must match")
     if points.device != x.device:
         raise ValueError(f"points is on {points.device} but x is on {x.device}")
     if x.dim() < 2:
@@ -151,7 +153,8 @@ def canonicalize(
     if bias is not None:
         bias = _check_tensor("bias", bias)
         if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
+            raise TypeError(
+                f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; they must match")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         if bias.dim() < 1 or bias.shape[-1] not in (1, N):
@@ -172,11 +175,13 @@ def canonicalize(
         _check_finite("alpha", alpha_t)
         _check_finite("var", var_t)
         if _extremes(var_t)[0] <= 0:
-            raise ValueError("var must be > 0 everywhere (it is a noise variance), got a value <= 0")
+            raise ValueError(
+                "var must be > 0 everywhere (it is a noise variance), got a value <= 0")
         if bias is not None:
             hi = _extremes(bias)[1]
             if math.isnan(hi) or hi == math.inf:
-                raise ValueError("bias contains NaN or +Inf; only finite values and -inf are allowed")
+                raise ValueError(
+                    "bias contains NaN or +Inf; only finite values and -inf are allowed")
             if bool((bias == -math.inf).all(dim=-1).any()):
                 raise ValueError("bias masks out every point (all -inf) in at least one problem")
 
@@ -207,7 +212,8 @@ def check_knn_inputs(queries: torch.Tensor, points: torch.Tensor, k: int) -> Non
     points = _check_tensor("points", points)
     if points.dtype != queries.dtype:
         raise TypeError(
-            f"points has dtype {points.dtype} but queries has dtype {queries.dtype}; they must match"
+            f"points has dtype {points.dtype} but queries has dtype {queries.dtype}; "
+            "they must match"
         )
     if points.device != queries.device:
         raise ValueError(f"points is on {points.device} but queries is on {queries.device}")

@@ -89,8 +89,8 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     return mean, lse, lse64, top_idx, top_logit
 
 
-def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision="exact",
-             plan=None, top_idx=None, top_logit=None):
+def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
+             precision="exact", plan=None, top_idx=None, top_logit=None):
     """``mean`` and ``lse64`` are the forward's outputs (mean in the input dtype, dense (G, B, d);
     lse64 float64, dense (G, B)): the kernel recomputes the weights from lse64 in one pass."""
     ext = load_cpu_extension()

@@ -127,7 +127,8 @@ def _exact_block(x, points, alpha, var, bias, idx):
     diff = x.double()[:, :, None, :] - alpha.double()[:, :, None, None] * y
     logits = -(diff * diff).sum(-1) / (2.0 * var.double()[:, :, None])
     if bias is not None:
-        logits = logits + torch.gather(bias.double(), 1, safe.reshape(idx.shape[0], -1)).reshape(idx.shape)
+        picked = torch.gather(bias.double(), 1, safe.reshape(idx.shape[0], -1))
+        logits = logits + picked.reshape(idx.shape)
     return logits, y
 
 

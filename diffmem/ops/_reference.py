@@ -97,7 +97,8 @@ def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
             dx -= (P[:, :, :, None] * diff).sum(2) / var[:, :, None]
         if dy is not None:
             coef = P * (alpha / var)[:, :, None]
-            dy[:, start:stop] = torch.bmm(w.transpose(1, 2), g) + (coef[:, :, :, None] * diff).sum(1)
+            dy[:, start:stop] = (torch.bmm(w.transpose(1, 2), g)
+                                 + (coef[:, :, :, None] * diff).sum(1))
         if dalpha is not None:
             dalpha += (P * (diff * yc[:, None]).sum(-1)).sum(-1) / var
         if dvar is not None:
@@ -108,7 +109,7 @@ def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
 
 
 def knn(queries, points, k):
-    """k nearest points: distances (G, B, k) ascending and int64 indices; ties to the lower index."""
+    """k nearest points: distances (G, B, k) ascending, int64 indices; ties to the lower index."""
     dtype = queries.dtype
     x, y = queries.double(), points.double()
     G, B, d = x.shape

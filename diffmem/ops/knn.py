@@ -15,7 +15,8 @@ from ._canonical import _broadcast, _to_groups, check_knn_inputs
 
 
 @torch.library.custom_op("diffmem::knn", mutates_args=())
-def _knn_op(queries: torch.Tensor, points: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _knn_op(queries: torch.Tensor, points: torch.Tensor, k: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical (G, B, d) and (G, N, d) in; dist (G, B, k) and int64 idx (G, B, k) out."""
     name = _backends.resolve(backend, queries.device, queries.dtype)
     return _backends.module(name).knn(queries, points, k)
@@ -37,7 +38,8 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int = 2, *, backend: str
         idx (..., B, k) int64 indices into the points; ties go to the lower index.
     """
     check_knn_inputs(queries, points, k)
-    batch = _broadcast([("queries", tuple(queries.shape[:-2])), ("points", tuple(points.shape[:-2]))])
+    batch = _broadcast([("queries", tuple(queries.shape[:-2])),
+                        ("points", tuple(points.shape[:-2]))])
     B, d = queries.shape[-2:]
     N = points.shape[-2]
     _backends.check_name(backend)  # resolved inside the op (see _backends.resolve)

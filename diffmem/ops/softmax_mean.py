@@ -11,8 +11,6 @@ torch.compile and passes torch.library.opcheck.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _backends, _exact
@@ -27,7 +25,7 @@ def _softmax_mean_op(
     points: torch.Tensor,
     alpha: torch.Tensor,
     var: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     backend: str,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,13 +78,13 @@ def _softmax_mean_backward_op(
     points: torch.Tensor,
     alpha: torch.Tensor,
     var: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     mean: torch.Tensor,
     lse64: torch.Tensor,
     top_idx: torch.Tensor,
     top_logit: torch.Tensor,
-    grad_mean: Optional[torch.Tensor],
-    grad_lse: Optional[torch.Tensor],
+    grad_mean: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
     needs: list[bool],
     backend: str,
     precision: str,

@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
+from conftest import BACKENDS, CUDA_EMULATED, DEVICE, INTERPRETED, lse_err, rel_fro
 
 import diffmem
-from conftest import BACKENDS, CUDA_EMULATED, DEVICE, INTERPRETED, lse_err, rel_fro
 
 MEAN_TOL, LSE_TOL, GRAD_TOL = 1e-5, 1e-4, 3e-5
 D_MAX, N_MAX, B_MAX = 16384, 3000, 70
@@ -48,7 +48,8 @@ def _vp(gen, y, src, B):
 def _ve(gen, y, src, B):
     """VE queries x = src + sigma eps, sigma log-uniform over (0.002, 80); alpha = 1."""
     s = _log_uniform(gen, 0.002, 80.0, B)
-    return y, src + s[:, None] * _normal(gen, B, y.shape[1]), torch.ones(B, dtype=torch.float64), s * s
+    x = src + s[:, None] * _normal(gen, B, y.shape[1])
+    return y, x, torch.ones(B, dtype=torch.float64), s * s
 
 
 def _far(gen, y, B):
@@ -77,10 +78,12 @@ CLASSES = {
     "held_out_ve": lambda g, d, N, B: _ve(g, _normal(g, N, d), _normal(g, B, d), B),
     "far": lambda g, d, N, B: _far(g, _normal(g, N, d), B),
     "offset_near": lambda g, d, N, B: _vp(g, y := _offset(g, d, N), _pick(g, y, B), B),
-    "offset_held_out": lambda g, d, N, B: _vp(g, y := _offset(g, d, N), y.mean(0) + _normal(g, B, d), B),
+    "offset_held_out": lambda g, d, N, B: _vp(g, y := _offset(g, d, N),
+                                              y.mean(0) + _normal(g, B, d), B),
     "offset_far": lambda g, d, N, B: _far(g, _offset(g, d, N), B),
-    "scaled_1e-3": lambda g, d, N, B: _scaled(_vp(g, y := _normal(g, N, d), _normal(g, B, d), B), 1e-3),
-    "scaled_1e3": lambda g, d, N, B: _scaled(_vp(g, y := _normal(g, N, d), _pick(g, y, B), B), 1e3),
+    "scaled_1e-3": lambda g, d, N, B: _scaled(_vp(g, _normal(g, N, d), _normal(g, B, d), B), 1e-3),
+    "scaled_1e3": lambda g, d, N, B: _scaled(_vp(g, y := _normal(g, N, d), _pick(g, y, B), B),
+                                             1e3),
 }
 
 # (elements B N d per case, cases per class) per backend; the slow emulations get fewer, smaller

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE
 
 import diffmem
-from conftest import BACKENDS, DEVICE
 
 
 def _ok():

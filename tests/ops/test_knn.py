@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, FAST_BACKENDS, vp_case
 
 import diffmem
-from conftest import BACKENDS, DEVICE, FAST_BACKENDS, vp_case
 
 SMALL = [(1, 1, 1, 1), (5, 7, 2, 2), (9, 7, 30, 7), (5, 7, 257, 3)]
 LARGE = [(27, 1031, 30, 2), (5, 1000, 3072, 2), (50, 20000, 64, 2)]

@@ -6,10 +6,19 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    BACKENDS,
+    DEVICE,
+    FAST_BACKENDS,
+    T_GRID,
+    lse_err,
+    oracle,
+    rel_fro,
+    supports,
+    vp_case,
+)
 
 import diffmem
-from conftest import (BACKENDS, DEVICE, FAST_BACKENDS, T_GRID, lse_err, oracle, rel_fro,
-                      supports, vp_case)
 
 # (B, N, d): odd B, N in {1, 7, 1000+}, d in {1, 2, 30, 255, 257, 3072}.
 SMALL = [(1, 1, 1), (5, 1, 2), (27, 7, 1), (27, 7, 2), (27, 7, 30), (5, 7, 255), (5, 7, 257)]
@@ -123,7 +132,8 @@ def test_single_point(backend):
     x, y, alpha, var = vp_case(B=3, N=1, d=7, t=0.05, seed=2)
     mean, lse = diffmem.softmax_mean(x, y, alpha, var, backend=backend, return_lse=True)
     assert torch.equal(mean, y.expand(3, 7))
-    ref_lse = -((x.double() - alpha.double()[:, None] * y.double()) ** 2).sum(-1) / (2 * var.double())
+    diff = x.double() - alpha.double()[:, None] * y.double()
+    ref_lse = -(diff**2).sum(-1) / (2 * var.double())
     assert lse_err(lse, ref_lse) <= EXACT_LSE_TOL
 
 
@@ -132,7 +142,8 @@ def test_noise_argument_forms_agree(backend):
     """alpha/var as floats, 0-d tensors, (B,) tensors and (B, 1)-broadcast shapes agree."""
     x, y, alpha, var = vp_case(B=5, N=8, d=3, t=0.4, seed=4)
     a, v = float(alpha[0]), float(var[0])
-    forms = [(a, v), (torch.tensor(a, dtype=x.dtype, device=DEVICE), torch.tensor(v, dtype=x.dtype, device=DEVICE)),
+    as_tensor = lambda value: torch.tensor(value, dtype=x.dtype, device=DEVICE)  # noqa: E731
+    forms = [(a, v), (as_tensor(a), as_tensor(v)),
              (alpha, var), (alpha[:1], var[:1])]
     outs = [diffmem.softmax_mean(x, y, fa, fv, backend=backend) for fa, fv in forms]
     for out in outs[1:]:

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, FAST_BACKENDS, oracle, rel_fro, supports, vp_case
 
 import diffmem
-from conftest import BACKENDS, DEVICE, FAST_BACKENDS, oracle, rel_fro, supports, vp_case
 
 F64_BACKENDS = [b for b in BACKENDS if supports(b, torch.float64)]
 
