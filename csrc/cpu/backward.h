@@ -371,16 +371,50 @@ void tile_sq_norms(const float* yTc, int d, double* ynd) {
   }
 }
 
-// x'.yc of the expansion queries among [q0, q0+nq) for the current tile, in the forward's
-// 16-coordinate chains added into double (bw.Se, row q of the chunk).
-void tile_expand(const BShared& sh, int64_t q0, int nq, int d, int dp, const float* al,
-                 const float* va, const float* yTc, BWork& bw) {
-  for (int q = 0; q < nq; ++q) {
-    if (!sh.expands(q0 + q)) continue;
-    double* se = bw.Se + q * NT;
-    for (int j = 0; j < NT; ++j) se[j] = 0.0;
-    k_logit_dbl<1, true>(sh.Xe + (size_t)(q0 + q) * dp, al + q, va + q, yTc, 0, d, se);
+// x'.yc for Q queries given by their rows (x', row-major) and the NT points of a centred
+// transposed tile, over coordinates [k0, k1): float32 into S (Q x NT).
+template <int Q>
+inline void k_xdot_rows(const float* const* rows, const float* yT, int k0, int k1, float* S) {
+  vf acc[Q][NV];
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
+  for (int k = k0; k < k1; ++k) {
+    vf yv[NV];
+    for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+    for (int q = 0; q < Q; ++q) {
+      const vf xb = vb(rows[q][k]);
+      for (int v = 0; v < NV; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
+    }
   }
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < NV; ++v) vst(S + q * NT + v * W, acc[q][v]);
+}
+
+// x'.yc of the expansion queries among [q0, q0+nq) for the current tile, in the forward's
+// 16-coordinate chains added into double (bw.Se, row q of the chunk), in register blocks of
+// queries.
+void tile_expand(const BShared& sh, int64_t q0, int nq, int d, int dp, const float* yTc,
+                 float* tmp, BWork& bw) {
+  int eq[QCMAX + 8];  // a chunk holds at most QCMAX (+1 in the first pass) queries
+  int ne = 0;
+  for (int q = 0; q < nq; ++q)
+    if (sh.expands(q0 + q)) eq[ne++] = q;
+  qblocks<QB_FAST>(ne, [&](auto qc, int j0) {
+    constexpr int Q = decltype(qc)::value;
+    const float* rows[Q];
+    for (int j = 0; j < Q; ++j) {
+      rows[j] = sh.Xe + (size_t)(q0 + eq[j0 + j]) * dp;
+      double* se = bw.Se + eq[j0 + j] * NT;
+      for (int i = 0; i < NT; ++i) se[i] = 0.0;
+    }
+    for (int k0 = 0; k0 < d; k0 += 16) {
+      k_xdot_rows<Q>(rows, yTc, k0, (int)imin(d, k0 + 16), tmp);
+      for (int j = 0; j < Q; ++j) {
+        double* se = bw.Se + eq[j0 + j] * NT;
+        for (int i = 0; i < NT; ++i) se[i] += (double)tmp[j * NT + i];
+      }
+    }
+  });
 }
 
 // Weights exp(logit - lse) of query b (row q of the chunk) for the tile's points in its planned
@@ -434,7 +468,7 @@ void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const flo
     tile_B<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
     if (!FAST && sh.ex) {
       tile_sq_norms(bw.yTc, d, bw.ynd);
-      tile_expand(sh, q0, nq, d, dp, al, va, bw.yTc, bw);
+      tile_expand(sh, q0, nq, d, dp, bw.yTc, w.tmp, bw);
     }
     for (int q = 0; q < nq; ++q) {
       vf wv[NV];
@@ -465,7 +499,7 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
   const float* Gm = sh.Gp + (size_t)q0 * dp;
   const bool dbl = d > DB;
   tile_B<FAST, true>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
-  if (!FAST && sh.ex) tile_expand(sh, q0, nq, d, dp, al, va, bw.yTc, bw);
+  if (!FAST && sh.ex) tile_expand(sh, q0, nq, d, dp, bw.yTc, w.tmp, bw);
   for (int q = 0; q < nq; ++q) {
     const int64_t b = q0 + q;
     vf wv[NV];
