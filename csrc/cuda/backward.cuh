@@ -251,6 +251,7 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
   dxr.fill(0.f);
   float sum_p[4] = {0.f, 0.f, 0.f, 0.f}, sum_pyd[4] = {0.f, 0.f, 0.f, 0.f};
   float sum_ps[4] = {0.f, 0.f, 0.f, 0.f}, unused[4] = {0.f, 0.f, 0.f, 0.f};
+  double sum_ps64[4] = {0.0, 0.0, 0.0, 0.0};  // loop_dist: each chunk's float32 sums added here
   const TileRange tr = split_tiles(p.N, split, pc.split);
   for (int64_t t = tr.begin; t < tr.end; ++t) {
     const int64_t n0 = t * kTile;
@@ -272,6 +273,7 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
       for (int j = 0; j < 4; ++j) kvalid[j] = k0 + tx * 4 + j < p.d;
       Tile4 sdx;
       sdx.fill(0.f);
+      float cps[4] = {0.f, 0.f, 0.f, 0.f};
       for (int n = 0; n < valid_n; ++n) {
         float pv[4], yv[4];
         dm_load4(&pt[sw(n, ty * 4)], pv);
@@ -282,9 +284,11 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
             const float diff = fmaf(-a[i], yv[j], xv.v[i][j]);
             sdx.v[i][j] = fmaf(pv[i], diff, sdx.v[i][j]);
             if (kScalars) sum_pyd[i] = fmaf(pv[i], yv[j] * diff, sum_pyd[i]);
-            if (loop_dist) sum_ps[i] = fmaf(pv[i], fmaf(diff, diff, -v[i]), sum_ps[i]);
+            if (loop_dist) cps[i] = fmaf(pv[i], fmaf(diff, diff, -v[i]), cps[i]);
           }
       }
+      if (loop_dist)
+        for (int i = 0; i < 4; ++i) sum_ps64[i] += static_cast<double>(cps[i]);
       if (!dx_rows) continue;
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) sdx.v[i][j] = -sdx.v[i][j] / v[i];
@@ -300,6 +304,8 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
   }
   if (dvar_out) {
     row_sums(sum_p, s.red, s.ls.cs, false);
+    if (loop_dist)
+      for (int i = 0; i < 4; ++i) sum_ps[i] = static_cast<float>(sum_ps64[i]);
     row_sums(sum_ps, s.red, s.tmp, false);
     for (int r = DM_THREAD_X; r < valid_b; r += kThreads) {
       const float vr = s.var[r];
