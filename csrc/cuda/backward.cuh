@@ -150,7 +150,6 @@ DM_GLOBAL DM_TILE_KERNEL void stats_kernel(Problem p, RowInputs in, float* DM_RE
   const BackwardSmem s = backward_smem(smem);
   const Coords pc = program_coords(cdiv(p.B, kTile), split);
   const int64_t g = pc.group, b0 = pc.block * kTile;
-  const int ty = DM_THREAD_X / kSide;
   const float* gm_g = in.gm ? in.gm + g * p.B * p.d : nullptr;
   load_query_rows(s, p, in, g, b0);
   const bool mixed = !kFast && any_flag(s.expand);

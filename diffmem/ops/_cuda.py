@@ -11,7 +11,8 @@ Exact mode follows the plan of ``_exact.py`` (EXACT_PLAN): every kernel that com
 logits (the exact tiles, the few-query kernel, the exact backward) takes each query's form from
 plan.expand (csrc/cuda/exact.cuh), the forward reports the plan.top_k largest logits per query
 (each split its own lists, merged here) and the backward replaces the listed points' logits by
-the corrected ones. The fast tile kernels keep their expansion and report no top logits.
+the corrected ones. The fast tile kernels keep their expansion and report no top logits (empty
+lists).
 
 With at most FEW_QUERIES queries per group the forward runs the few-query kernel
 (csrc/cuda/few.cuh) instead of the 64-query tiles: it computes exact logits for both
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 from types import SimpleNamespace
 
@@ -215,7 +217,7 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
 
     With exact mode's plan (_exact.py) also top_idx (G, B, K) int64 and top_logit (G, B, K)
     float64, the K = plan.top_k largest logits per query in lse64's frame (-1 and -inf in empty
-    slots); K = 0 from the fast tile kernels, whose logits are no exact ones.
+    slots); every slot is empty from the fast tile kernels, whose logits are no exact ones.
     """
     ext = _ext()
     G, B, d = x.shape
@@ -258,9 +260,9 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     if top_k:
         top_val, top_idx = _merge_top(top_val, top_idx, top_k)
         top_logit = top_val - prep.shift[..., None]
-    else:
-        top_logit = lse64.new_empty((G, B, 0))
-        top_idx = top_logit.long()
+    else:  # fast tiles: every slot empty, the shape the op's fake kernel gives (K = plan.top_k)
+        top_logit = torch.full((G, B, plan.top_k), -math.inf, dtype=torch.float64, device=dev)
+        top_idx = torch.full((G, B, plan.top_k), -1, dtype=torch.int64, device=dev)
     return mean, lse64.float(), lse64, top_idx, top_logit
 
 
