@@ -44,9 +44,10 @@ DM_HOST_DEVICE int few_group_size(int64_t d) {
   return gs;
 }
 
-// Floats of the top-K lists (kTopK float64 values and int64 indices per group and query).
-DM_HOST_DEVICE int64_t few_top_floats(int64_t d) {
-  return static_cast<int64_t>(kThreads / few_group_size(d)) * kFewQ * kTopK * 4;
+// Floats of the top-K lists (kTopK float64 values and int64 indices per group and query) for kQ
+// queries per block.
+DM_HOST_DEVICE int64_t few_top_floats(int64_t d, int kQ) {
+  return static_cast<int64_t>(kThreads / few_group_size(d)) * kQ * kTopK * 4;
 }
 
 // Blocks per multiprocessor the registers are capped for: the kernel is memory-bound, so as

@@ -115,7 +115,7 @@ void launch_few(const Problem& p, int64_t split, float* acc, float* m, float* l,
   const int64_t gs = few_group_size(p.d);
   const int64_t per_thread = (p.d + gs - 1) / gs;
   const int64_t blocks = p.G * split * ((p.B + kQ - 1) / kQ);
-  const int64_t smem = kFewSmem + (top.val ? few_top_floats(p.d) : 0);
+  const int64_t smem = kFewSmem + (top.val ? few_top_floats(p.d, kQ) : 0);
   const char* name = "forward (few queries)";
   if (per_thread <= 4)
     launch(name, few_forward_kernel<kQ, 4>, blocks, smem, stream, p, acc, m, l, top, split, final_);
