@@ -5,10 +5,12 @@
 Covers: one and several groups with shared points, bias with masked points, d <= 64 (register
 accumulators) and d > 64 (chunked), split and unsplit points and queries, both precisions,
 forward (tile kernels, on the CUDA cores and, for "fast", on the tensor cores; few-query
-kernel), all five gradients and knn. The few-query cases reach its group sizes 1, 32 and 256
-(the last with the cross-warp sums in shared memory), one and four queries per block. Exits
-non-zero if a result disagrees with the float64 reference (so a sanitizer run also checks the
-numbers). Without a GPU it runs on CPU tensors, which only the
+kernel), all five gradients and knn. Exact mode runs with its plan (_exact.py), its queries
+alternating between the two logit forms: top-logit lists, the float64 correction, and the
+backward with the corrected logits and q relative to the heaviest point. The few-query cases
+reach its group sizes 1, 32 and 256 (the last with the cross-warp sums in shared memory), one
+and four queries per block. Exits non-zero if a result disagrees with the float64 reference (so
+a sanitizer run also checks the numbers). Without a GPU it runs on CPU tensors, which only the
 host-emulator build (DIFFMEM_CUDA_EMULATE=ON) accepts.
 """
 
@@ -18,7 +20,7 @@ import sys
 
 import torch
 
-from diffmem.ops import _cuda
+from diffmem.ops import _cuda, _exact
 from diffmem.ops import _reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,8 +54,9 @@ def main() -> int:
              (1, 1, 40, 3072, 0.9, 1, True)]
     for G, B, N, d, t, split, few in cases:
         args = case(G, B, N, d, t, seed=G + N + d)
-        gm = torch.randn(G, B, d, device=DEVICE)
-        gl = torch.randn(G, B, device=DEVICE)
+        gen = torch.Generator().manual_seed(d)
+        gm = torch.randn(G, B, d, generator=gen).to(DEVICE)
+        gl = torch.randn(G, B, generator=gen).to(DEVICE)
         needs = (True, True, True, True, True)
         dargs = [a.double().cpu() for a in args]
         want_mean, _, _ = ref.forward(*dargs)
@@ -61,9 +64,14 @@ def main() -> int:
         for precision, tensor in (("exact", False), ("fast", False), ("fast", True)):
             if tensor and few:
                 continue
+            plan = _exact.make_plan(*args[:4])
+            plan.expand = (torch.arange(B, device=DEVICE) % 2).to(torch.uint8).expand(G, B).contiguous()
             with _cuda.force(split=split, split_b=split, few=few, tensor=tensor):
-                mean, lse, lse64 = _cuda.forward(*args, precision)
-                grads = _cuda.backward(*args, mean, lse64, gm, gl, needs, precision)
+                mean, lse, lse64, top_idx, top_logit = _cuda.forward(*args, precision, plan)
+                mean, lse, lse64, top_logit = _exact.correct_forward(
+                    *args, mean, lse64, top_idx, top_logit)
+                grads = _cuda.backward(*args, mean, lse64, gm, gl, needs, precision, plan, top_idx,
+                                       top_logit)
                 dist, idx = _cuda.knn(args[0], args[1], 2)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()

@@ -54,7 +54,8 @@ constexpr int kWarpScratch = 64;  // values per lane one dm_group_sum may exchan
 
 // Pairwise sum of s[lo], s[lo + stride], ... (n terms, n a power of 2) in the order of the
 // butterfly with ascending offsets: ((s0 + s1) + (s2 + s3)) + ...
-inline float tree_sum(const float* s, int lo, int n, int stride) {
+template <class T>
+inline T tree_sum(const T* s, int lo, int n, int stride) {
   if (n == 1) return s[lo * stride];
   return tree_sum(s, lo, n / 2, stride) + tree_sum(s, lo + n / 2, n / 2, stride);
 }
@@ -75,16 +76,24 @@ inline float tree_sum(const float* s, int lo, int n, int stride) {
 
 // Sum each of v[0..K) over aligned groups of `width` consecutive lanes of a warp (width a power
 // of 2, at most 32): every lane of a group gets the same sums. All 32 lanes must call it.
-template <int K>
-inline void dm_group_sum(float (&v)[K], int width) {
-  static_assert(K <= ::dm_emu::kWarpScratch, "dm_group_sum: too many values");
+// T: float or double.
+template <class T, int K>
+inline void dm_group_sum(T (&v)[K], int width) {
+  static_assert(K * sizeof(T) <= ::dm_emu::kWarpScratch * sizeof(float), "dm_group_sum: too many values");
   const int lane = static_cast<int>(::dm_emu::thread_idx.x % 32);
-  float* scratch = ::dm_emu::warp_scratch;
+  T* scratch = reinterpret_cast<T*>(::dm_emu::warp_scratch);
   for (int i = 0; i < K; ++i) scratch[lane * K + i] = v[i];
   ::dm_emu::warp_barrier->wait();
   const int first = lane & ~(width - 1);
   for (int i = 0; i < K; ++i) v[i] = ::dm_emu::tree_sum(scratch + i, first, width, K);
   ::dm_emu::warp_barrier->wait();  // nobody overwrites the scratch before all have read it
+}
+
+// A double rounded up to a float (toward +inf), as __double2float_ru.
+inline float dm_float_up(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) < v) f = std::nextafter(f, INFINITY);
+  return f;
 }
 
 // A float rounded to TF32 (10 mantissa bits; nearest, ties away from zero), as cvt.rna.tf32.f32.
@@ -145,13 +154,16 @@ inline void dm_store4(float* p, const float (&v)[4]) {
 // Sum each of v[0..K) over aligned groups of `width` consecutive lanes of a warp (width a power
 // of 2, at most 32) by a butterfly of shuffles with ascending offsets: every lane of a group
 // gets bit-identical sums (each step adds the same two values in either order). All 32 lanes
-// must call it.
-template <int K>
-__device__ __forceinline__ void dm_group_sum(float (&v)[K], int width) {
+// must call it. T: float or double.
+template <class T, int K>
+__device__ __forceinline__ void dm_group_sum(T (&v)[K], int width) {
   for (int off = 1; off < width; off <<= 1)
     DM_UNROLL
     for (int i = 0; i < K; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
 }
+
+// A double rounded up to a float (toward +inf).
+__device__ __forceinline__ float dm_float_up(double v) { return __double2float_ru(v); }
 
 // A float rounded to TF32 (10 mantissa bits; nearest, ties away from zero).
 __device__ __forceinline__ float dm_tf32(float v) {

@@ -26,6 +26,10 @@ DM_GLOBAL DM_TILE_KERNEL void knn_kernel(Problem p, int64_t k, int64_t split, in
   ls.ynorm = nullptr;
   ls.alpha = ones;
   ls.var = zeros;
+  ls.expand = nullptr;  // direct form: squared distances
+  ls.xscale = nullptr;
+  ls.form = nullptr;  // raw distances: no forms
+  ls.stage = nullptr;
   float* best_d = ls.cs + kTile;  // [b][k]
   // int64 list after the floats, aligned to 8 bytes
   uintptr_t raw = reinterpret_cast<uintptr_t>(best_d + kTile * k);
@@ -47,9 +51,14 @@ DM_GLOBAL DM_TILE_KERNEL void knn_kernel(Problem p, int64_t k, int64_t split, in
   const TileRange tr = split_tiles(p.N, split, pc.split);
   for (int64_t t = tr.begin; t < tr.end; ++t) {
     const int64_t n0 = t * kTile;
-    Tile4 dist, unused;
+    Tile4d dist;
+    Tile4 unused;
     logit_tile<false, false>(p, g, b0, n0, ls, false, false, nullptr, dist, unused, true);
-    for (int i = 0; i < 4; ++i) dm_store4(&dt[sw(ty * 4 + i, tx * 4)], dist.v[i]);
+    for (int i = 0; i < 4; ++i) {
+      float row[4];
+      for (int j = 0; j < 4; ++j) row[j] = static_cast<float>(dist.v[i][j]);
+      dm_store4(&dt[sw(ty * 4 + i, tx * 4)], row);
+    }
     DM_SYNC();
     if (DM_THREAD_X < valid_b) {
       const int r = DM_THREAD_X;

@@ -110,20 +110,21 @@ int device_count(std::string* why) {
 
 // The few-query kernel for kQ queries per block and the features per thread d needs (few.cuh).
 template <int kQ>
-void launch_few(const Problem& p, int64_t split, float* acc, float* m, float* l, int final_,
-                std::uintptr_t stream) {
+void launch_few(const Problem& p, int64_t split, float* acc, float* m, float* l, TopOut top,
+                int final_, std::uintptr_t stream) {
   const int64_t gs = few_group_size(p.d);
   const int64_t per_thread = (p.d + gs - 1) / gs;
   const int64_t blocks = p.G * split * ((p.B + kQ - 1) / kQ);
+  const int64_t smem = kFewSmem + (top.val ? few_top_floats(p.d, kQ) : 0);
   const char* name = "forward (few queries)";
   if (per_thread <= 4)
-    launch(name, few_forward_kernel<kQ, 4>, blocks, kFewSmem, stream, p, acc, m, l, split, final_);
+    launch(name, few_forward_kernel<kQ, 4>, blocks, smem, stream, p, acc, m, l, top, split, final_);
   else if (per_thread <= 8)
-    launch(name, few_forward_kernel<kQ, 8>, blocks, kFewSmem, stream, p, acc, m, l, split, final_);
+    launch(name, few_forward_kernel<kQ, 8>, blocks, smem, stream, p, acc, m, l, top, split, final_);
   else if (per_thread <= 12)
-    launch(name, few_forward_kernel<kQ, 12>, blocks, kFewSmem, stream, p, acc, m, l, split, final_);
+    launch(name, few_forward_kernel<kQ, 12>, blocks, smem, stream, p, acc, m, l, top, split, final_);
   else if (per_thread <= kFewMaxFeatures)
-    launch(name, few_forward_kernel<kQ, kFewMaxFeatures>, blocks, kFewSmem, stream, p, acc, m, l,
+    launch(name, few_forward_kernel<kQ, kFewMaxFeatures>, blocks, smem, stream, p, acc, m, l, top,
            split, final_);
   else
     throw std::invalid_argument("diffmem CUDA: the few-query forward needs d <= " +
@@ -131,7 +132,7 @@ void launch_few(const Problem& p, int64_t split, float* acc, float* m, float* l,
 }
 
 void forward(const Problem& p, int64_t split, int kernel, float* acc, float* m_part, float* l_part,
-             float* mean, float* m, float* l, std::uintptr_t stream) {
+             float* mean, float* m, float* l, TopOut top, std::uintptr_t stream) {
   if (kernel != kTileKernel && kernel != kFewKernel && kernel != kTensorKernel)
     throw std::invalid_argument("diffmem CUDA: unknown forward kernel " + std::to_string(kernel));
   if (kernel == kTensorKernel && !p.fast)
@@ -142,19 +143,24 @@ void forward(const Problem& p, int64_t split, int kernel, float* acc, float* m_p
   float* m_out = final_ ? m : m_part;
   float* l_out = final_ ? l : l_part;
   const int64_t blocks = query_blocks(p, split);
+  if ((top.val == nullptr) != (top.idx == nullptr))
+    throw std::invalid_argument("diffmem CUDA: top values and indices go together");
+  if (top.val && !few && p.fast)
+    throw std::invalid_argument("diffmem CUDA: the fast tile forward reports no top logits");
+  const TopOut none{nullptr, nullptr};
   if (few && p.B == 1)  // one query per group: registers for one, more blocks per multiprocessor
-    launch_few<1>(p, split, acc_out, m_out, l_out, static_cast<int>(final_), stream);
+    launch_few<1>(p, split, acc_out, m_out, l_out, top, static_cast<int>(final_), stream);
   else if (few)
-    launch_few<kFewQ>(p, split, acc_out, m_out, l_out, static_cast<int>(final_), stream);
+    launch_few<kFewQ>(p, split, acc_out, m_out, l_out, top, static_cast<int>(final_), stream);
   else if (kernel == kTensorKernel)
     launch("forward (fast, tensor cores)", forward_kernel<true, true>, blocks, kForwardSmem, stream,
-           p, acc_out, m_out, l_out, split, static_cast<int>(final_));
+           p, acc_out, m_out, l_out, none, split, static_cast<int>(final_));
   else if (p.fast)
     launch("forward (fast)", forward_kernel<true>, blocks, kForwardSmem, stream, p, acc_out, m_out,
-           l_out, split, static_cast<int>(final_));
+           l_out, none, split, static_cast<int>(final_));
   else
     launch("forward", forward_kernel<false>, blocks, kForwardSmem, stream, p, acc_out, m_out, l_out,
-           split, static_cast<int>(final_));
+           top, split, static_cast<int>(final_));
   if (!final_) {
     const int64_t elems = p.G * p.B * p.d;
     launch("merge", merge_kernel, (elems + kThreads - 1) / kThreads, 0, stream,
@@ -173,8 +179,18 @@ void forward(const Problem& p, int64_t split, int kernel, float* acc, float* m_p
     else launch(NAME, KERNEL<false, false>, BLOCKS, kBackwardSmem, stream, __VA_ARGS__);             \
   } while (0)
 
+// The backward's lse: float32 for the fast kernels, float64 (internal frame) for the exact ones.
+void check_rows(const Problem& p, const RowInputs& in) {
+  if (p.fast ? in.lse == nullptr : in.lse64 == nullptr)
+    throw std::invalid_argument(p.fast ? "diffmem CUDA: the fast backward needs the float32 lse"
+                                       : "diffmem CUDA: the exact backward needs the float64 lse");
+  if (p.fast && in.top_k > 0)
+    throw std::invalid_argument("diffmem CUDA: the fast backward takes no top lists");
+}
+
 void backward_stats(const Problem& p, const RowInputs& in, int64_t split, float* z, float* eq,
                     std::uintptr_t stream) {
+  check_rows(p, in);
   DMC_DISPATCH("backward stats", stats_kernel, query_blocks(p, split), p, in, z, eq, split);
 }
 
@@ -193,6 +209,7 @@ void launch_query(const Problem& p, const RowInputs& in, int64_t split, float* d
 
 void backward_query(const Problem& p, const RowInputs& in, int64_t split, float* dx,
                     float* dalpha, float* dvar, std::uintptr_t stream) {
+  check_rows(p, in);
   const bool q = in.gm != nullptr;
   if (p.fast && q) launch_query<true, true>(p, in, split, dx, dalpha, dvar, stream);
   else if (p.fast) launch_query<true, false>(p, in, split, dx, dalpha, dvar, stream);
@@ -202,8 +219,15 @@ void backward_query(const Problem& p, const RowInputs& in, int64_t split, float*
 
 void backward_point(const Problem& p, const RowInputs& in, int64_t split, float* dy,
                     float* dbias, std::uintptr_t stream) {
+  check_rows(p, in);
   const int64_t blocks = p.G * split * ((p.N + kTile - 1) / kTile);
   DMC_DISPATCH("backward points", point_kernel, blocks, p, in, dy, dbias, split);
+}
+
+void backward_kappa(const Problem& p, const float* gm, const int64_t* ref, float* kappa,
+                    std::uintptr_t stream) {
+  launch("backward kappa", kappa_kernel, (p.G * p.B + kThreads - 1) / kThreads, 0, stream, p, gm,
+         ref, kappa);
 }
 
 void knn(const Problem& p, int64_t k, int64_t split, bool take_sqrt, float* dist, int64_t* idx,
@@ -216,6 +240,8 @@ void knn(const Problem& p, int64_t k, int64_t split, bool take_sqrt, float* dist
 }
 
 int64_t knn_max_k() { return kMaxK; }
+
+int64_t top_k() { return kTopK; }
 
 int64_t few_queries() { return kFewQ; }
 

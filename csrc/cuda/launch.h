@@ -22,9 +22,11 @@ constexpr int kTileKernel = 0, kFewKernel = 1, kTensorKernel = 2;
 
 // Forward. split == 1: writes mean (G, B, d), m, l (G, B) directly. split > 1: the kernel
 // writes partials acc (split, G, B, d), m_part, l_part (split, G, B) and a merge fills
-// mean, m, l.
+// mean, m, l. top (exact logits only: the exact tile kernel and the few-query kernel; null
+// pointers when not wanted): per split the top_k() largest logits per query, (split, G, B,
+// top_k()), in the internal frame (see exact.cuh), merged by the caller.
 void forward(const Problem& p, int64_t split, int kernel, float* acc, float* m_part, float* l_part,
-             float* mean, float* m, float* l, std::uintptr_t stream);
+             float* mean, float* m, float* l, TopOut top, std::uintptr_t stream);
 
 // Backward passes (see backward.cuh); outputs are partial sums with a leading split dim.
 void backward_stats(const Problem& p, const RowInputs& in, int64_t split, float* z, float* eq,
@@ -34,12 +36,19 @@ void backward_query(const Problem& p, const RowInputs& in, int64_t split, float*
 void backward_point(const Problem& p, const RowInputs& in, int64_t split, float* dy,
                     float* dbias, std::uintptr_t stream);
 
+// kappa (G, B) for RowInputs::kappa: q of point ref[g, b] for each query (-1: 0); gm (G, B, d).
+void backward_kappa(const Problem& p, const float* gm, const int64_t* ref, float* kappa,
+                    std::uintptr_t stream);
+
 // k nearest neighbours; dist, idx: (split, G, B, k), square roots taken when take_sqrt.
 void knn(const Problem& p, int64_t k, int64_t split, bool take_sqrt, float* dist, int64_t* idx,
          std::uintptr_t stream);
 
 // Largest k the knn kernel accepts (its lists live in shared memory).
 int64_t knn_max_k();
+
+// Length of the forward's top lists per query (exact.cuh kTopK).
+int64_t top_k();
 
 // Queries per block of the few-query forward, and the largest d it accepts.
 int64_t few_queries();

@@ -11,13 +11,17 @@
 // loaders' column-wise stores spread over the banks (at most 2-way conflicts), and a tensor-core
 // fragment (8 consecutive c in each of 4 consecutive a, see mma_tile) hits 32 distinct banks.
 //
-// Exact logits are shifted like the Triton kernels': -(sum_k fma(diff, diff, -var)) / (2 var)
-// = logit + d / 2 with diff = fma(-alpha, y, x), summed in chains of 16 features, per chunk, then
-// across chunks. Fast logits come from the expansion around the centre c: alpha (x'.(y - c) -
+// Exact logits are float64, each query in its form (exact.cuh): the direct form
+// -(sum_k fma(diff, diff, -var)) / (2 var) = logit + d / 2 with diff = fma(-alpha, y, x), or the
+// expansion around the plan's centre; float32 chains of 16 features added into float64 sums.
+// Fast logits are float32 from the expansion around the centre c: alpha (x'.(y - c) -
 // alpha |y - c|^2 / 2) / var with x' = x - alpha c, which drops the per-query constant
 // |x'|^2 / (2 var) (subtracted from lse on the host).
 #pragma once
+#include <type_traits>
+
 #include "device.cuh"
+#include "exact.cuh"
 #include "problem.h"
 
 namespace dmc {
@@ -82,13 +86,19 @@ DM_DEVICE void load_chunk(float* kmaj, bool kmaj_shifted, float* rmaj, bool rmaj
 }
 
 // Per-thread 4 x 4 register tile.
-struct Tile4 {
-  float v[4][4];
-  DM_DEVICE void fill(float value) {
+template <class T>
+struct TileT {
+  T v[4][4];
+  DM_DEVICE void fill(T value) {
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) v[i][j] = value;
   }
 };
+using Tile4 = TileT<float>;
+using Tile4d = TileT<double>;
+// The logits of a tile: float32 (fast) or float64 (exact).
+template <bool kFast>
+using LogitTile = TileT<typename std::conditional<kFast, float, double>::type>;
 
 // The tensor-core view of a 64 x 64 tile: warp w owns rows 16 (w % 4) + [0, 16) and columns
 // 32 (w / 4) + [0, 32), as four 16 x 8 accumulator fragments (see dm_mma_tf32).
@@ -151,8 +161,51 @@ struct LogitSmem {
   float* ynorm;  // [64] |y - c|^2 of the tile's points (fast only)
   const float* alpha;  // [64] per-query alpha of the tile (shared memory)
   const float* var;    // [64] per-query var
+  const float* expand;  // [64] 1 where the query takes the expansion form (exact), else 0
+  const float* xscale;  // [64] alpha where expand, else 0: exact query chunks hold x - xscale c
+  const double* form;   // [64][2] the queries' Form (exact.cuh)
   float* stage;        // 64 x 64 scratch tile (tensor-core logits only)
 };
+
+// Load the per-query form flags of queries b0 .. b0 + 63 (0: direct, also for padded rows and
+// when p.expand is null), xscale and the forms' coefficients form[2 r], form[2 r + 1] (needs
+// alpha and var loaded).
+DM_DEVICE void load_forms(float* expand, float* xscale, double* form, const float* alpha,
+                          const float* var, const Problem& p, int64_t g, int64_t b0) {
+  for (int r = DM_THREAD_X; r < kTile; r += kThreads) {
+    const bool ex = p.expand && b0 + r < p.B && p.expand[g * p.gs_expand + b0 + r] != 0;
+    expand[r] = ex ? 1.f : 0.f;
+    xscale[r] = ex ? alpha[r] : 0.f;
+    const Form f = query_form(alpha[r], var[r], ex);
+    form[2 * r] = f.lin;
+    form[2 * r + 1] = f.quad;
+  }
+}
+
+// Whether any of the 64 flags (0 or 1) is set; every thread reads all (after a barrier).
+DM_DEVICE bool any_flag(const float* flags) {
+  float total = 0.f;
+  for (int r = 0; r < kTile; r += 4) {
+    float f[4];
+    dm_load4(&flags[r], f);
+    total += (f[0] + f[1]) + (f[2] + f[3]);
+  }
+  return total != 0.f;
+}
+
+// Whether the thread's rows take the expansion form.
+DM_DEVICE void row_expand(const LogitSmem& ls, bool mixed, bool (&ex)[4]) {
+  const int ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i) ex[i] = mixed && ls.expand[ty * 4 + i] != 0.f;
+}
+
+// Exact kernels' query chunk: x, or x' = x - alpha c for the rows in the expansion form.
+DM_DEVICE void load_query_chunk(const LogitSmem& ls, const Problem& p, int64_t g, int64_t b0,
+                                int64_t k0, bool fast, bool mixed) {
+  const float* c_g = p.c + g * p.gs_c;
+  load_chunk(ls.xs, true, nullptr, false, p.x + g * p.gs_x, b0, p.B, k0, p.d,
+             (fast || mixed) ? c_g : nullptr, fast ? ls.alpha : ls.xscale);
+}
 
 // alpha and var of the thread's rows ty * 4 + i, from per-row shared vectors.
 DM_DEVICE void row_params(const float* alpha, const float* var, float (&a)[4], float (&v)[4]) {
@@ -203,42 +256,48 @@ DM_DEVICE void store_block(float* dst, int64_t valid_rows, int64_t d, const Tile
 
 // Logits (and optionally q = g . (y - c)) of queries b0 + ty * 4 + i against points
 // n0 + tx * 4 + j, over all d features streamed in chunks; bias added, points >= N get -inf.
-// x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller).
-// On return ls.yr (if not null) holds the last point chunk row-major (the only one when
-// d <= 64). raw (exact only, with alpha = 1 and var = 0): return the squared distances
-// sum_k (x - y)^2 instead of logits, +inf for points >= N. dist (exact only, may be null):
-// receives the shifted squared distances sum_k fma(diff, diff, -var) themselves (0 for points
-// >= N). kTensor (fast only, not with q): the dot products on the tensor cores (mma_tile),
-// handed over through ls.stage.
-template <bool kFast, bool kWithQ, bool kTensor = false>
+// Fast: float32 expansion logits. Exact: float64 logits in each query's form (exact.cuh); with
+// kMixed some rows of the tile take the expansion form (ls.expand, and the query chunks hold x'
+// there), otherwise all take the direct form.
+// x_resident: the single query chunk is already in ls.xs (d <= 64 and loaded by the caller,
+// load_query_chunk). On return ls.yr (if not null) holds the last point chunk row-major (the
+// only one when d <= 64). raw (exact only, with alpha = 1 and var = 0): return the squared
+// distances sum_k (x - y)^2 instead of logits, +inf for points >= N. dist (exact only, may be
+// null): receives the shifted squared distances sum_k fma(diff, diff, -var) themselves of the
+// direct-form rows (0 for points >= N). kTensor (fast only, not with q): the dot products on the
+// tensor cores (mma_tile), handed over through ls.stage.
+template <bool kFast, bool kWithQ, bool kTensor = false, bool kMixed = false>
 DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, const LogitSmem& ls,
-                          bool x_resident, bool yr_centred, const float* gm_g, Tile4& logit,
-                          Tile4& q, bool raw = false, Tile4* dist = nullptr) {
+                          bool x_resident, bool yr_centred, const float* gm_g,
+                          LogitTile<kFast>& logit, Tile4& q, bool raw = false,
+                          Tile4* dist = nullptr) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
-  const float* x_g = p.x + g * p.gs_x;
   const float* y_g = p.y + g * p.gs_y;
   const float* c_g = p.c + g * p.gs_c;
   float a[4], v[4];
   row_params(ls.alpha, ls.var, a, v);
   static_assert(!kTensor || (kFast && !kWithQ), "tensor-core logits: fast forward only");
-  Tile4 total;
+  static_assert(!kMixed || !kFast, "logit forms: exact only");
+  bool ex[4];
+  if (!kFast) row_expand(ls, kMixed, ex);
+  Tile4 total;  // fast: all chunks
   total.fill(0.f);
+  Tile4d total64;  // exact: the float32 chains added in float64
+  total64.fill(0.0);
   Frag64 dots;  // tensor-core dot products x'.(y - c), all chunks
   dots.fill(0.f);
   if (kWithQ) q.fill(0.f);
-  float yn[4] = {0.f, 0.f, 0.f, 0.f};
+  float yn[4] = {0.f, 0.f, 0.f, 0.f};         // fast: |y - c|^2
+  double yn64[4] = {0.0, 0.0, 0.0, 0.0};      // exact, expansion rows: |y - c|^2
   for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
     const int kc = static_cast<int>(p.d - k0 < kChunk ? p.d - k0 : kChunk);
     DM_SYNC();  // the previous chunk (or the caller's use of the tiles) is finished
-    if (!x_resident)
-      load_chunk(ls.xs, true, nullptr, false, x_g, b0, p.B, k0, p.d, kFast ? c_g : nullptr,
-                 ls.alpha);
+    if (!x_resident) load_query_chunk(ls, p, g, b0, k0, kFast, kMixed);
     load_chunk(ls.ys, kFast, ls.yr, yr_centred, y_g, n0, p.N, k0, p.d,
                (kFast || yr_centred) ? c_g : nullptr, nullptr);
-    if (kWithQ) {
-      load_chunk(ls.gs, false, nullptr, false, gm_g, b0, p.B, k0, p.d, nullptr, nullptr);
+    if (kWithQ) load_chunk(ls.gs, false, nullptr, false, gm_g, b0, p.B, k0, p.d, nullptr, nullptr);
+    if (kWithQ || kMixed)
       for (int k = DM_THREAD_X; k < kChunk; k += kThreads) ls.cs[k] = k0 + k < p.d ? c_g[k0 + k] : 0.f;
-    }
     DM_SYNC();
     if (kTensor) {
       mma_tile(ls.xs, ls.ys, kc, dots);
@@ -256,35 +315,50 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
       Tile4 s;
       s.fill(0.f);
       for (int k = kk; k < kend; ++k) {
-        float xv[4], yv[4];
+        float xv[4], yv[4], yc[4];
         dm_load4(&ls.xs[sw(k, ty * 4)], xv);
         dm_load4(&ls.ys[sw(k, tx * 4)], yv);
+        // points minus the centre (fast points are already centred)
+        const float ck = kFast || !(kWithQ || kMixed) ? 0.f : ls.cs[k];
+        for (int j = 0; j < 4; ++j) yc[j] = yv[j] - ck;
         if (kFast) {
           for (int j = 0; j < 4; ++j) yn[j] = fmaf(yv[j], yv[j], yn[j]);
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j) s.v[i][j] = fmaf(xv[i], yv[j], s.v[i][j]);
         } else {
+          if (kMixed)
+            for (int j = 0; j < 4; ++j) {
+              const double y64 = yc[j];
+              yn64[j] = fma(y64, y64, yn64[j]);
+            }
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j) {
-              const float diff = fmaf(-a[i], yv[j], xv[i]);
-              s.v[i][j] += fmaf(diff, diff, -v[i]);
+              if (kMixed && ex[i]) {
+                s.v[i][j] = fmaf(xv[i], yc[j], s.v[i][j]);
+              } else {
+                const float diff = fmaf(-a[i], yv[j], xv[i]);
+                s.v[i][j] += fmaf(diff, diff, -v[i]);
+              }
             }
         }
         if (kWithQ) {
           float gv[4];
           dm_load4(&ls.gs[sw(k, ty * 4)], gv);
-          const float ck = kFast ? 0.f : ls.cs[k];  // fast points are already centred
-          for (int j = 0; j < 4; ++j) {
-            const float yc = yv[j] - ck;
-            for (int i = 0; i < 4; ++i) q.v[i][j] = fmaf(gv[i], yc, q.v[i][j]);
-          }
+          for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 4; ++i) q.v[i][j] = fmaf(gv[i], yc[j], q.v[i][j]);
         }
       }
       for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) part.v[i][j] += s.v[i][j];
+        for (int j = 0; j < 4; ++j) {
+          if (kFast)
+            part.v[i][j] += s.v[i][j];
+          else
+            total64.v[i][j] += static_cast<double>(s.v[i][j]);
+        }
     }
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) total.v[i][j] += part.v[i][j];
+    if (kFast)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) total.v[i][j] += part.v[i][j];
   }
   if (kTensor) frags_to_tile4(dots, ls.stage, total);  // stage is none of the chunk tiles
   const float* bias_g = p.bias ? p.bias + g * p.gs_bias : nullptr;
@@ -293,19 +367,38 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
     const bool valid = n < p.N;
     const float b = (bias_g && valid) ? bias_g[n] : 0.f;
     for (int i = 0; i < 4; ++i) {
-      float l;
-      if (!kFast && dist) dist->v[i][j] = valid ? total.v[i][j] : 0.f;
-      if (raw) {
-        logit.v[i][j] = valid ? total.v[i][j] : INFINITY;
-        continue;
+      if constexpr (kFast) {
+        const float l = a[i] * (total.v[i][j] - 0.5f * a[i] * yn[j]) / v[i];
+        logit.v[i][j] = valid ? l + b : -INFINITY;
+      } else {
+        if (dist) dist->v[i][j] = valid ? static_cast<float>(total64.v[i][j]) : 0.f;
+        if (raw) {
+          logit.v[i][j] = valid ? total64.v[i][j] : INFINITY;
+          continue;
+        }
+        const int r = ty * 4 + i;
+        const Form f = {ls.form[2 * r], ls.form[2 * r + 1]};
+        const double l = form_logit(f, total64.v[i][j], yn64[j]);
+        logit.v[i][j] = valid ? l + static_cast<double>(b) : -INFINITY;
       }
-      if (kFast)
-        l = a[i] * (total.v[i][j] - 0.5f * a[i] * yn[j]) / v[i];
-      else
-        l = -total.v[i][j] / (2.f * v[i]);
-      logit.v[i][j] = valid ? l + b : -INFINITY;
     }
   }
+}
+
+// Exact kernels: replace the logits of the points listed for the thread's rows (indices topi,
+// values topv in the internal frame, kTopK per row; -1 never matches) in a tile of points
+// starting at n0.
+DM_DEVICE void override_listed(Tile4d& logit, const int64_t* topi, const double* topv,
+                               int64_t n0) {
+  const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
+  for (int i = 0; i < 4; ++i)
+    for (int k = 0; k < kTopK; ++k) {
+      const int64_t col = topi[(ty * 4 + i) * kTopK + k] - n0 - tx * 4;
+      if (col < 0 || col >= 4) continue;
+      const double value = topv[(ty * 4 + i) * kTopK + k];
+      for (int j = 0; j < 4; ++j)
+        if (col == j) logit.v[i][j] = value;
+    }
 }
 
 // Sum over the 16 threads of a thread row (same ty) of one value per owned row i: the result

@@ -441,3 +441,71 @@ def test_work_split_fills_the_device():
 def test_status(kern):
     ok, reason = kern.module.status()
     assert ok and reason == ""
+
+
+def _cuda_or_skip():
+    cuda = importlib.import_module("diffmem.ops._cuda")
+    if not cuda.status()[0]:
+        pytest.skip("the cuda backend cannot run here")
+    return cuda
+
+
+@pytest.mark.parametrize("forms", ["direct", "expansion", "mixed", "planned"])
+@pytest.mark.parametrize("kernel", [{"few": True}, {"few": True, "split": 3},
+                                    {"few": False}, {"few": False, "split": 2, "split_b": 2}],
+                         ids=["few", "few_split", "tiles", "tiles_split"])
+@pytest.mark.parametrize("d", [5, 67])
+def test_cuda_exact_plan(kernel, forms, d):
+    """cuda, exact mode's plan: each query's form (forced all direct, all expansion, alternating,
+    or make_plan's choice on far queries), the top-4 logits of the forward (merged across
+    splits) against float64, and the corrected forward and the backward against the reference."""
+    from diffmem.ops import _exact
+    cuda = _cuda_or_skip()
+    G, B, N = 2, 5, 70
+    x, y, alpha, var, bias = make_case(G=G, B=B, N=N, d=d, t=0.3, offset=3.0, bias="masked",
+                                       seed=d)
+    x = x + 4.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    plan = _exact.make_plan(x, y, alpha, var)
+    if forms != "planned":
+        fill = {"direct": 0, "expansion": 1}
+        expand = (torch.arange(B) % 2).expand(G, B) if forms == "mixed" else torch.full(
+            (G, B), fill[forms])
+        plan.expand = expand.to(torch.uint8).to(DEVICE).contiguous()
+    with cuda.force(**kernel):
+        mean, lse, lse64, top_idx, top_logit = cuda.forward(x, y, alpha, var, bias, "exact", plan)
+    assert top_idx.shape == (G, B, 4) and top_logit.dtype == torch.float64
+    xd, yd, ad, vd, bd = _double((x, y, alpha, var, bias))
+    logits = bd[:, None] - ((xd[:, :, None] - ad[..., None, None] * yd[:, None]) ** 2).sum(-1) / (
+        2 * vd[..., None])
+    want = logits.topk(4, dim=-1)
+    assert torch.equal(top_idx.sort(-1).values, want.indices.sort(-1).values)
+    got = torch.gather(logits, -1, top_idx)
+    assert float(((top_logit - got).abs() / got.abs().clamp_min(1.0)).max()) <= 1e-5
+    mean, lse, lse64, top_exact = _exact.correct_forward(x, y, alpha, var, bias, mean, lse64,
+                                                         top_idx, top_logit)
+    ref_mean, ref_lse, _ = ref.forward(xd, yd, ad, vd, bd)
+    assert rel_fro(mean, ref_mean) <= MEAN_TOL and lse_err(lse64, ref_lse) <= LSE_TOL
+    gm, gl = output_grads(G, B, d)
+    needs = (True, True, True, True, True)
+    with cuda.force(**kernel):
+        grads = cuda.backward(x, y, alpha, var, bias, mean, lse64, gm, gl, needs, "exact", plan,
+                              top_idx, top_exact)
+    check_grads(grads, ref.backward(xd, yd, ad, vd, bd, None, None, gm.double(), gl.double(),
+                                    needs))
+
+
+def test_cuda_exact_plan_empty_slots_and_fast():
+    """Fewer points than top slots (and masked ones) leave -1 / -inf; the fast tile kernels report
+    no top logits (all slots empty), the few-query kernel does for either precision."""
+    from diffmem.ops import _exact
+    cuda = _cuda_or_skip()
+    x, y, alpha, var, bias = make_case(G=1, B=3, N=3, d=4, t=0.5, bias="masked", seed=2)
+    plan = _exact.make_plan(x, y, alpha, var)
+    for few in (True, False):
+        with cuda.force(few=few):
+            *_, top_idx, top_logit = cuda.forward(x, y, alpha, var, bias, "exact", plan)
+        assert bool((top_idx[..., 2:] == -1).all()) and bool((top_logit[..., 2:] == -math.inf).all())
+        assert sorted(top_idx[0, 0, :2].tolist()) == [0, 2]  # point 1 is masked
+        with cuda.force(few=few):
+            *_, top_idx, _ = cuda.forward(x, y, alpha, var, bias, "fast", plan)
+        assert top_idx.shape[-1] == 4 and bool((top_idx[..., :2] >= 0).all()) == few
