@@ -24,6 +24,10 @@ def runs_exact(precision: str, B: int, d: int) -> bool:
     return precision == "exact" or B < FAST_MIN_QUERIES
 
 
+# Calls that run the exact kernels take exact mode's plan; the fast kernels take none.
+takes_plan = runs_exact
+
+
 def _precision_code(precision: str, B: int) -> int:
     return _PRECISION["exact" if runs_exact(precision, B, 0) else precision]
 

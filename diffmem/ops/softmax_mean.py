@@ -52,10 +52,10 @@ def _softmax_mean_op(
 
 def _plan_free(mod, x, precision) -> bool:
     """Whether the call runs without an exact-mode plan: float64, a backend without plans, or
-    kernels that compute fast-mode logits (the backend's ``runs_exact(precision, B, d)``)."""
+    kernels that take none (the backend's ``takes_plan(precision, B, d)``)."""
     if not getattr(mod, "EXACT_PLAN", False) or x.dtype != torch.float32:
         return True
-    return not mod.runs_exact(precision, x.shape[1], x.shape[2])
+    return not mod.takes_plan(precision, x.shape[1], x.shape[2])
 
 
 def _plan(mod, x, points, alpha, var, precision):
