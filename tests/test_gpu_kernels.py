@@ -20,6 +20,7 @@ import torch
 
 import diffmem
 from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro
+from diffmem.ops import _exact
 from diffmem.ops import _reference as ref
 from diffmem.ops._gpu_common import MAX_PARTIAL_ELEMENTS, work_split
 
@@ -140,12 +141,32 @@ def check_grads(got, want, tol=GRAD_TOL):
         assert rel_fro(a, b) <= tol, (name, rel_fro(a, b))
 
 
+def exact_plan(kern, args):
+    """Exact mode's per-query plan for backends that take one (EXACT_PLAN), else None."""
+    if not getattr(kern.module, "EXACT_PLAN", False):
+        return None
+    return _exact.make_plan(args[0], args[1], args[2])
+
+
+def run_forward(kern, args, precision="exact", plan=None):
+    """The forward as the op runs it: (mean, lse, lse64, extra), with the host's float64
+    correction of the top logits when a plan is given; extra: what the backward then takes."""
+    if plan is None:
+        mean, lse, lse64 = kern.forward(*args, precision)[:3]
+        return mean, lse, lse64, ()
+    mean, _, lse64, idx, top = kern.forward(*args, precision, plan)
+    mean, lse, lse64, top = _exact.correct_forward(*args, mean, lse64, idx, top)
+    return mean, lse, lse64, (plan, idx, top)
+
+
 def check_case(kern, args, plan, precision="exact", grads=True, mean_tol=MEAN_TOL,
-               lse_tol=LSE_TOL):
+               lse_tol=LSE_TOL, exact=None):
     """Forward and backward against the float64 reference (whose backward recomputes its own
-    float64 weights, so this is the error of the whole float32 pipeline)."""
+    float64 weights, so this is the error of the whole float32 pipeline). Backends that take
+    exact mode's plan get one (exact: a given plan; default: make_plan's)."""
+    exact = exact or exact_plan(kern, args)
     with kern.force(plan):
-        mean, lse, lse64 = kern.forward(*args, precision)
+        mean, lse, lse64, extra = run_forward(kern, args, precision, exact)
     ref_mean, ref_lse, _ = ref.forward(*_double(args))
     assert mean.shape == ref_mean.shape and lse.shape == ref_lse.shape
     assert lse.dtype == torch.float32 and lse64.dtype == torch.float64
@@ -157,7 +178,7 @@ def check_case(kern, args, plan, precision="exact", grads=True, mean_tol=MEAN_TO
     gm, gl = output_grads(G, B, d)
     needs = (True, True, True, True, args[4] is not None)
     with kern.force(plan):
-        got = kern.backward(*args, mean, lse64, gm, gl, needs, precision)
+        got = kern.backward(*args, mean, lse64, gm, gl, needs, precision, *extra)
     want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
     check_grads(got, want)
 
@@ -303,7 +324,7 @@ def test_backward_renormalises_the_weights(kern):
     """The backward divides the recomputed weights by their sum: an lse off by a constant (or
     rounded to float32) gives the same gradients, and sum_n P = h holds (sum of dbias)."""
     args = make_case(G=2, B=5, N=9, d=6, t=0.3603, offset=1000.0, bias="finite", seed=13)
-    mean, lse, lse64 = kern.forward(*args)
+    mean, lse, lse64 = kern.forward(*args)[:3]
     gm, gl = output_grads(2, 5, 6, seed=3)
     needs = (True, True, True, True, True)
     want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
@@ -319,7 +340,7 @@ def test_backward_renormalises_the_weights(kern):
 @pytest.mark.parametrize("which", ["both", "mean_only", "lse_only"])
 def test_backward_subsets_and_missing_grads(kern, needs, which):
     args = make_case(G=1, B=5, N=7, d=5, t=0.5, bias="finite", seed=4)
-    mean, _, lse64 = kern.forward(*args)
+    mean, _, lse64 = kern.forward(*args)[:3]
     gm, gl = output_grads(1, 5, 5, seed=2)
     gm = gm if which != "lse_only" else None
     gl = gl if which != "mean_only" else None
@@ -335,7 +356,7 @@ def test_backward_subsets_and_missing_grads(kern, needs, which):
 
 def test_backward_without_any_output_gradient_is_zero(kern):
     args = make_case(G=2, B=3, N=4, d=3, seed=6)
-    mean, _, lse64 = kern.forward(*args)
+    mean, _, lse64 = kern.forward(*args)[:3]
     got = kern.backward(*args, mean, lse64, None, None, (True, True, True, True, False))
     assert all(bool((g == 0).all()) for g in got[:4]) and got[4] is None
 

@@ -33,7 +33,10 @@ from ._backward import backward
 from ._forward import forward
 from ._knn import knn
 
-__all__ = ["status", "forward", "backward", "knn"]
+__all__ = ["status", "forward", "backward", "knn", "EXACT_PLAN"]
+
+# The kernels take exact mode's per-query plan and report the top logits (see _exact.py).
+EXACT_PLAN = True
 
 
 def status() -> tuple[bool, str]:

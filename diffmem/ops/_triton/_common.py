@@ -4,15 +4,21 @@ Conventions inside the kernels: a "group base" pointer is already offset to grou
 stride 0 = shared by all groups); rows are addressed with int64 offsets row * d; every tile
 helper streams the features in NUM_D chunks of BD.
 
-Exact logits are *shifted*: the helpers return
-    -(sum_k (diff_k^2 - var)) / (2 var)  =  logit + d / 2,   diff = fma(-alpha, y, x),
-which is O(sqrt(d)) instead of O(d) at high noise, so fp32 holds it (and its differences
-between points) to ~1e-7 relative. Softmax weights are unchanged; lse subtracts d / 2 at the end.
-Fast logits drop the per-query constant ||x - alpha c||^2 / (2 var) instead (see centred_shift).
+Logits are *shifted* by a per-query constant (softmax weights are unchanged; lse subtracts
+the shift on the host, in float64). Exact mode takes one of two forms per query, chosen by the
+host's plan (see diffmem/ops/_exact.py):
+    direct     -(sum_k (diff_k^2 - var)) / (2 var)  =  logit + d / 2,   diff = fma(-alpha, y, x),
+               O(sqrt(d)) instead of O(d) at high noise, so fp32 holds it to ~1e-7 relative;
+    expansion  alpha / var x'.(y - c) - alpha^2 / (2 var) |y - c|^2  =  logit + |x'|^2 / (2 var),
+               x' = x - alpha c around the plan's centre c, in float64 from float32 chains.
+Fast logits drop the per-query constant ||x - alpha c||^2 / (2 var) (see centred_shift).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
@@ -23,6 +29,56 @@ from .._gpu_common import check_float32 as _check_float32
 
 def check_float32(*tensors) -> None:
     _check_float32(*tensors, backend="triton")
+
+
+@dataclass
+class ExactInputs:
+    """What the exact kernels need from a plan (see _exact.ExactPlan), over the canonical layout.
+
+    xp: (G, B, d) float32 x' = x - alpha c, rounded once (read by expanded queries only);
+    centre: (G, d) the plan's centre c (group stride 0 when shared); expand: (G, B) uint8;
+    shift: (G, B) float64, internal logit - true logit per query (d / 2 or |x'|^2 / (2 var));
+    top_k: how many of the largest logits the forward reports (0: none).
+    """
+
+    xp: torch.Tensor
+    centre: torch.Tensor
+    expand: torch.Tensor
+    shift: torch.Tensor
+    top_k: int
+
+
+def exact_inputs(x, alpha, var, plan) -> ExactInputs:
+    """The per-query logit forms of a plan; without one (None), every query takes the direct form
+    and nothing is reported."""
+    G, B, d = x.shape
+    if plan is None:
+        return ExactInputs(xp=x, centre=x.new_zeros((1, d)).expand(G, d),
+                           expand=torch.zeros((G, B), dtype=torch.uint8, device=x.device),
+                           shift=torch.full((G, B), 0.5 * d, dtype=torch.float64, device=x.device),
+                           top_k=0)
+    centre = groupwise(plan.centre)
+    c64 = centre.double()[:, None, :]
+    # The product of two float32 numbers is exact in float64: x' is rounded once, to float32.
+    xp = torch.addcmul(x.double(), alpha.double()[:, :, None], c64, value=-1.0).float()
+    kq = xp.double().square().sum(-1) / (2.0 * var.double())
+    expand = plan.expand.to(torch.uint8).contiguous()
+    shift = torch.where(expand.bool(), kq, 0.5 * d)
+    return ExactInputs(xp=xp, centre=centre, expand=expand, shift=shift, top_k=int(plan.top_k))
+
+
+def merge_top(val, idx, shift):
+    """(split, G, B, K) per-split top-K lists (internal frame) -> (G, B, K) indices (int64) and
+    logits in the true frame (float64); empty slots keep index -1 and logit -inf."""
+    S, G, B, K = val.shape
+    if S == 1 or K == 0:
+        val, idx = val[0], idx[0]
+    else:
+        val = val.permute(1, 2, 0, 3).reshape(G, B, S * K)
+        idx = idx.permute(1, 2, 0, 3).reshape(G, B, S * K)
+        val, order = val.topk(K, dim=-1)
+        idx = torch.gather(idx, -1, order)
+    return idx, val - shift[:, :, None]
 
 
 # Chunk partial sums are added in groups of GROUP_D before joining the running total, so the
@@ -125,3 +181,99 @@ def zero_rows(rows_ptr, mask_r, d, NUM_D: tl.constexpr, BD: tl.constexpr):
         offs_k = kc * BD + tl.arange(0, BD)
         tl.store(rows_ptr + offs_k[None, :], tl.zeros((R, BD), dtype=tl.float32),
                  mask=mask_r[:, None] & (offs_k < d)[None, :])
+
+
+# Features per float32 chain of the expansion's dot product; each chain joins a float64 sum.
+EXPAND_CHAIN = tl.constexpr(16)
+
+
+@triton.jit
+def expansion_logits(xp_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                     NUM_D: tl.constexpr, BD: tl.constexpr):
+    """(BB, BN) float64 logits without bias by the expansion around c, shifted by |x'|^2 / (2 var):
+    alpha / var x'.(y - c) - alpha^2 / (2 var) |y - c|^2, x' read from xp_g (rows_b offsets).
+
+    y - c is one float32 subtraction; the dot runs in float32 chains of at most EXPAND_CHAIN
+    features (feature-major tiles, as in shifted_logits), each added into a float64 sum;
+    |y - c|^2 is summed in float64 (exact squares of the float32 differences).
+    """
+    BB: tl.constexpr = rows_b.shape[0]
+    BN: tl.constexpr = rows_n.shape[0]
+    CH: tl.constexpr = BD if BD < EXPAND_CHAIN else EXPAND_CHAIN
+    dot = tl.zeros((BB, BN), dtype=tl.float64)
+    yn = tl.zeros((BN,), dtype=tl.float64)
+    for kc in range(NUM_D * (BD // CH)):
+        offs_k = kc * CH + tl.arange(0, CH)
+        mask_k = offs_k < d
+        xk = tl.load(xp_g + rows_b[:, None] + offs_k[None, :],
+                     mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        mask_y = mask_n[:, None] & mask_k[None, :]
+        yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :], mask=mask_y, other=0.0)
+        ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+        yc = tl.where(mask_y, yk - ck[None, :], 0.0)
+        yc64 = yc.to(tl.float64)
+        yn += tl.sum(yc64 * yc64, axis=1)
+        dot += tl.sum(tl.trans(xk)[:, :, None] * tl.trans(yc)[:, None, :], axis=0).to(tl.float64)
+    a = alpha.to(tl.float64)
+    v = var.to(tl.float64)
+    return (a / v)[:, None] * dot - (0.5 * a * a / v)[:, None] * yn[None, :]
+
+
+@triton.jit
+def exact_logits(x_g, xp_g, y_g, c_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n,
+                 alpha, var, expand, d,
+                 HAS_BIAS: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr):
+    """(BB, BN) float64 exact logits in each query's internal frame, bias included, -inf for
+    masked points: the direct form (shifted_logits) where expand == 0, the expansion around the
+    plan's centre ctr_g where expand != 0. A tile computes only the forms its queries use.
+    """
+    BB: tl.constexpr = mask_b.shape[0]
+    BN: tl.constexpr = mask_n.shape[0]
+    rows_n = offs_n.to(tl.int64) * d
+    wide = mask_b & (expand != 0)
+    logit = tl.zeros((BB, BN), dtype=tl.float64)
+    if tl.max((mask_b & (expand == 0)).to(tl.int32)) > 0:
+        logit = shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                               False, NUM_D, BD, "ieee").to(tl.float64)
+    if tl.max(wide.to(tl.int32)) > 0:
+        logit = tl.where(wide[:, None], expansion_logits(xp_g, y_g, ctr_g, rows_b, mask_b, rows_n,
+                                                         mask_n, alpha, var, d, NUM_D, BD), logit)
+    if HAS_BIAS:
+        logit += tl.load(bias_g + offs_n, mask=mask_n, other=0.0).to(tl.float64)[None, :]
+    return tl.where(mask_n[None, :], logit, float("-inf"))
+
+
+@triton.jit
+def topk_update(top_v, top_i, logit, offs_n, K: tl.constexpr):
+    """Merge a (BB, BN) logit tile (-inf: masked points) into each row's running top K.
+
+    top_v, top_i: (BB, KP) values and int32 indices, KP = K rounded up to a power of 2; slots
+    < K start at (-inf, -1), the padding slots >= K hold +inf and are never replaced. Each of K
+    rounds takes the tile's row maximum out of the tile and puts it in place of the row's
+    smallest kept value if larger. Tiles that beat no row's smallest kept value are skipped.
+    """
+    KP: tl.constexpr = top_v.shape[1]
+    kk = tl.arange(0, KP)
+    if tl.max((tl.max(logit, axis=1) > tl.min(top_v, axis=1)).to(tl.int32)) > 0:
+        work = logit
+        for _ in tl.static_range(K):
+            best = tl.max(work, axis=1)
+            at = tl.min(tl.where(work == best[:, None], offs_n[None, :], 2147483647), axis=1)
+            work = tl.where(offs_n[None, :] == at[:, None], float("-inf"), work)
+            lowest = tl.min(top_v, axis=1)
+            slot = tl.min(tl.where(top_v == lowest[:, None], kk[None, :], KP), axis=1)
+            put = (kk[None, :] == slot[:, None]) & (best > lowest)[:, None]
+            top_v = tl.where(put, best[:, None], top_v)
+            top_i = tl.where(put, at[:, None], top_i)
+    return top_v, top_i
+
+
+@triton.jit
+def override_top(logit, top_v_g, top_i_g, offs_b, mask_b, offs_n, K: tl.constexpr):
+    """Replace the logits of each query's listed points (top_i_g, (B, K) rows, -1: empty) by the
+    values at top_v_g (same layout, the logits' frame)."""
+    for k in tl.static_range(K):
+        at = tl.load(top_i_g + offs_b * K + k, mask=mask_b, other=-1)
+        val = tl.load(top_v_g + offs_b * K + k, mask=mask_b, other=0.0)
+        logit = tl.where(offs_n[None, :] == at[:, None], val[:, None], logit)
+    return logit
