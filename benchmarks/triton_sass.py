@@ -37,10 +37,12 @@ from diffmem.ops._triton import _backward, _config, _forward
 
 KEY_OPS = ["FFMA", "FADD", "FMUL", "SHFL", "STL", "LDL", "LDS", "LDG", "HMMA", "HGMMA"]
 
-# Exact mode reports (forward) and overrides (backward) the top TOP_K logits per query; KP is
-# TOP_K rounded up to a power of 2. "fast" tiles take no plan.
-EXACT_TOP = dict(TOP_K=_exact.TOP_K, KP=triton.next_power_of_2(_exact.TOP_K))
-NO_TOP = dict(TOP_K=0, KP=1)
+# Exact kernels take exact mode's plan: both logit forms (FORMS = 3, a superset of the code of
+# either form alone), and the top TOP_K logits per query reported (forward) or overridden
+# (backward); KP is TOP_K rounded up to a power of 2. "fast" tiles take no plan.
+EXACT_TOP = dict(FORMS=3, TOP_K=_exact.TOP_K, KP=triton.next_power_of_2(_exact.TOP_K))
+NO_TOP = dict(FORMS=1, TOP_K=0, KP=1)
+GRAD_TOP = dict(FORMS=3, TOP_K=_exact.TOP_K)
 
 # kernel -> (function, constexprs besides the blocks, [(num_warps, num_stages, BB, BN, NUM_D, BD)])
 COMMON = dict(HAS_BIAS=False, FAST=False, DOT="tf32x3")
@@ -53,14 +55,14 @@ KERNELS = {
                      (4, 1, 2, 128, 192, 16)]),
     "forward-fast": (_forward._forward_kernel, dict(COMMON, FAST=True, FINAL=True, **NO_TOP),
                      [(8, 2, 64, 64, 1, 64), (4, 1, 64, 32, 96, 32)]),
-    "stats": (_backward._stats_kernel, dict(COMMON, HAS_GM=True, TOP_K=_exact.TOP_K),
+    "stats": (_backward._stats_kernel, dict(COMMON, HAS_GM=True, **GRAD_TOP),
               [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
     "query": (_backward._query_kernel,
               dict(COMMON, HAS_GM=True, NEED_DX=True, NEED_DALPHA=True, NEED_DVAR=True,
-                   TOP_K=_exact.TOP_K),
+                   **GRAD_TOP),
               [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
     "point": (_backward._point_kernel, dict(COMMON, HAS_GM=True, NEED_DY=True, NEED_DBIAS=True,
-                                            TOP_K=_exact.TOP_K),
+                                            **GRAD_TOP),
               [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
 }
 
@@ -115,7 +117,11 @@ def launch_configurations():
         top = NO_TOP if fast else EXACT_TOP  # the op passes exact mode's plan to exact kernels
         single = num_d == 1
         if not fast or bd >= 16:  # the forward's chunks: any for exact, >= 16 for tl.dot
-            for cfg in _config.autotune_configs(fast, bd, single):
+            configs = _config.autotune_configs(fast, bd, single)
+            if not fast:  # a launch with both forms tunes with half the register budget
+                configs += [c for c in _config.autotune_configs(fast, bd, single, budget=32)
+                            if all(c.all_kwargs() != o.all_kwargs() for o in configs)]
+            for cfg in configs:
                 yield ("forward", _forward._forward_kernel,
                        dict(common, FINAL=single, **top, **cfg.kwargs), cfg.num_warps,
                        cfg.num_stages)
@@ -124,7 +130,8 @@ def launch_configurations():
                 continue
             for name, (fn, extra) in grads.items():
                 for cfg in _config.autotune_configs(False, bd, single, budget=32):
-                    yield (name, fn, dict(common, **extra, TOP_K=top["TOP_K"], **cfg.kwargs),
+                    grad_top = dict(FORMS=top["FORMS"], TOP_K=top["TOP_K"])
+                    yield (name, fn, dict(common, **extra, **grad_top, **cfg.kwargs),
                            cfg.num_warps, cfg.num_stages)
         if not fast and bd <= 16:  # the few-query forward: fixed blocks
             for bb in (2, 4, 8, 16):

@@ -145,7 +145,7 @@ def exact_plan(kern, args):
     """Exact mode's per-query plan for backends that take one (EXACT_PLAN), else None."""
     if not getattr(kern.module, "EXACT_PLAN", False):
         return None
-    return _exact.make_plan(args[0], args[1], args[2])
+    return _exact.make_plan(*args[:4])
 
 
 def run_forward(kern, args, precision="exact", plan=None):
@@ -318,6 +318,85 @@ def test_gradients_far_from_origin(kern, plan, precision):
         args = make_case(G=2, B=5, N=9, d=20, t=t, offset=1000.0, shared=True, bias="masked",
                          dup=not fast, seed=20 + i)
         check_case(kern, args, PLANS[plan], precision=precision, lse_tol=math.inf if fast else LSE_TOL)
+
+
+def _needs_plan(kern):
+    if not getattr(kern.module, "EXACT_PLAN", False):
+        pytest.skip(f"the {kern.name} backend takes no exact-mode plan")
+
+
+def _float64_logits(args):
+    x, y, alpha, var, bias = _double(args)
+    diff = x[:, :, None, :] - alpha[:, :, None, None] * y[:, None, :, :]
+    logits = -(diff * diff).sum(-1) / (2.0 * var[:, :, None])
+    return logits if bias is None else logits + bias[:, None, :]
+
+
+@pytest.mark.parametrize("plan", list(PLANS) + ["tiles"])
+def test_exact_plan_mixed_forms_and_top_k(kern, plan):
+    """Both logit forms in one query tile (every other query expanded), points split across
+    programs and features in chunks: the reported top K are the K largest float64 logits, in
+    lse's frame, no point twice; mean, lse and gradients through the host's correction."""
+    _needs_plan(kern)
+    forced = {"few": False} if plan == "tiles" else PLANS[plan]
+    args = make_case(G=2, B=6, N=40, d=20, t=0.5, offset=3.0, shared=True, bias="masked", seed=30)
+    exact = exact_plan(kern, args)
+    exact.expand = torch.zeros_like(exact.expand)
+    exact.expand[:, ::2] = 1
+    with kern.force(forced):
+        _, _, lse64, idx, top = kern.forward(*args, "exact", exact)
+    K = exact.top_k
+    assert idx.shape == top.shape == (2, 6, K) and idx.dtype == torch.int64
+    want = _float64_logits(args).topk(K, dim=-1).values
+    assert bool((idx >= 0).all()) and bool((idx.sort(-1).values.diff(dim=-1) > 0).all())
+    at_idx = torch.gather(_float64_logits(args), -1, idx)
+    scale = lse64.abs().clamp_min(1.0)[..., None]
+    assert float(((top - at_idx).abs() / scale).max()) <= 1e-5
+    assert float(((top.sort(-1).values - want.sort(-1).values).abs() / scale).max()) <= 1e-5
+    check_case(kern, args, forced, exact=exact)
+
+
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_exact_plan_empty_top_slots(kern, plan):
+    """Fewer unmasked points than K: the extra slots hold index -1 and logit -inf."""
+    _needs_plan(kern)
+    args = make_case(G=2, B=3, N=4, d=5, t=0.3, bias="masked", seed=31)  # point 1 masked
+    exact = exact_plan(kern, args)
+    with kern.force(PLANS[plan]):
+        _, _, _, idx, top = kern.forward(*args, "exact", exact)
+    assert idx.shape[-1] == exact.top_k == 4
+    assert torch.equal(idx.sort(-1).values[..., 1:], torch.tensor([0, 2, 3]).expand(2, 3, 3))
+    assert bool((idx.sort(-1).values[..., 0] == -1).all())
+    assert bool((top[idx < 0] == -math.inf).all()) and bool(torch.isfinite(top[idx >= 0]).all())
+    check_case(kern, args, PLANS[plan], exact=exact)
+
+
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_far_queries_take_the_expansion(kern, plan):
+    """Queries far from all points (norm 30 per feature): the plan expands all of them, and the
+    expansion (every query of the launch, points split, features chunked) is within bound."""
+    _needs_plan(kern)
+    args = make_case(G=1, B=5, N=30, d=64, t=0.3, seed=32)
+    gen = torch.Generator().manual_seed(33)
+    args[0] = (30.0 * torch.randn(1, 5, 64, generator=gen)).to(DEVICE)
+    exact = exact_plan(kern, args)
+    assert bool(exact.expand.bool().all())
+    check_case(kern, args, PLANS[plan], exact=exact)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_top_k_only_from_exact_logits(kern, precision):
+    """The fast tiles report no top logits (K = 0); the few-query plan computes exact logits
+    for either precision and reports them; without a plan nothing is reported."""
+    _needs_plan(kern)
+    args = make_case(G=1, B=20, N=30, d=16, t=0.4, seed=34)
+    exact = exact_plan(kern, args)
+    with kern.force({"few": False}):
+        K_tiles = kern.forward(*args, precision, exact)[3].shape[-1]
+        K_none = kern.forward(*args, precision)[3].shape[-1]
+    with kern.force({"few": True}):
+        K_few = kern.forward(*args, precision, exact)[3].shape[-1]
+    assert (K_tiles, K_few, K_none) == (0 if precision == "fast" else 4, 4, 0)
 
 
 def test_backward_renormalises_the_weights(kern):

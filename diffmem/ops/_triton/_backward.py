@@ -27,32 +27,32 @@ import triton.language as tl
 from .._gpu_common import reduce_partials
 from . import _config
 from ._common import (centred_grad_dot, centred_shift, check_float32, exact_inputs, exact_logits,
-                      group_stride, groupwise, new_output, override_top, program_coords,
-                      shifted_logits, zero_rows)
+                      fast_logits, forms, group_stride, groupwise, new_output, override_top,
+                      program_coords, zero_rows)
 
 
 @triton.jit
-def _tile(x_g, y_g, c_g, bias_g, g_g, xp_g, ctr_g, expand_g, top_v_g, top_i_g,
+def _tile(x_g, y_g, c_g, bias_g, g_g, xq_g, ctr_g, expand_g, top_v_g, top_i_g,
           offs_b, rows_b, mask_b, offs_n, mask_n, alpha, var, lse_s, d,
-          HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FAST: tl.constexpr, TOP_K: tl.constexpr,
-          NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
-    """(e, q) for a (BB, BN) tile: e = exp(logit' - lse_s) with lse_s the shifted lse (BB,,
+          HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FAST: tl.constexpr, FORMS: tl.constexpr,
+          TOP_K: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
+    """(e, q) for a (BB, BN) tile: e = exp(logit' - lse_s) with lse_s the shifted lse (BB,)
     float64), q = g . (y - c) (zero without a mean gradient). Masked points and queries get e = 0.
 
     Exact logits: each query's form (expand_g), then the listed points' corrected values
     (top_v_g / top_i_g, (B, TOP_K) rows of this group, in the shifted frame)."""
     rows_n = offs_n.to(tl.int64) * d
     if FAST:
-        logit = shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
-                               FAST, NUM_D, BD, DOT)
+        logit = fast_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                            NUM_D, BD, DOT)
         if HAS_BIAS:
             logit += tl.load(bias_g + offs_n, mask=mask_n, other=0.0)[None, :]
         logit = tl.where(mask_n[None, :], logit, float("-inf"))
         e = tl.exp(logit - lse_s.to(tl.float32)[:, None])
     else:
         expand = tl.load(expand_g + offs_b, mask=mask_b, other=0)
-        logit = exact_logits(x_g, xp_g, y_g, c_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n,
-                             alpha, var, expand, d, HAS_BIAS, NUM_D, BD)
+        logit = exact_logits(xq_g, y_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n,
+                             alpha, var, expand, d, HAS_BIAS, FORMS, NUM_D, BD)
         if TOP_K > 0:
             logit = override_top(logit, top_v_g, top_i_g, offs_b, mask_b, offs_n, TOP_K)
         e = tl.exp((logit - lse_s[:, None]).to(tl.float32))
@@ -72,13 +72,13 @@ def _row(ptr, offs_b, mask_b, other):
 @triton.jit
 def _stats_kernel(
     x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
-    xp_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
+    xq_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
     lse_ptr, gm_ptr,
     z_ptr, eq_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xp, gs_ctr,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
-    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FORMS: tl.constexpr, TOP_K: tl.constexpr,
     FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
 ):
@@ -102,11 +102,11 @@ def _stats_kernel(
     for t in range(t_begin, t_end):
         offs_n = t * BN + tl.arange(0, BN)
         e, q = _tile(x_ptr + g64 * gs_x, y_ptr + g64 * gs_y, c_ptr + g64 * gs_c,
-                     bias_ptr + g64 * gs_bias, gm_ptr + g64 * B * d, xp_ptr + g64 * gs_xp,
+                     bias_ptr + g64 * gs_bias, gm_ptr + g64 * B * d, xq_ptr + g64 * gs_xq,
                      ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B, top_v_ptr + g64 * B * TOP_K,
                      top_i_ptr + g64 * B * TOP_K, offs_b, rows_b, mask_b,
                      offs_n, offs_n < N, alpha, var, lse_s, d,
-                     HAS_BIAS, HAS_GM, FAST, TOP_K, NUM_D, BD, DOT)
+                     HAS_BIAS, HAS_GM, FAST, FORMS, TOP_K, NUM_D, BD, DOT)
         z += tl.sum(e, axis=1)
         eq += tl.sum(e * q, axis=1)
     part = (s * G + g64) * B + offs_b
@@ -117,13 +117,13 @@ def _stats_kernel(
 @triton.jit
 def _query_kernel(
     x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
-    xp_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
+    xq_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
     lse_ptr, z_ptr, r_ptr, gm_ptr,
     dx_ptr, dalpha_ptr, dvar_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xp, gs_ctr,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
-    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FORMS: tl.constexpr, TOP_K: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DALPHA: tl.constexpr, NEED_DVAR: tl.constexpr,
     FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
@@ -168,10 +168,10 @@ def _query_kernel(
         mask_n = offs_n < N
         rows_n = offs_n.to(tl.int64) * d
         e, q = _tile(x_g, y_g, c_g, bias_ptr + g64 * gs_bias, gm_ptr + g64 * B * d,
-                     xp_ptr + g64 * gs_xp, ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B,
+                     xq_ptr + g64 * gs_xq, ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B,
                      top_v_ptr + g64 * B * TOP_K, top_i_ptr + g64 * B * TOP_K,
                      offs_b, rows_b, mask_b, offs_n, mask_n, alpha, var, lse_s, d,
-                     HAS_BIAS, HAS_GM, FAST, TOP_K, NUM_D, BD, DOT)
+                     HAS_BIAS, HAS_GM, FAST, FORMS, TOP_K, NUM_D, BD, DOT)
         P = e / z[:, None] * (q + r[:, None])
         sum_p += tl.sum(P, axis=1)
         for kc in range(NUM_D):
@@ -214,13 +214,13 @@ def _query_kernel(
 @triton.jit
 def _point_kernel(
     x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
-    xp_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
+    xq_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
     lse_ptr, z_ptr, r_ptr, gm_ptr,
     dy_ptr, dbias_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xp, gs_ctr,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
-    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FORMS: tl.constexpr, TOP_K: tl.constexpr,
     NEED_DY: tl.constexpr, NEED_DBIAS: tl.constexpr,
     FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
@@ -263,10 +263,10 @@ def _point_kernel(
         lse_s = _row(lse_ptr, dense_b, mask_b, float("inf"))  # padded queries: e = 0
         z = _row(z_ptr, dense_b, mask_b, 1.0)
         r = _row(r_ptr, dense_b, mask_b, 0.0)
-        e, q = _tile(x_g, y_g, c_g, bias_ptr + g64 * gs_bias, gm_g, xp_ptr + g64 * gs_xp,
+        e, q = _tile(x_g, y_g, c_g, bias_ptr + g64 * gs_bias, gm_g, xq_ptr + g64 * gs_xq,
                      ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B, top_v_ptr + g64 * B * TOP_K,
                      top_i_ptr + g64 * B * TOP_K, offs_b, rows_b, mask_b, offs_n, mask_n,
-                     alpha, var, lse_s, d, HAS_BIAS, HAS_GM, FAST, TOP_K, NUM_D, BD, DOT)
+                     alpha, var, lse_s, d, HAS_BIAS, HAS_GM, FAST, FORMS, TOP_K, NUM_D, BD, DOT)
         w = e / z[:, None]
         P = w * (q + r[:, None])
         dbias += tl.sum(P, axis=0)
@@ -301,7 +301,7 @@ def _point_kernel(
         tl.store(dbias_ptr + part, dbias, mask=mask_n)
 
 
-_KEY = ["d", "SPLIT", "HAS_BIAS", "HAS_GM", "FAST", "TOP_K", "NUM_D", "BD"]
+_KEY = ["d", "SPLIT", "HAS_BIAS", "HAS_GM", "FAST", "FORMS", "TOP_K", "NUM_D", "BD"]
 _tuned: dict = {}
 
 
@@ -354,12 +354,12 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         top_i = top_idx.long().contiguous()
     else:
         top_v = top_i = lse_s
-    common = dict(HAS_BIAS=bias is not None, HAS_GM=gm is not None, FAST=fast, TOP_K=K,
-                  DOT=_config.FAST_DOT)
+    common = dict(HAS_BIAS=bias is not None, HAS_GM=gm is not None, FAST=fast, FORMS=forms(ex),
+                  TOP_K=K, DOT=_config.FAST_DOT)
     args_in = (x, points, alpha, var, x if bias is None else bias, c,
-               ex.xp, ex.centre, ex.expand, top_v, top_i)
+               ex.xq, ex.centre, ex.expand, top_v, top_i)
     strides = (group_stride(x), group_stride(points), group_stride(alpha), group_stride(var),
-               group_stride(bias), group_stride(c), group_stride(ex.xp), group_stride(ex.centre))
+               group_stride(bias), group_stride(c), group_stride(ex.xq), group_stride(ex.centre))
     gm_arg = x if gm is None else gm
 
     # Row statistics: Z = sum_n e and D = sum_n w q, then r = h - D.

@@ -35,13 +35,14 @@ def check_float32(*tensors) -> None:
 class ExactInputs:
     """What the exact kernels need from a plan (see _exact.ExactPlan), over the canonical layout.
 
-    xp: (G, B, d) float32 x' = x - alpha c, rounded once (read by expanded queries only);
+    xq: (G, B, d) float32 rows of the exact logits' first operand: x (direct form) or
+        x' = x - alpha c rounded once (expansion);
     centre: (G, d) the plan's centre c (group stride 0 when shared); expand: (G, B) uint8;
     shift: (G, B) float64, internal logit - true logit per query (d / 2 or |x'|^2 / (2 var));
     top_k: how many of the largest logits the forward reports (0: none).
     """
 
-    xp: torch.Tensor
+    xq: torch.Tensor
     centre: torch.Tensor
     expand: torch.Tensor
     shift: torch.Tensor
@@ -53,7 +54,7 @@ def exact_inputs(x, alpha, var, plan) -> ExactInputs:
     and nothing is reported."""
     G, B, d = x.shape
     if plan is None:
-        return ExactInputs(xp=x, centre=x.new_zeros((1, d)).expand(G, d),
+        return ExactInputs(xq=x, centre=x.new_zeros((1, d)).expand(G, d),
                            expand=torch.zeros((G, B), dtype=torch.uint8, device=x.device),
                            shift=torch.full((G, B), 0.5 * d, dtype=torch.float64, device=x.device),
                            top_k=0)
@@ -63,8 +64,17 @@ def exact_inputs(x, alpha, var, plan) -> ExactInputs:
     xp = torch.addcmul(x.double(), alpha.double()[:, :, None], c64, value=-1.0).float()
     kq = xp.double().square().sum(-1) / (2.0 * var.double())
     expand = plan.expand.to(torch.uint8).contiguous()
-    shift = torch.where(expand.bool(), kq, 0.5 * d)
-    return ExactInputs(xp=xp, centre=centre, expand=expand, shift=shift, top_k=int(plan.top_k))
+    wide = expand.bool()
+    xq = torch.where(wide[:, :, None], xp, x)
+    shift = torch.where(wide, kq, 0.5 * d)
+    return ExactInputs(xq=xq, centre=centre, expand=expand, shift=shift, top_k=int(plan.top_k))
+
+
+def forms(ex: ExactInputs) -> int:
+    """The FORMS constant of the exact kernels for these queries: DIRECT, EXPANSION or both."""
+    expand = ex.expand.bool()
+    return (DIRECT.value if bool((~expand).any()) else 0) \
+        | (EXPANSION.value if bool(expand.any()) else 0) or DIRECT.value
 
 
 def merge_top(val, idx, shift):
@@ -100,18 +110,14 @@ def program_coords(n_blocks, SPLIT):
 
 
 @triton.jit
-def shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
-                   FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr,
-                   DOT: tl.constexpr):
-    """Logits without bias for a (BB, BN) tile, shifted by a per-query constant.
+def fast_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
+    """precision="fast" logits without bias for a (BB, BN) tile, shifted by the per-query
+    ||x - alpha c||^2 / (2 var): alpha (x'.(y - c) - alpha ||y - c||^2 / 2) / var with
+    x' = x - alpha c, the dot on tensor cores (DOT precision).
 
     rows_b (BB,) / rows_n (BN,) are int64 row offsets (row * d) into x_g / y_g; alpha, var (BB,).
-    exact: -(sum_k fma(diff, diff, -var)) / (2 var) with diff = fma(-alpha, y, x), summed per
-    BD-chunk, then in groups of chunks, then across groups. The chunk is a feature-major
-    (BD, BB, BN) tile: the compiler keeps the feature axis within each thread, so its sum needs
-    no cross-lane shuffles (a (BB, BN, BD) tile put the features across lanes: about 7x the
-    shuffles and 3x the adds, see benchmarks/triton_sass.py). fast: alpha (x'.(y - c) -
-    alpha ||y - c||^2 / 2) / var with x' = x - alpha c, the dot on tensor cores.
+    Chunk products are summed in groups of GROUP_D chunks, then across groups.
     """
     BB: tl.constexpr = rows_b.shape[0]
     BN: tl.constexpr = rows_n.shape[0]
@@ -126,25 +132,13 @@ def shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
                          mask=mask_b[:, None] & mask_k[None, :], other=0.0)
             yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
                          mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            if FAST:
-                ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
-                xc = tl.fma(-alpha[:, None], ck[None, :], xk)
-                yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
-                part += tl.dot(xc, tl.trans(yc), input_precision=DOT)
-                ynorm += tl.sum(yc * yc, axis=1)
-            else:
-                # Feature-major (BD, BB, BN) tile: the features lie along registers of each
-                # thread, so the sum over them needs no shuffles across lanes.
-                xt = tl.trans(xk)
-                yt = tl.trans(yk)
-                diff = tl.fma(-alpha[None, :, None], yt[:, None, :], xt[:, :, None])
-                vk = tl.where(mask_k[:, None], var[None, :], 0.0)
-                part += tl.sum(tl.fma(diff, diff, -vk[:, :, None]), axis=0)
+            ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+            xc = tl.fma(-alpha[:, None], ck[None, :], xk)
+            yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
+            part += tl.dot(xc, tl.trans(yc), input_precision=DOT)
+            ynorm += tl.sum(yc * yc, axis=1)
         acc += part
-    if FAST:
-        return alpha[:, None] * (acc - 0.5 * alpha[:, None] * ynorm[None, :]) / var[:, None]
-    else:
-        return -acc / (2.0 * var[:, None])
+    return alpha[:, None] * (acc - 0.5 * alpha[:, None] * ynorm[None, :]) / var[:, None]
 
 
 @triton.jit
@@ -154,7 +148,7 @@ def centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d,
 
     Centred, the dot is O(spread) instead of O(|offset|), so subtracting its weighted mean over
     the points (the backward's D) does not cancel away the fp32 precision. Feature-major tiles,
-    as in shifted_logits.
+    as in exact_logits.
     """
     BB: tl.constexpr = rows_b.shape[0]
     BN: tl.constexpr = rows_n.shape[0]
@@ -168,7 +162,7 @@ def centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d,
         yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
-        # feature-major (BD, BB, BN), as in shifted_logits: the sum stays within threads
+        # feature-major (BD, BB, BN), as in exact_logits: the sum stays within threads
         acc += tl.sum(tl.trans(gk)[:, :, None] * tl.trans(yc)[:, None, :], axis=0)
     return acc
 
@@ -183,61 +177,71 @@ def zero_rows(rows_ptr, mask_r, d, NUM_D: tl.constexpr, BD: tl.constexpr):
                  mask=mask_r[:, None] & (offs_k < d)[None, :])
 
 
-# Features per float32 chain of the expansion's dot product; each chain joins a float64 sum.
-EXPAND_CHAIN = tl.constexpr(16)
+# Features per float32 chain of the exact logits; each chain joins a float64 sum.
+EXACT_CHAIN = tl.constexpr(16)
+# The logit forms a launch computes (exact_logits' FORMS): bit 0 direct, bit 1 expansion.
+DIRECT = tl.constexpr(1)
+EXPANSION = tl.constexpr(2)
 
 
 @triton.jit
-def expansion_logits(xp_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
-                     NUM_D: tl.constexpr, BD: tl.constexpr):
-    """(BB, BN) float64 logits without bias by the expansion around c, shifted by |x'|^2 / (2 var):
-    alpha / var x'.(y - c) - alpha^2 / (2 var) |y - c|^2, x' read from xp_g (rows_b offsets).
+def exact_logits(xq_g, y_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n, alpha, var, expand,
+                 d, HAS_BIAS: tl.constexpr, FORMS: tl.constexpr, NUM_D: tl.constexpr,
+                 BD: tl.constexpr):
+    """(BB, BN) float64 exact logits, each query in its form's internal frame, bias included,
+    -inf for masked points. Both forms are a sum over features of one term u v - s:
 
-    y - c is one float32 subtraction; the dot runs in float32 chains of at most EXPAND_CHAIN
-    features (feature-major tiles, as in shifted_logits), each added into a float64 sum;
-    |y - c|^2 is summed in float64 (exact squares of the float32 differences).
+        direct (expand == 0)     u = v = fma(-alpha, y, x), s = var;  logit = -S / (2 var)
+        expansion (expand != 0)  u = x', v = y - c, s = 0;  logit = alpha / var S
+                                                                  - alpha^2 / (2 var) |y - c|^2
+
+    so one feature-major (CH, BB, BN) tile serves both (xq_g rows hold x or x' per query, see
+    ExactInputs). S is summed in float32 chains of CH <= EXACT_CHAIN features, each added into
+    a float64 sum; y - c is one float32 subtraction and |y - c|^2 a float64 sum. FORMS: the
+    forms present in the launch (DIRECT, EXPANSION or both, see forms()); a mixed launch pays
+    one select per element. The feature-major tile keeps the feature sum within each thread
+    (a (BB, BN, BD) tile put the features across lanes: about 7x the shuffles and 3x the adds,
+    see benchmarks/triton_sass.py).
     """
-    BB: tl.constexpr = rows_b.shape[0]
-    BN: tl.constexpr = rows_n.shape[0]
-    CH: tl.constexpr = BD if BD < EXPAND_CHAIN else EXPAND_CHAIN
-    dot = tl.zeros((BB, BN), dtype=tl.float64)
+    BB: tl.constexpr = mask_b.shape[0]
+    BN: tl.constexpr = mask_n.shape[0]
+    CH: tl.constexpr = BD if BD < EXACT_CHAIN else EXACT_CHAIN
+    rows_n = offs_n.to(tl.int64) * d
+    wide = expand != 0
+    a_u = tl.where(wide, 0.0, alpha)  # the scale of y in u: alpha (direct) or 0 (expansion)
+    s_u = tl.where(wide, 0.0, var)
+    acc = tl.zeros((BB, BN), dtype=tl.float64)
     yn = tl.zeros((BN,), dtype=tl.float64)
     for kc in range(NUM_D * (BD // CH)):
         offs_k = kc * CH + tl.arange(0, CH)
         mask_k = offs_k < d
-        xk = tl.load(xp_g + rows_b[:, None] + offs_k[None, :],
-                     mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        xt = tl.trans(tl.load(xq_g + rows_b[:, None] + offs_k[None, :],
+                              mask=mask_b[:, None] & mask_k[None, :], other=0.0))
         mask_y = mask_n[:, None] & mask_k[None, :]
         yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :], mask=mask_y, other=0.0)
-        ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
-        yc = tl.where(mask_y, yk - ck[None, :], 0.0)
-        yc64 = yc.to(tl.float64)
-        yn += tl.sum(yc64 * yc64, axis=1)
-        dot += tl.sum(tl.trans(xk)[:, :, None] * tl.trans(yc)[:, None, :], axis=0).to(tl.float64)
+        sk = tl.where(mask_k[:, None], s_u[None, :], 0.0)[:, :, None]
+        if FORMS == DIRECT:
+            u = tl.fma(-alpha[None, :, None], tl.trans(yk)[:, None, :], xt[:, :, None])
+            v = u
+        else:
+            ck = tl.load(ctr_g + offs_k, mask=mask_k, other=0.0)
+            yc = tl.where(mask_y, yk - ck[None, :], 0.0)
+            yc64 = yc.to(tl.float64)
+            yn += tl.sum(yc64 * yc64, axis=1)
+            if FORMS == EXPANSION:
+                u = xt[:, :, None]
+                v = tl.trans(yc)[:, None, :]
+            else:
+                u = tl.fma(-a_u[None, :, None], tl.trans(yk)[:, None, :], xt[:, :, None])
+                v = tl.where(wide[None, :, None], tl.trans(yc)[:, None, :], u)
+        acc += tl.sum(tl.fma(u, v, -sk), axis=0).to(tl.float64)
     a = alpha.to(tl.float64)
-    v = var.to(tl.float64)
-    return (a / v)[:, None] * dot - (0.5 * a * a / v)[:, None] * yn[None, :]
-
-
-@triton.jit
-def exact_logits(x_g, xp_g, y_g, c_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n,
-                 alpha, var, expand, d,
-                 HAS_BIAS: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr):
-    """(BB, BN) float64 exact logits in each query's internal frame, bias included, -inf for
-    masked points: the direct form (shifted_logits) where expand == 0, the expansion around the
-    plan's centre ctr_g where expand != 0. A tile computes only the forms its queries use.
-    """
-    BB: tl.constexpr = mask_b.shape[0]
-    BN: tl.constexpr = mask_n.shape[0]
-    rows_n = offs_n.to(tl.int64) * d
-    wide = mask_b & (expand != 0)
-    logit = tl.zeros((BB, BN), dtype=tl.float64)
-    if tl.max((mask_b & (expand == 0)).to(tl.int32)) > 0:
-        logit = shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
-                               False, NUM_D, BD, "ieee").to(tl.float64)
-    if tl.max(wide.to(tl.int32)) > 0:
-        logit = tl.where(wide[:, None], expansion_logits(xp_g, y_g, ctr_g, rows_b, mask_b, rows_n,
-                                                         mask_n, alpha, var, d, NUM_D, BD), logit)
+    inv_v = 1.0 / var.to(tl.float64)
+    if FORMS == DIRECT:
+        logit = acc * (-0.5 * inv_v)[:, None]
+    else:
+        logit = acc * tl.where(wide, a * inv_v, -0.5 * inv_v)[:, None] \
+            - tl.where(wide, 0.5 * a * a * inv_v, 0.0)[:, None] * yn[None, :]
     if HAS_BIAS:
         logit += tl.load(bias_g + offs_n, mask=mask_n, other=0.0).to(tl.float64)[None, :]
     return tl.where(mask_n[None, :], logit, float("-inf"))

@@ -22,21 +22,21 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import (centred_shift, check_float32, exact_inputs, exact_logits, group_stride,
-                      groupwise, merge_top, new_output, program_coords, shifted_logits,
-                      topk_update, zero_rows)
+from ._common import (DIRECT, EXPANSION, centred_shift, check_float32, exact_inputs,
+                      exact_logits, fast_logits, forms, group_stride, groupwise, merge_top,
+                      new_output, program_coords, topk_update, zero_rows)
 
 
 @triton.jit
 def _forward_kernel(
     x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
-    xp_ptr, ctr_ptr, expand_ptr,
+    xq_ptr, ctr_ptr, expand_ptr,
     acc_ptr, m_ptr, l_ptr, top_v_ptr, top_i_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xp, gs_ctr,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
     HAS_BIAS: tl.constexpr, FAST: tl.constexpr, FINAL: tl.constexpr,
-    TOP_K: tl.constexpr, KP: tl.constexpr,
+    FORMS: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr,
     NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
 ):
@@ -46,10 +46,11 @@ def _forward_kernel(
     FINAL (SPLIT = 1); c_ptr: centre row(s) c of each group (see forward()).
     m_ptr (float64), l_ptr: (SPLIT, G, B) max and sum of exp(logit - max) of the shifted logits
     (partial unless FINAL).
-    Exact logits (not FAST): x' rows xp_ptr (G, B, d), the plan's centre ctr_ptr and form flags
-    expand_ptr (G, B, uint8); top_v_ptr (float64) / top_i_ptr (int64): (SPLIT, G, B, TOP_K) the
-    largest shifted logits of this split's points and their indices (TOP_K = 0: none); KP: TOP_K
-    rounded up to a power of 2.
+    Exact logits (not FAST, see exact_logits): rows xq_ptr (G, B, d) of x or x', the plan's
+    centre ctr_ptr, form flags expand_ptr (G, B, uint8) and the forms present, FORMS.
+    top_v_ptr (float64) / top_i_ptr (int64): (SPLIT, G, B, TOP_K) the largest shifted logits of
+    this split's points and their indices (TOP_K = 0: none); KP: TOP_K rounded up to a power
+    of 2.
     """
     qb, s, g64 = program_coords(tl.cdiv(B, BB), SPLIT)
 
@@ -61,7 +62,7 @@ def _forward_kernel(
     c_g = c_ptr + g64 * gs_c
     alpha = tl.load(alpha_ptr + g64 * gs_alpha + offs_b, mask=mask_b, other=0.0)
     var = tl.load(var_ptr + g64 * gs_var + offs_b, mask=mask_b, other=1.0)
-    xp_g = xp_ptr + g64 * gs_xp
+    xq_g = xq_ptr + g64 * gs_xq
     ctr_g = ctr_ptr + g64 * gs_ctr
     bias_g = bias_ptr + g64 * gs_bias
     expand = tl.load(expand_ptr + g64 * B + offs_b, mask=mask_b, other=0)
@@ -90,14 +91,14 @@ def _forward_kernel(
         mask_n = offs_n < N
         rows_n = offs_n.to(tl.int64) * d
         if FAST:
-            logit = shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
-                                   FAST, NUM_D, BD, DOT)
+            logit = fast_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                                NUM_D, BD, DOT)
             if HAS_BIAS:
                 logit += tl.load(bias_g + offs_n, mask=mask_n, other=0.0)[None, :]
             logit = tl.where(mask_n[None, :], logit, float("-inf"))
         else:
-            logit = exact_logits(x_g, xp_g, y_g, c_g, ctr_g, bias_g, rows_b, mask_b, offs_n,
-                                 mask_n, alpha, var, expand, d, HAS_BIAS, NUM_D, BD)
+            logit = exact_logits(xq_g, y_g, ctr_g, bias_g, rows_b, mask_b, offs_n,
+                                 mask_n, alpha, var, expand, d, HAS_BIAS, FORMS, NUM_D, BD)
             if TOP_K > 0:
                 top_v, top_i = topk_update(top_v, top_i, logit, offs_n, TOP_K)
 
@@ -212,17 +213,22 @@ def _merge_kernel(
         tl.store(mean_ptr + row[:, None] * d + offs_k[None, :], out, mask=mask)
 
 
-_KEY = ["d", "SPLIT", "HAS_BIAS", "FAST", "FINAL", "TOP_K", "NUM_D", "BD"]
+_KEY = ["d", "SPLIT", "HAS_BIAS", "FAST", "FINAL", "FORMS", "TOP_K", "NUM_D", "BD"]
 _tuned: dict = {}
 
 
-def _launcher(launch, fast):
-    """The kernel with fixed blocks (interpreter, forced plans) or its autotuned wrapper."""
+def _launcher(launch, fast, both_forms):
+    """The kernel with fixed blocks (interpreter, forced plans) or its autotuned wrapper.
+
+    Both exact forms in one launch hold two difference tiles (exact_logits): half the register
+    budget (with the full one, (16, 32) tiles spill on sm_90).
+    """
     if launch.blocks is not None:
         return _forward_kernel, dict(launch.blocks)
-    key = (fast, launch.block_d, launch.single_d)
+    key = (fast, launch.block_d, launch.single_d, both_forms)
     if key not in _tuned:
-        configs = _config.autotune_configs(fast, launch.block_d, launch.single_d)
+        configs = _config.autotune_configs(fast, launch.block_d, launch.single_d,
+                                           budget=32 if both_forms else 64)
         _tuned[key] = triton.autotune(configs=configs, key=_KEY)(_forward_kernel)
     return _tuned[key], {}
 
@@ -260,17 +266,19 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
         m_part = new_output((S, G, B), torch.float64, x.device)
         l_part = new_output((S, G, B), x.dtype, x.device)
 
-    kernel, meta = _launcher(launch, fast)
+    form_set = forms(ex)
+    kernel, meta = _launcher(launch, fast, form_set == DIRECT.value | EXPANSION.value)
     grid = lambda META: (G * S * triton.cdiv(B, META["BB"]),)  # noqa: E731
     kernel[grid](
         x, points, alpha, var, x if bias is None else bias, c,
-        ex.xp, ex.centre, ex.expand,
+        ex.xq, ex.centre, ex.expand,
         acc, m_part, l_part, top_v if K else m_part, top_i if K else m_part,
         G, B, N, d,
         group_stride(x), group_stride(points), group_stride(alpha), group_stride(var),
-        group_stride(bias), group_stride(c), group_stride(ex.xp), group_stride(ex.centre),
+        group_stride(bias), group_stride(c), group_stride(ex.xq), group_stride(ex.centre),
         S,
-        HAS_BIAS=bias is not None, FAST=fast, FINAL=final, TOP_K=K, KP=triton.next_power_of_2(max(1, K)),
+        HAS_BIAS=bias is not None, FAST=fast, FINAL=final,
+        FORMS=form_set, TOP_K=K, KP=triton.next_power_of_2(max(1, K)),
         NUM_D=launch.num_d, BD=launch.block_d, DOT=_config.FAST_DOT,
         **meta,
     )
