@@ -6,11 +6,12 @@ helper streams the features in NUM_D chunks of BD.
 
 Logits are *shifted* by a per-query constant (softmax weights are unchanged; lse subtracts
 the shift on the host, in float64). Exact mode takes one of two forms per query, chosen by the
-host's plan (see diffmem/ops/_exact.py):
+host's plan (see diffmem/ops/_exact.py), both summed in float32 chains of at most 16 features
+added into float64 (exact_logits):
     direct     -(sum_k (diff_k^2 - var)) / (2 var)  =  logit + d / 2,   diff = fma(-alpha, y, x),
-               O(sqrt(d)) instead of O(d) at high noise, so fp32 holds it to ~1e-7 relative;
+               O(sqrt(d)) instead of O(d) at high noise;
     expansion  alpha / var x'.(y - c) - alpha^2 / (2 var) |y - c|^2  =  logit + |x'|^2 / (2 var),
-               x' = x - alpha c around the plan's centre c, in float64 from float32 chains.
+               x' = x - alpha c around the plan's centre c (queries far from the points).
 Fast logits drop the per-query constant ||x - alpha c||^2 / (2 var) (see centred_shift).
 """
 
@@ -71,10 +72,12 @@ def exact_inputs(x, alpha, var, plan) -> ExactInputs:
 
 
 def forms(ex: ExactInputs) -> int:
-    """The FORMS constant of the exact kernels for these queries: DIRECT, EXPANSION or both."""
+    """The FORMS constant of the exact kernels for these queries: DIRECT, EXPANSION or both
+    (DIRECT | EXPANSION). One host synchronisation."""
     expand = ex.expand.bool()
-    return (DIRECT.value if bool((~expand).any()) else 0) \
-        | (EXPANSION.value if bool(expand.any()) else 0) or DIRECT.value
+    some_direct, some_expanded = torch.stack([(~expand).any(), expand.any()]).tolist()
+    return (DIRECT.value if some_direct or not some_expanded else 0) \
+        | (EXPANSION.value if some_expanded else 0)
 
 
 def merge_top(val, idx, shift):
@@ -91,8 +94,8 @@ def merge_top(val, idx, shift):
     return idx, val - shift[:, :, None]
 
 
-# Chunk partial sums are added in groups of GROUP_D before joining the running total, so the
-# sequential fp32 chain over d = 3072 is ~NUM_D / GROUP_D + GROUP_D long instead of NUM_D.
+# Fast logits: chunk partial sums are added in groups of GROUP_D before joining the running
+# total, so the sequential fp32 chain over d = 3072 is ~NUM_D / GROUP_D + GROUP_D long.
 GROUP_D = tl.constexpr(8)
 
 
