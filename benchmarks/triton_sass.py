@@ -118,7 +118,7 @@ def launch_configurations():
         single = num_d == 1
         if not fast or bd >= 16:  # the forward's chunks: any for exact, >= 16 for tl.dot
             configs = _config.autotune_configs(fast, bd, single)
-            if not fast:  # a launch with both forms tunes with half the register budget
+            if not fast:  # launches with the expansion form tune with half the register budget
                 configs += [c for c in _config.autotune_configs(fast, bd, single, budget=32)
                             if all(c.all_kwargs() != o.all_kwargs() for o in configs)]
             for cfg in configs:

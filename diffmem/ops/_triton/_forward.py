@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import (DIRECT, EXPANSION, centred_shift, check_float32, exact_inputs,
-                      exact_logits, fast_logits, forms, group_stride, groupwise, merge_top,
-                      new_output, program_coords, topk_update, zero_rows)
+from ._common import (EXPANSION, centred_shift, check_float32, exact_inputs, exact_logits,
+                      fast_logits, forms, group_stride, groupwise, merge_top, new_output,
+                      program_coords, topk_update, zero_rows)
 
 
 @triton.jit
@@ -217,18 +217,19 @@ _KEY = ["d", "SPLIT", "HAS_BIAS", "FAST", "FINAL", "FORMS", "TOP_K", "NUM_D", "B
 _tuned: dict = {}
 
 
-def _launcher(launch, fast, both_forms):
+def _launcher(launch, fast, expansion):
     """The kernel with fixed blocks (interpreter, forced plans) or its autotuned wrapper.
 
-    Both exact forms in one launch hold two difference tiles (exact_logits): half the register
-    budget (with the full one, (16, 32) tiles spill on sm_90).
+    Launches with expanded queries get half the register budget: the expansion's float64 sums
+    (and, with both forms, a second difference tile) made the (16, 32) tiles of 4 warps spill
+    on sm_90 (Triton 3.9, benchmarks/triton_sass.py), the 8-warp ones not.
     """
     if launch.blocks is not None:
         return _forward_kernel, dict(launch.blocks)
-    key = (fast, launch.block_d, launch.single_d, both_forms)
+    key = (fast, launch.block_d, launch.single_d, expansion)
     if key not in _tuned:
         configs = _config.autotune_configs(fast, launch.block_d, launch.single_d,
-                                           budget=32 if both_forms else 64)
+                                           budget=32 if expansion else 64)
         _tuned[key] = triton.autotune(configs=configs, key=_KEY)(_forward_kernel)
     return _tuned[key], {}
 
@@ -267,7 +268,7 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
         l_part = new_output((S, G, B), x.dtype, x.device)
 
     form_set = forms(ex)
-    kernel, meta = _launcher(launch, fast, form_set == DIRECT.value | EXPANSION.value)
+    kernel, meta = _launcher(launch, fast, bool(form_set & EXPANSION.value))
     grid = lambda META: (G * S * triton.cdiv(B, META["BB"]),)  # noqa: E731
     kernel[grid](
         x, points, alpha, var, x if bias is None else bias, c,
