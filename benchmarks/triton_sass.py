@@ -68,7 +68,7 @@ KERNELS = {
 
 # Pointer arguments that are not float32 (the others are).
 POINTER_TYPES = {"expand_ptr": "*u8", "m_ptr": "*fp64", "lse_ptr": "*fp64", "top_v_ptr": "*fp64",
-                 "top_i_ptr": "*i64"}
+                 "top_i_ptr": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int):

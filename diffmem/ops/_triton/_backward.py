@@ -351,7 +351,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     lse_s = (lse64.double() + shift).contiguous()
     if K:  # the corrected logits in the kernels' frame
         top_v = (top_logit.double() + shift[:, :, None]).contiguous()
-        top_i = top_idx.long().contiguous()
+        top_i = top_idx.int().contiguous()  # int32: cheaper compares in the tiles
     else:
         top_v = top_i = lse_s
     common = dict(HAS_BIAS=bias is not None, HAS_GM=gm is not None, FAST=fast, FORMS=forms(ex),

@@ -81,8 +81,9 @@ def forms(ex: ExactInputs) -> int:
 
 
 def merge_top(val, idx, shift):
-    """(split, G, B, K) per-split top-K lists (internal frame) -> (G, B, K) indices (int64) and
-    logits in the true frame (float64); empty slots keep index -1 and logit -inf."""
+    """(split, G, B, K) per-split top-K lists (internal frame; int32 indices) -> (G, B, K)
+    indices (int64) and logits in the true frame (float64); empty slots keep index -1 and
+    logit -inf."""
     S, G, B, K = val.shape
     if S == 1 or K == 0:
         val, idx = val[0], idx[0]
@@ -91,7 +92,7 @@ def merge_top(val, idx, shift):
         idx = idx.permute(1, 2, 0, 3).reshape(G, B, S * K)
         val, order = val.topk(K, dim=-1)
         idx = torch.gather(idx, -1, order)
-    return idx, val - shift[:, :, None]
+    return idx.long(), val - shift[:, :, None]
 
 
 # Fast logits: chunk partial sums are added in groups of GROUP_D before joining the running

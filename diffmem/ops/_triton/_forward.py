@@ -48,7 +48,7 @@ def _forward_kernel(
     (partial unless FINAL).
     Exact logits (not FAST, see exact_logits): rows xq_ptr (G, B, d) of x or x', the plan's
     centre ctr_ptr, form flags expand_ptr (G, B, uint8) and the forms present, FORMS.
-    top_v_ptr (float64) / top_i_ptr (int64): (SPLIT, G, B, TOP_K) the largest shifted logits of
+    top_v_ptr (float64) / top_i_ptr (int32): (SPLIT, G, B, TOP_K) the largest shifted logits of
     this split's points and their indices (TOP_K = 0: none); KP: TOP_K rounded up to a power
     of 2.
     """
@@ -143,7 +143,7 @@ def _forward_kernel(
         top = part.to(tl.int64)[:, None] * TOP_K + kk[None, :]
         mask_top = mask_b[:, None] & (kk < TOP_K)[None, :]
         tl.store(top_v_ptr + top, top_v, mask=mask_top)
-        tl.store(top_i_ptr + top, top_i.to(tl.int64), mask=mask_top)
+        tl.store(top_i_ptr + top, top_i, mask=mask_top)
     l = tl.where(mask_b, l, 1.0)  # padded rows: keep the division finite
     if NUM_D == 1:
         offs_k = tl.arange(0, BD)
@@ -255,7 +255,7 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     m = new_output((G, B), torch.float64, x.device)
     l = new_output((G, B), x.dtype, x.device)
     top_v = new_output((S, G, B, K), torch.float64, x.device)
-    top_i = new_output((S, G, B, K), torch.int64, x.device)
+    top_i = new_output((S, G, B, K), torch.int32, x.device)
     # Centre of the accumulator: the points' mean (fast, also the expansion centre) or simply
     # each group's first point (exact; any point of the data is close enough).
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
