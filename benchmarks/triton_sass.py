@@ -32,35 +32,51 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from diffmem.ops import _exact
 from diffmem.ops._triton import _backward, _config, _forward
 
 KEY_OPS = ["FFMA", "FADD", "FMUL", "SHFL", "STL", "LDL", "LDS", "LDG", "HMMA", "HGMMA"]
 
+# Exact kernels take exact mode's plan: both logit forms (FORMS = 3, a superset of the code of
+# either form alone), and the top TOP_K logits per query reported (forward) or overridden
+# (backward); KP is TOP_K rounded up to a power of 2. "fast" tiles take no plan.
+EXACT_TOP = dict(FORMS=3, TOP_K=_exact.TOP_K, KP=triton.next_power_of_2(_exact.TOP_K))
+NO_TOP = dict(FORMS=1, TOP_K=0, KP=1)
+GRAD_TOP = dict(FORMS=3, TOP_K=_exact.TOP_K)
+
 # kernel -> (function, constexprs besides the blocks, [(num_warps, num_stages, BB, BN, NUM_D, BD)])
 COMMON = dict(HAS_BIAS=False, FAST=False, DOT="tf32x3")
 KERNELS = {
-    "forward": (_forward._forward_kernel, dict(COMMON, FINAL=True),
+    "forward": (_forward._forward_kernel, dict(COMMON, FINAL=True, **EXACT_TOP),
                 [(4, 2, 16, 32, 1, 16), (8, 2, 32, 32, 1, 16), (4, 1, 16, 32, 192, 16)]),
     # the few-query plan: BB = 2..16 rows, BN = min(128, 8192 / (BB BD))
-    "forward-few": (_forward._forward_kernel, dict(COMMON, FINAL=False),
+    "forward-few": (_forward._forward_kernel, dict(COMMON, FINAL=False, **EXACT_TOP),
                     [(4, 2, 2, 128, 1, 16), (4, 2, 8, 64, 1, 16), (4, 2, 16, 32, 1, 16),
                      (4, 1, 2, 128, 192, 16)]),
-    "forward-fast": (_forward._forward_kernel, dict(COMMON, FAST=True, FINAL=True),
+    "forward-fast": (_forward._forward_kernel, dict(COMMON, FAST=True, FINAL=True, **NO_TOP),
                      [(8, 2, 64, 64, 1, 64), (4, 1, 64, 32, 96, 32)]),
-    "stats": (_backward._stats_kernel, dict(COMMON, HAS_GM=True),
+    "stats": (_backward._stats_kernel, dict(COMMON, HAS_GM=True, **GRAD_TOP),
               [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
     "query": (_backward._query_kernel,
-              dict(COMMON, HAS_GM=True, NEED_DX=True, NEED_DALPHA=True, NEED_DVAR=True),
+              dict(COMMON, HAS_GM=True, NEED_DX=True, NEED_DALPHA=True, NEED_DVAR=True,
+                   **GRAD_TOP),
               [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
-    "point": (_backward._point_kernel, dict(COMMON, HAS_GM=True, NEED_DY=True, NEED_DBIAS=True),
+    "point": (_backward._point_kernel, dict(COMMON, HAS_GM=True, NEED_DY=True, NEED_DBIAS=True,
+                                            **GRAD_TOP),
               [(8, 1, 16, 32, 1, 16), (4, 1, 16, 16, 1, 16)]),
 }
 
+# Pointer arguments that are not float32 (the others are).
+POINTER_TYPES = {"expand_ptr": "*u8", "m_ptr": "*fp64", "lse_ptr": "*fp64", "top_v_ptr": "*fp64",
+                 "top_i_ptr": "*i32"}
+
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int):
-    """Ahead-of-time compile: pointers (*_ptr) as fp32 pointers, other arguments as i32."""
+    """Ahead-of-time compile: pointers (*_ptr) as fp32 pointers unless POINTER_TYPES says
+    otherwise, other arguments as i32."""
     params = list(inspect.signature(fn.fn).parameters)
-    signature = {p: "constexpr" if p in constexprs else "*fp32" if p.endswith("_ptr") else "i32"
+    signature = {p: "constexpr" if p in constexprs
+                 else POINTER_TYPES.get(p, "*fp32") if p.endswith("_ptr") else "i32"
                  for p in params}
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(params.index(k),): v for k, v in constexprs.items()})
@@ -98,23 +114,30 @@ def launch_configurations():
     for fast, bias, bd, num_d in itertools.product((False, True), (False, True),
                                                    (1, 4, 16, 32, 64), (1, 3)):
         common = dict(HAS_BIAS=bias, FAST=fast, DOT=_config.FAST_DOT, NUM_D=num_d, BD=bd)
+        top = NO_TOP if fast else EXACT_TOP  # the op passes exact mode's plan to exact kernels
         single = num_d == 1
         if not fast or bd >= 16:  # the forward's chunks: any for exact, >= 16 for tl.dot
-            for cfg in _config.autotune_configs(fast, bd, single):
+            configs = _config.autotune_configs(fast, bd, single)
+            if not fast:  # launches with the expansion form tune with half the register budget
+                configs += [c for c in _config.autotune_configs(fast, bd, single, budget=32)
+                            if all(c.all_kwargs() != o.all_kwargs() for o in configs)]
+            for cfg in configs:
                 yield ("forward", _forward._forward_kernel,
-                       dict(common, FINAL=single, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+                       dict(common, FINAL=single, **top, **cfg.kwargs), cfg.num_warps,
+                       cfg.num_stages)
         if bd <= 16 or (fast and bd <= 32):  # the gradient kernels' chunks
             if fast and bd < 16:
                 continue
             for name, (fn, extra) in grads.items():
                 for cfg in _config.autotune_configs(False, bd, single, budget=32):
-                    yield (name, fn, dict(common, **extra, **cfg.kwargs), cfg.num_warps,
-                           cfg.num_stages)
+                    grad_top = dict(FORMS=top["FORMS"], TOP_K=top["TOP_K"])
+                    yield (name, fn, dict(common, **extra, **grad_top, **cfg.kwargs),
+                           cfg.num_warps, cfg.num_stages)
         if not fast and bd <= 16:  # the few-query forward: fixed blocks
             for bb in (2, 4, 8, 16):
                 bn = min(128, 64 * 128 // (bb * bd))
                 yield ("forward-few", _forward._forward_kernel,
-                       dict(common, FINAL=single, BB=bb, BN=bn), 4, 2 if single else 1)
+                       dict(common, FINAL=single, **top, BB=bb, BN=bn), 4, 2 if single else 1)
 
 
 def compile_all(arch: int) -> int:

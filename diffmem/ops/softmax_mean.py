@@ -40,7 +40,7 @@ def _softmax_mean_op(
     mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
     plan = _plan(mod, x, points, alpha, var, precision)
     if plan is None:
-        mean, lse, lse64 = mod.forward(x, points, alpha, var, bias, precision)
+        mean, lse, lse64, *_ = mod.forward(x, points, alpha, var, bias, precision)
         empty = lse64.new_empty((*lse64.shape, 0))
         return mean, lse, lse64, empty.long(), empty
     mean, lse, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)

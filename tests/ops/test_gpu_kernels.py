@@ -20,6 +20,7 @@ import torch
 
 import diffmem
 from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro
+from diffmem.ops import _exact
 from diffmem.ops import _reference as ref
 from diffmem.ops._gpu_common import MAX_PARTIAL_ELEMENTS, work_split
 
@@ -140,12 +141,32 @@ def check_grads(got, want, tol=GRAD_TOL):
         assert rel_fro(a, b) <= tol, (name, rel_fro(a, b))
 
 
+def exact_plan(kern, args):
+    """Exact mode's per-query plan for backends that take one (EXACT_PLAN), else None."""
+    if not getattr(kern.module, "EXACT_PLAN", False):
+        return None
+    return _exact.make_plan(*args[:4])
+
+
+def run_forward(kern, args, precision="exact", plan=None):
+    """The forward as the op runs it: (mean, lse, lse64, extra), with the host's float64
+    correction of the top logits when a plan is given; extra: what the backward then takes."""
+    if plan is None:
+        mean, lse, lse64 = kern.forward(*args, precision)[:3]
+        return mean, lse, lse64, ()
+    mean, _, lse64, idx, top = kern.forward(*args, precision, plan)
+    mean, lse, lse64, top = _exact.correct_forward(*args, mean, lse64, idx, top)
+    return mean, lse, lse64, (plan, idx, top)
+
+
 def check_case(kern, args, plan, precision="exact", grads=True, mean_tol=MEAN_TOL,
-               lse_tol=LSE_TOL):
+               lse_tol=LSE_TOL, exact=None):
     """Forward and backward against the float64 reference (whose backward recomputes its own
-    float64 weights, so this is the error of the whole float32 pipeline)."""
+    float64 weights, so this is the error of the whole float32 pipeline). Backends that take
+    exact mode's plan get one (exact: a given plan; default: make_plan's)."""
+    exact = exact or exact_plan(kern, args)
     with kern.force(plan):
-        mean, lse, lse64 = kern.forward(*args, precision)
+        mean, lse, lse64, extra = run_forward(kern, args, precision, exact)
     ref_mean, ref_lse, _ = ref.forward(*_double(args))
     assert mean.shape == ref_mean.shape and lse.shape == ref_lse.shape
     assert lse.dtype == torch.float32 and lse64.dtype == torch.float64
@@ -157,7 +178,7 @@ def check_case(kern, args, plan, precision="exact", grads=True, mean_tol=MEAN_TO
     gm, gl = output_grads(G, B, d)
     needs = (True, True, True, True, args[4] is not None)
     with kern.force(plan):
-        got = kern.backward(*args, mean, lse64, gm, gl, needs, precision)
+        got = kern.backward(*args, mean, lse64, gm, gl, needs, precision, *extra)
     want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
     check_grads(got, want)
 
@@ -299,11 +320,90 @@ def test_gradients_far_from_origin(kern, plan, precision):
         check_case(kern, args, PLANS[plan], precision=precision, lse_tol=math.inf if fast else LSE_TOL)
 
 
+def _needs_plan(kern):
+    if not getattr(kern.module, "EXACT_PLAN", False):
+        pytest.skip(f"the {kern.name} backend takes no exact-mode plan")
+
+
+def _float64_logits(args):
+    x, y, alpha, var, bias = _double(args)
+    diff = x[:, :, None, :] - alpha[:, :, None, None] * y[:, None, :, :]
+    logits = -(diff * diff).sum(-1) / (2.0 * var[:, :, None])
+    return logits if bias is None else logits + bias[:, None, :]
+
+
+@pytest.mark.parametrize("plan", list(PLANS) + ["tiles"])
+def test_exact_plan_mixed_forms_and_top_k(kern, plan):
+    """Both logit forms in one query tile (every other query expanded), points split across
+    programs and features in chunks: the reported top K are the K largest float64 logits, in
+    lse's frame, no point twice; mean, lse and gradients through the host's correction."""
+    _needs_plan(kern)
+    forced = {"few": False} if plan == "tiles" else PLANS[plan]
+    args = make_case(G=2, B=6, N=40, d=20, t=0.5, offset=3.0, shared=True, bias="masked", seed=30)
+    exact = exact_plan(kern, args)
+    exact.expand = torch.zeros_like(exact.expand)
+    exact.expand[:, ::2] = 1
+    with kern.force(forced):
+        _, _, lse64, idx, top = kern.forward(*args, "exact", exact)
+    K = exact.top_k
+    assert idx.shape == top.shape == (2, 6, K) and idx.dtype == torch.int64
+    want = _float64_logits(args).topk(K, dim=-1).values
+    assert bool((idx >= 0).all()) and bool((idx.sort(-1).values.diff(dim=-1) > 0).all())
+    at_idx = torch.gather(_float64_logits(args), -1, idx)
+    scale = lse64.abs().clamp_min(1.0)[..., None]
+    assert float(((top - at_idx).abs() / scale).max()) <= 1e-5
+    assert float(((top.sort(-1).values - want.sort(-1).values).abs() / scale).max()) <= 1e-5
+    check_case(kern, args, forced, exact=exact)
+
+
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_exact_plan_empty_top_slots(kern, plan):
+    """Fewer unmasked points than K: the extra slots hold index -1 and logit -inf."""
+    _needs_plan(kern)
+    args = make_case(G=2, B=3, N=4, d=5, t=0.3, bias="masked", seed=31)  # point 1 masked
+    exact = exact_plan(kern, args)
+    with kern.force(PLANS[plan]):
+        _, _, _, idx, top = kern.forward(*args, "exact", exact)
+    assert idx.shape[-1] == exact.top_k == 4
+    assert torch.equal(idx.sort(-1).values[..., 1:], torch.tensor([0, 2, 3]).expand(2, 3, 3))
+    assert bool((idx.sort(-1).values[..., 0] == -1).all())
+    assert bool((top[idx < 0] == -math.inf).all()) and bool(torch.isfinite(top[idx >= 0]).all())
+    check_case(kern, args, PLANS[plan], exact=exact)
+
+
+@pytest.mark.parametrize("plan", ["default", "split_n_d"])
+def test_far_queries_take_the_expansion(kern, plan):
+    """Queries far from all points (norm 30 per feature): the plan expands all of them, and the
+    expansion (every query of the launch, points split, features chunked) is within bound."""
+    _needs_plan(kern)
+    args = make_case(G=1, B=5, N=30, d=64, t=0.3, seed=32)
+    gen = torch.Generator().manual_seed(33)
+    args[0] = (30.0 * torch.randn(1, 5, 64, generator=gen)).to(DEVICE)
+    exact = exact_plan(kern, args)
+    assert bool(exact.expand.bool().all())
+    check_case(kern, args, PLANS[plan], exact=exact)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_top_k_only_from_exact_logits(kern, precision):
+    """The fast tiles report no top logits (K = 0); the few-query plan computes exact logits
+    for either precision and reports them; without a plan nothing is reported."""
+    _needs_plan(kern)
+    args = make_case(G=1, B=20, N=30, d=16, t=0.4, seed=34)
+    exact = exact_plan(kern, args)
+    with kern.force({"few": False}):
+        K_tiles = kern.forward(*args, precision, exact)[3].shape[-1]
+        K_none = kern.forward(*args, precision)[3].shape[-1]
+    with kern.force({"few": True}):
+        K_few = kern.forward(*args, precision, exact)[3].shape[-1]
+    assert (K_tiles, K_few, K_none) == (0 if precision == "fast" else 4, 4, 0)
+
+
 def test_backward_renormalises_the_weights(kern):
     """The backward divides the recomputed weights by their sum: an lse off by a constant (or
     rounded to float32) gives the same gradients, and sum_n P = h holds (sum of dbias)."""
     args = make_case(G=2, B=5, N=9, d=6, t=0.3603, offset=1000.0, bias="finite", seed=13)
-    mean, lse, lse64 = kern.forward(*args)
+    mean, lse, lse64 = kern.forward(*args)[:3]
     gm, gl = output_grads(2, 5, 6, seed=3)
     needs = (True, True, True, True, True)
     want = ref.backward(*_double(args), None, None, gm.double(), gl.double(), needs)
@@ -319,7 +419,7 @@ def test_backward_renormalises_the_weights(kern):
 @pytest.mark.parametrize("which", ["both", "mean_only", "lse_only"])
 def test_backward_subsets_and_missing_grads(kern, needs, which):
     args = make_case(G=1, B=5, N=7, d=5, t=0.5, bias="finite", seed=4)
-    mean, _, lse64 = kern.forward(*args)
+    mean, _, lse64 = kern.forward(*args)[:3]
     gm, gl = output_grads(1, 5, 5, seed=2)
     gm = gm if which != "lse_only" else None
     gl = gl if which != "mean_only" else None
@@ -335,7 +435,7 @@ def test_backward_subsets_and_missing_grads(kern, needs, which):
 
 def test_backward_without_any_output_gradient_is_zero(kern):
     args = make_case(G=2, B=3, N=4, d=3, seed=6)
-    mean, _, lse64 = kern.forward(*args)
+    mean, _, lse64 = kern.forward(*args)[:3]
     got = kern.backward(*args, mean, lse64, None, None, (True, True, True, True, False))
     assert all(bool((g == 0).all()) for g in got[:4]) and got[4] is None
 

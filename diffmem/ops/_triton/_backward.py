@@ -13,6 +13,10 @@ plain deterministic sum:
     _query_kernel  programs own BB queries, stream over points  -> dx, dalpha, dvar
     _point_kernel  programs own BN points, stream over queries  -> dpoints, dbias
 Splits of the streamed dimension write partial sums that torch adds in a fixed order.
+
+Exact logits are recomputed in each query's form of the forward (the plan's direct or expansion
+form, float64 up to the exp), and the logits of the points the forward listed per query (its top
+K, corrected in float64 on the host) are replaced by their corrected values (override_top).
 """
 
 from __future__ import annotations
@@ -20,25 +24,38 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._gpu_common import logit_shift, reduce_partials
+from .._gpu_common import reduce_partials
 from . import _config
-from ._common import (centred_grad_dot, centred_shift, check_float32, group_stride, groupwise,
-                      new_output, program_coords, shifted_logits, zero_rows)
+from ._common import (centred_grad_dot, centred_shift, check_float32, exact_inputs, exact_logits,
+                      fast_logits, forms, group_stride, groupwise, new_output, override_top,
+                      program_coords, zero_rows)
 
 
 @triton.jit
-def _tile(x_g, y_g, c_g, bias_g, g_g, rows_b, mask_b, offs_n, mask_n, alpha, var, lse_s, d,
-          HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FAST: tl.constexpr,
-          NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
-    """(e, q) for a (BB, BN) tile: e = exp(logit' - lse_s) with lse_s the shifted lse (BB,),
-    q = g . (y - c) (zero without a mean gradient). Masked points and queries get e = 0."""
+def _tile(x_g, y_g, c_g, bias_g, g_g, xq_g, ctr_g, expand_g, top_v_g, top_i_g,
+          offs_b, rows_b, mask_b, offs_n, mask_n, alpha, var, lse_s, d,
+          HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FAST: tl.constexpr, FORMS: tl.constexpr,
+          TOP_K: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
+    """(e, q) for a (BB, BN) tile: e = exp(logit' - lse_s) with lse_s the shifted lse (BB,)
+    float64), q = g . (y - c) (zero without a mean gradient). Masked points and queries get e = 0.
+
+    Exact logits: each query's form (expand_g), then the listed points' corrected values
+    (top_v_g / top_i_g, (B, TOP_K) rows of this group, in the shifted frame)."""
     rows_n = offs_n.to(tl.int64) * d
-    logit = shifted_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
-                           FAST, NUM_D, BD, DOT)
-    if HAS_BIAS:
-        logit += tl.load(bias_g + offs_n, mask=mask_n, other=0.0)[None, :]
-    logit = tl.where(mask_n[None, :], logit, float("-inf"))
-    e = tl.exp(logit - lse_s[:, None])
+    if FAST:
+        logit = fast_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
+                            NUM_D, BD, DOT)
+        if HAS_BIAS:
+            logit += tl.load(bias_g + offs_n, mask=mask_n, other=0.0)[None, :]
+        logit = tl.where(mask_n[None, :], logit, float("-inf"))
+        e = tl.exp(logit - lse_s.to(tl.float32)[:, None])
+    else:
+        expand = tl.load(expand_g + offs_b, mask=mask_b, other=0)
+        logit = exact_logits(xq_g, y_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n,
+                             alpha, var, expand, d, HAS_BIAS, FORMS, NUM_D, BD)
+        if TOP_K > 0:
+            logit = override_top(logit, top_v_g, top_i_g, offs_b, mask_b, offs_n, TOP_K)
+        e = tl.exp((logit - lse_s[:, None]).to(tl.float32))
     if HAS_GM:
         q = centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d, NUM_D, BD)
     else:
@@ -54,12 +71,14 @@ def _row(ptr, offs_b, mask_b, other):
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr, lse_ptr, gm_ptr,
+    x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
+    xq_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
+    lse_ptr, gm_ptr,
     z_ptr, eq_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
-    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FORMS: tl.constexpr, TOP_K: tl.constexpr,
     FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
 ):
@@ -83,9 +102,11 @@ def _stats_kernel(
     for t in range(t_begin, t_end):
         offs_n = t * BN + tl.arange(0, BN)
         e, q = _tile(x_ptr + g64 * gs_x, y_ptr + g64 * gs_y, c_ptr + g64 * gs_c,
-                     bias_ptr + g64 * gs_bias, gm_ptr + g64 * B * d, rows_b, mask_b,
+                     bias_ptr + g64 * gs_bias, gm_ptr + g64 * B * d, xq_ptr + g64 * gs_xq,
+                     ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B, top_v_ptr + g64 * B * TOP_K,
+                     top_i_ptr + g64 * B * TOP_K, offs_b, rows_b, mask_b,
                      offs_n, offs_n < N, alpha, var, lse_s, d,
-                     HAS_BIAS, HAS_GM, FAST, NUM_D, BD, DOT)
+                     HAS_BIAS, HAS_GM, FAST, FORMS, TOP_K, NUM_D, BD, DOT)
         z += tl.sum(e, axis=1)
         eq += tl.sum(e * q, axis=1)
     part = (s * G + g64) * B + offs_b
@@ -96,12 +117,13 @@ def _stats_kernel(
 @triton.jit
 def _query_kernel(
     x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
+    xq_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
     lse_ptr, z_ptr, r_ptr, gm_ptr,
     dx_ptr, dalpha_ptr, dvar_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
-    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FORMS: tl.constexpr, TOP_K: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DALPHA: tl.constexpr, NEED_DVAR: tl.constexpr,
     FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
@@ -146,8 +168,10 @@ def _query_kernel(
         mask_n = offs_n < N
         rows_n = offs_n.to(tl.int64) * d
         e, q = _tile(x_g, y_g, c_g, bias_ptr + g64 * gs_bias, gm_ptr + g64 * B * d,
-                     rows_b, mask_b, offs_n, mask_n, alpha, var, lse_s, d,
-                     HAS_BIAS, HAS_GM, FAST, NUM_D, BD, DOT)
+                     xq_ptr + g64 * gs_xq, ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B,
+                     top_v_ptr + g64 * B * TOP_K, top_i_ptr + g64 * B * TOP_K,
+                     offs_b, rows_b, mask_b, offs_n, mask_n, alpha, var, lse_s, d,
+                     HAS_BIAS, HAS_GM, FAST, FORMS, TOP_K, NUM_D, BD, DOT)
         P = e / z[:, None] * (q + r[:, None])
         sum_p += tl.sum(P, axis=1)
         for kc in range(NUM_D):
@@ -190,12 +214,13 @@ def _query_kernel(
 @triton.jit
 def _point_kernel(
     x_ptr, y_ptr, alpha_ptr, var_ptr, bias_ptr, c_ptr,
+    xq_ptr, ctr_ptr, expand_ptr, top_v_ptr, top_i_ptr,
     lse_ptr, z_ptr, r_ptr, gm_ptr,
     dy_ptr, dbias_ptr,
     G, B, N, d,
-    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c,
+    gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_xq, gs_ctr,
     SPLIT,
-    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GM: tl.constexpr, FORMS: tl.constexpr, TOP_K: tl.constexpr,
     NEED_DY: tl.constexpr, NEED_DBIAS: tl.constexpr,
     FAST: tl.constexpr, NUM_D: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr,
@@ -238,8 +263,10 @@ def _point_kernel(
         lse_s = _row(lse_ptr, dense_b, mask_b, float("inf"))  # padded queries: e = 0
         z = _row(z_ptr, dense_b, mask_b, 1.0)
         r = _row(r_ptr, dense_b, mask_b, 0.0)
-        e, q = _tile(x_g, y_g, c_g, bias_ptr + g64 * gs_bias, gm_g, rows_b, mask_b,
-                     offs_n, mask_n, alpha, var, lse_s, d, HAS_BIAS, HAS_GM, FAST, NUM_D, BD, DOT)
+        e, q = _tile(x_g, y_g, c_g, bias_ptr + g64 * gs_bias, gm_g, xq_ptr + g64 * gs_xq,
+                     ctr_ptr + g64 * gs_ctr, expand_ptr + g64 * B, top_v_ptr + g64 * B * TOP_K,
+                     top_i_ptr + g64 * B * TOP_K, offs_b, rows_b, mask_b, offs_n, mask_n,
+                     alpha, var, lse_s, d, HAS_BIAS, HAS_GM, FAST, FORMS, TOP_K, NUM_D, BD, DOT)
         w = e / z[:, None]
         P = w * (q + r[:, None])
         dbias += tl.sum(P, axis=0)
@@ -274,17 +301,17 @@ def _point_kernel(
         tl.store(dbias_ptr + part, dbias, mask=mask_n)
 
 
-_KEY = ["d", "SPLIT", "HAS_BIAS", "HAS_GM", "FAST", "NUM_D", "BD"]
+_KEY = ["d", "SPLIT", "HAS_BIAS", "HAS_GM", "FAST", "FORMS", "TOP_K", "NUM_D", "BD"]
 _tuned: dict = {}
 
 
-def _launcher(kernel, plan, fast):
-    if plan.blocks is not None:
-        return kernel, dict(plan.blocks)
-    key = (id(kernel), fast, plan.block_d, plan.single_d)
+def _launcher(kernel, launch, fast):
+    if launch.blocks is not None:
+        return kernel, dict(launch.blocks)
+    key = (id(kernel), fast, launch.block_d, launch.single_d)
     if key not in _tuned:
         # 3-D difference tiles, several live at once: half the forward's register budget
-        configs = _config.autotune_configs(False, plan.block_d, plan.single_d, budget=32)
+        configs = _config.autotune_configs(False, launch.block_d, launch.single_d, budget=32)
         _tuned[key] = triton.autotune(configs=configs, key=_KEY)(kernel)
     return _tuned[key], {}
 
@@ -295,11 +322,14 @@ def _partials(split, shape, like):
 
 
 def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
-             precision="exact"):
+             precision="exact", plan=None, top_idx=None, top_logit=None):
     """(dx, dpoints, dalpha, dvar, dbias) in canonical shapes; None where needs[i] is False.
 
     lse64: the forward's lse (G, B), preferably its float64 one. ``mean`` is not used: the
     kernels recompute what they need from the weights (see the module docstring).
+    plan, top_idx (G, B, K) int64, top_logit (G, B, K) float64 (true frame): exact mode's plan
+    and the forward's corrected top logits (None: every query in the direct form, no override).
+    "fast" recomputes its expansion logits and takes neither.
     """
     check_float32(x, points, alpha, var, bias)
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
@@ -314,23 +344,32 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     gm = None if grad_mean is None else grad_mean.contiguous()
     # Centre: the expansion centre for "fast", else each group's first point (as the forward).
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
-    # The lse of the kernels' shifted logits, formed in float64 and rounded once.
-    lse_s = (lse64.double() + logit_shift(fast, d, kq)).float().contiguous()
-    common = dict(HAS_BIAS=bias is not None, HAS_GM=gm is not None, FAST=fast,
-                  DOT=_config.FAST_DOT)
-    args_in = (x, points, alpha, var, x if bias is None else bias, c)
+    ex = exact_inputs(x, alpha, var, None if fast else plan)
+    K = 0 if top_idx is None or fast else top_idx.shape[-1]
+    shift = kq.double() if fast else ex.shift
+    # The lse of the kernels' shifted logits, in float64.
+    lse_s = (lse64.double() + shift).contiguous()
+    if K:  # the corrected logits in the kernels' frame
+        top_v = (top_logit.double() + shift[:, :, None]).contiguous()
+        top_i = top_idx.int().contiguous()  # int32: cheaper compares in the tiles
+    else:
+        top_v = top_i = lse_s
+    common = dict(HAS_BIAS=bias is not None, HAS_GM=gm is not None, FAST=fast, FORMS=forms(ex),
+                  TOP_K=K, DOT=_config.FAST_DOT)
+    args_in = (x, points, alpha, var, x if bias is None else bias, c,
+               ex.xq, ex.centre, ex.expand, top_v, top_i)
     strides = (group_stride(x), group_stride(points), group_stride(alpha), group_stride(var),
-               group_stride(bias), group_stride(c))
+               group_stride(bias), group_stride(c), group_stride(ex.xq), group_stride(ex.centre))
     gm_arg = x if gm is None else gm
 
     # Row statistics: Z = sum_n e and D = sum_n w q, then r = h - D.
-    plan = _config.plan("query_grad", G, B, N, d, fast, x.device)
-    z_p = _partials(plan.split, (G, B), x)
-    eq_p = _partials(plan.split, (G, B), x)
-    kernel, meta = _launcher(_stats_kernel, plan, fast)
-    grid = lambda META: (G * plan.split * triton.cdiv(B, META["BB"]),)  # noqa: E731
-    kernel[grid](*args_in, lse_s, gm_arg, z_p, eq_p, G, B, N, d, *strides, plan.split,
-                 NUM_D=plan.num_d, BD=plan.block_d, **common, **meta)
+    launch = _config.plan("query_grad", G, B, N, d, fast, x.device)
+    z_p = _partials(launch.split, (G, B), x)
+    eq_p = _partials(launch.split, (G, B), x)
+    kernel, meta = _launcher(_stats_kernel, launch, fast)
+    grid = lambda META: (G * launch.split * triton.cdiv(B, META["BB"]),)  # noqa: E731
+    kernel[grid](*args_in, lse_s, gm_arg, z_p, eq_p, G, B, N, d, *strides, launch.split,
+                 NUM_D=launch.num_d, BD=launch.block_d, **common, **meta)
     z = reduce_partials(z_p)
     r = -reduce_partials(eq_p) / z
     if grad_lse is not None:
@@ -339,30 +378,30 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     dx = dpoints = dalpha = dvar = dbias = None
 
     if needs[0] or needs[2] or needs[3]:
-        plan = _config.plan("query_grad", G, B, N, d, fast, x.device)
-        S = plan.split
+        launch = _config.plan("query_grad", G, B, N, d, fast, x.device)
+        S = launch.split
         dx_p = _partials(S, shapes[0], x) if needs[0] else x
         da_p = _partials(S, shapes[2], x) if needs[2] else x
         dv_p = _partials(S, shapes[3], x) if needs[3] else x
-        kernel, meta = _launcher(_query_kernel, plan, fast)
+        kernel, meta = _launcher(_query_kernel, launch, fast)
         grid = lambda META: (G * S * triton.cdiv(B, META["BB"]),)  # noqa: E731
         kernel[grid](*args_in, *rows, dx_p, da_p, dv_p, G, B, N, d, *strides, S,
                      NEED_DX=needs[0], NEED_DALPHA=needs[2], NEED_DVAR=needs[3],
-                     NUM_D=plan.num_d, BD=plan.block_d, **common, **meta)
+                     NUM_D=launch.num_d, BD=launch.block_d, **common, **meta)
         dx = reduce_partials(dx_p) if needs[0] else None
         dalpha = reduce_partials(da_p) if needs[2] else None
         dvar = reduce_partials(dv_p) if needs[3] else None
 
     if needs[1] or needs[4]:
-        plan = _config.plan("point_grad", G, B, N, d, fast, x.device)
-        S = plan.split
+        launch = _config.plan("point_grad", G, B, N, d, fast, x.device)
+        S = launch.split
         dy_p = _partials(S, shapes[1], x) if needs[1] else x
         db_p = _partials(S, shapes[4], x) if needs[4] else x
-        kernel, meta = _launcher(_point_kernel, plan, fast)
+        kernel, meta = _launcher(_point_kernel, launch, fast)
         grid = lambda META: (G * S * triton.cdiv(N, META["BN"]),)  # noqa: E731
         kernel[grid](*args_in, *rows, dy_p, db_p, G, B, N, d, *strides, S,
                      NEED_DY=needs[1], NEED_DBIAS=needs[4],
-                     NUM_D=plan.num_d, BD=plan.block_d, **common, **meta)
+                     NUM_D=launch.num_d, BD=launch.block_d, **common, **meta)
         dpoints = reduce_partials(dy_p) if needs[1] else None
         dbias = reduce_partials(db_p) if needs[4] else None
 

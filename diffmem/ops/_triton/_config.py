@@ -95,6 +95,11 @@ def _block_d(d: int, fast: bool, on_gpu: bool) -> int:
     return _pow2(d) if d <= 16 else 16
 
 
+def few_queries(B: int) -> bool:
+    """Whether the forward takes the few-query plan (exact logits whatever the precision)."""
+    return bool(_forced.get("few", B <= FEW_QUERIES))
+
+
 def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.device) -> Plan:
     """Plan for kind in {"forward", "query_grad", "point_grad", "knn"}.
 
@@ -102,7 +107,7 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
     split is along B.
     """
     on_gpu = device.type == "cuda" and not INTERPRETED
-    few = kind == "forward" and bool(_forced.get("few", B <= FEW_QUERIES))
+    few = kind == "forward" and few_queries(B)
     fast = fast and not few
     # Only the forward is 2-D in fast mode; the gradient kernels always build (BB, BN, BD)
     # difference tiles, so they take the exact chunk (at least 16, for the fast logits' tl.dot).
