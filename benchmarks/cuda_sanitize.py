@@ -65,7 +65,8 @@ def main() -> int:
             if tensor and few:
                 continue
             plan = _exact.make_plan(*args[:4])
-            plan.expand = (torch.arange(B, device=DEVICE) % 2).to(torch.uint8).expand(G, B).contiguous()
+            alternate = (torch.arange(B, device=DEVICE) % 2).to(torch.uint8)
+            plan.expand = alternate.expand(G, B).contiguous()
             with _cuda.force(split=split, split_b=split, few=few, tensor=tensor):
                 mean, lse, lse64, top_idx, top_logit = _cuda.forward(*args, precision, plan)
                 mean, lse, lse64, top_logit = _exact.correct_forward(

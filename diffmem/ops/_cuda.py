@@ -34,8 +34,16 @@ import torch
 
 from ._alloc import new_output
 from ._extension import cuda_reason
-from ._gpu_common import (centred_shift, check_float32, group_stride, groupwise, logit_shift,
-                          merge_knn_partials, reduce_partials, work_split)
+from ._gpu_common import (
+    centred_shift,
+    check_float32,
+    group_stride,
+    groupwise,
+    logit_shift,
+    merge_knn_partials,
+    reduce_partials,
+    work_split,
+)
 
 # Exact mode's per-query forms and top logits (see _exact.py): forward and backward take a plan.
 EXACT_PLAN = True

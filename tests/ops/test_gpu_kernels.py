@@ -10,16 +10,15 @@ and both on CUDA with DIFFMEM_TEST_DEVICE=cuda; a backend that cannot run here i
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro
 
 import diffmem
-from conftest import DEVICE, INTERPRETED, T_GRID, lse_err, rel_fro
 from diffmem.ops import _exact
 from diffmem.ops import _reference as ref
 from diffmem.ops._gpu_common import MAX_PARTIAL_ELEMENTS, work_split
@@ -129,7 +128,8 @@ def _double(args):
 
 def output_grads(G, B, d, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(G, B, d, generator=gen).to(DEVICE), torch.randn(G, B, generator=gen).to(DEVICE)
+    return (torch.randn(G, B, d, generator=gen).to(DEVICE),
+            torch.randn(G, B, generator=gen).to(DEVICE))
 
 
 def check_grads(got, want, tol=GRAD_TOL):
@@ -317,7 +317,8 @@ def test_gradients_far_from_origin(kern, plan, precision):
     for i, t in enumerate([0.001, 0.3603, 0.8, 0.999]):
         args = make_case(G=2, B=5, N=9, d=20, t=t, offset=1000.0, shared=True, bias="masked",
                          dup=not fast, seed=20 + i)
-        check_case(kern, args, PLANS[plan], precision=precision, lse_tol=math.inf if fast else LSE_TOL)
+        check_case(kern, args, PLANS[plan], precision=precision,
+                   lse_tol=math.inf if fast else LSE_TOL)
 
 
 def _needs_plan(kern):
@@ -502,7 +503,8 @@ def test_triton_plans_and_autotune_configs():
     for B, bb in ((1, 2), (3, 4), (5, 8), (16, 16)):
         plan = _config.plan("forward", 1, B, 70, 30, True, DEVICE)
         assert plan.few and plan.blocks["BB"] == bb
-        assert plan.block_d == _config._block_d(30, False, DEVICE.type == "cuda" and not INTERPRETED)
+        on_gpu = DEVICE.type == "cuda" and not INTERPRETED
+        assert plan.block_d == _config._block_d(30, False, on_gpu)
         assert bb * plan.blocks["BN"] * plan.block_d <= 64 * 32 * plan.blocks["num_warps"]
     assert not _config.plan("forward", 1, 17, 70, 30, True, DEVICE).few
     assert not _config.plan("query_grad", 1, 1, 70, 30, True, DEVICE).few
@@ -604,7 +606,8 @@ def test_cuda_exact_plan_empty_slots_and_fast():
     for few in (True, False):
         with cuda.force(few=few):
             *_, top_idx, top_logit = cuda.forward(x, y, alpha, var, bias, "exact", plan)
-        assert bool((top_idx[..., 2:] == -1).all()) and bool((top_logit[..., 2:] == -math.inf).all())
+        assert bool((top_idx[..., 2:] == -1).all())
+        assert bool((top_logit[..., 2:] == -math.inf).all())
         assert sorted(top_idx[0, 0, :2].tolist()) == [0, 2]  # point 1 is masked
         with cuda.force(few=few):
             *_, top_idx, _ = cuda.forward(x, y, alpha, var, bias, "fast", plan)

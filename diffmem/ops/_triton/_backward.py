@@ -26,9 +26,21 @@ import triton.language as tl
 
 from .._gpu_common import reduce_partials
 from . import _config
-from ._common import (centred_grad_dot, centred_shift, check_float32, exact_inputs, exact_logits,
-                      fast_logits, forms, group_stride, groupwise, new_output, override_top,
-                      program_coords, zero_rows)
+from ._common import (
+    centred_grad_dot,
+    centred_shift,
+    check_float32,
+    exact_inputs,
+    exact_logits,
+    fast_logits,
+    forms,
+    group_stride,
+    groupwise,
+    new_output,
+    override_top,
+    program_coords,
+    zero_rows,
+)
 
 
 @triton.jit

@@ -142,7 +142,8 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
     return Plan(block_d=bd, num_d=num_d, split=split, blocks=blocks)
 
 
-def autotune_configs(fast: bool, block_d: int, single_d: bool, budget: int = 64) -> list[triton.Config]:
+def autotune_configs(fast: bool, block_d: int, single_d: bool,
+                     budget: int = 64) -> list[triton.Config]:
     """At most two candidates per kernel so the first call (compile + tune) stays short.
 
     fast=True only for the 2-D (tl.dot) forward; kernels with 3-D difference tiles pass False.

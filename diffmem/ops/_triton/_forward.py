@@ -22,9 +22,22 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import (EXPANSION, centred_shift, check_float32, exact_inputs, exact_logits,
-                      fast_logits, forms, group_stride, groupwise, merge_top, new_output,
-                      program_coords, topk_update, zero_rows)
+from ._common import (
+    EXPANSION,
+    centred_shift,
+    check_float32,
+    exact_inputs,
+    exact_logits,
+    fast_logits,
+    forms,
+    group_stride,
+    groupwise,
+    merge_top,
+    new_output,
+    program_coords,
+    topk_update,
+    zero_rows,
+)
 
 
 @triton.jit

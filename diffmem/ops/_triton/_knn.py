@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _config
 from .._gpu_common import merge_knn_partials
+from . import _config
 from ._common import check_float32, group_stride, groupwise, new_output, program_coords
 
 
