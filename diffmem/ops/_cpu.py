@@ -10,8 +10,7 @@ import torch
 
 from ._alloc import new_output
 from ._extension import load_cpu_extension
-
-_PRECISION = {"exact": 0, "fast": 1}
+from ._host import PRECISION_CODES, group_stride, groupwise, ptr
 
 # Below this many queries per group "fast" is slower than "exact" here (measured on a Zen 5 core,
 # d = 30 .. 3072: centring the points costs more than the cheaper logits save; 1.4-2.2x slower
@@ -29,25 +28,12 @@ takes_plan = runs_exact
 
 
 def _precision_code(precision: str, B: int) -> int:
-    return _PRECISION["exact" if runs_exact(precision, B, 0) else precision]
+    return PRECISION_CODES["exact" if runs_exact(precision, B, 0) else precision]
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _gs(t: torch.Tensor | None) -> int:
-    """Element stride between groups (0 when shared), for a tensor contiguous within a group."""
-    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
-
-
-def _groupwise(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Make each group contiguous while keeping a stride-0 group dimension shared."""
-    if t is None:
-        return None
-    if t.shape[0] > 1 and t.stride(0) == 0:
-        return t[:1].contiguous().expand(t.shape)
-    return t.contiguous()
+def _problem(*tensors) -> list[int]:
+    """Pointer and group stride of each canonical input, as the kernels take them."""
+    return [v for t in tensors for v in (ptr(t), group_stride(t))]
 
 
 def _threads() -> int:
@@ -64,14 +50,14 @@ def _plan_args(plan, code: int) -> tuple:
     """(centre, expand, top_k) for the kernel: the plan (the exact kernels run), or none."""
     if plan is None:
         return None, None, 0
-    return _groupwise(plan.centre), plan.expand.contiguous(), plan.top_k
+    return groupwise(plan.centre), plan.expand.contiguous(), plan.top_k
 
 
 def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     """mean, lse, lse64; with a plan also top_idx (G, B, K) and top_logit (G, B, K) (K = 0 when
     the fast kernels run)."""
     ext = load_cpu_extension()
-    x, points, alpha, var, bias = (_groupwise(t) for t in (x, points, alpha, var, bias))
+    x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
     N = points.shape[1]
     code = _precision_code(precision, B)
@@ -83,10 +69,9 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     top_logit = new_output((G, B, K), torch.float64)
     ext.softmax_mean_forward(
         str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
-        _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
-        _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse), _ptr(lse64),
-        _ptr(centre), _gs(centre), _ptr(expand), K, _ptr(top_idx) if K else 0,
-        _ptr(top_logit) if K else 0,
+        *_problem(x, points, alpha, var, bias), ptr(mean), ptr(lse), ptr(lse64),
+        ptr(centre), group_stride(centre), ptr(expand), K, ptr(top_idx) if K else 0,
+        ptr(top_logit) if K else 0,
     )
     if plan is None:
         return mean, lse, lse64
@@ -98,7 +83,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     """``mean`` and ``lse64`` are the forward's outputs (mean in the input dtype, dense (G, B, d);
     lse64 float64, dense (G, B)): the kernel recomputes the weights from lse64 in one pass."""
     ext = load_cpu_extension()
-    x, points, alpha, var, bias = (_groupwise(t) for t in (x, points, alpha, var, bias))
+    x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     mean = mean.to(x.dtype).contiguous()
     lse64 = lse64.to(torch.float64).contiguous()
     grad_mean = None if grad_mean is None else grad_mean.contiguous()
@@ -115,23 +100,23 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         K = top_idx.shape[-1]
     ext.softmax_mean_backward(
         str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
-        _ptr(x), _gs(x), _ptr(points), _gs(points), _ptr(alpha), _gs(alpha), _ptr(var), _gs(var),
-        _ptr(bias), _gs(bias), _ptr(mean), _ptr(lse64), _ptr(grad_mean), _ptr(grad_lse),
-        *(_ptr(t) for t in out), _ptr(expand), K, _ptr(top_idx) if K else 0,
-        _ptr(top_logit) if K else 0,
+        *_problem(x, points, alpha, var, bias), ptr(mean), ptr(lse64), ptr(grad_mean),
+        ptr(grad_lse),
+        *(ptr(t) for t in out), ptr(expand), K, ptr(top_idx) if K else 0,
+        ptr(top_logit) if K else 0,
     )
     return tuple(out)
 
 
 def knn(queries, points, k):
     ext = load_cpu_extension()
-    queries, points = _groupwise(queries), _groupwise(points)
+    queries, points = groupwise(queries), groupwise(points)
     G, B, d = queries.shape
     N = points.shape[1]
     dist = new_output((G, B, k), queries.dtype)
     idx = new_output((G, B, k), torch.int64)
     ext.knn(
         str(queries.dtype).removeprefix("torch."), _threads(), G, B, N, d, k,
-        _ptr(queries), _gs(queries), _ptr(points), _gs(points), _ptr(dist), _ptr(idx),
+        ptr(queries), group_stride(queries), ptr(points), group_stride(points), ptr(dist), ptr(idx),
     )
     return dist, idx

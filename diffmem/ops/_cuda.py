@@ -44,40 +44,25 @@ from ._gpu_common import (
     reduce_partials,
     work_split,
 )
+from ._host import FEW_QUERIES, PRECISION_CODES, Pins, ptr
 
 # Exact mode's per-query forms and top logits (see _exact.py): forward and backward take a plan.
 EXACT_PLAN = True
 
 _TILE = 64  # queries (or points) per block, csrc/cuda/tiles.cuh
-_PRECISION = {"exact": 0, "fast": 1}
-# Queries per group up to which the forward uses the few-query kernel (when d allows it).
-FEW_QUERIES = 16
 # Forward kernels of csrc/cuda/launch.h.
 _TILE_KERNEL, _FEW_KERNEL, _TENSOR_KERNEL = 0, 1, 2
 _loaded: list = []
-_forced: dict = {}
+# Pinned by tests to reach every kernel and the split-and-merge paths on small shapes: the split
+# of the points (forward, knn, query gradients) or of the queries (point gradients), whether the
+# forward uses the few-query kernel, and whether the fast tile forward uses the tensor cores.
+_forced = Pins({"split", "split_b", "few", "tensor"})
+force = _forced.force
 
 
 def takes_plan(precision: str, B: int, d: int) -> bool:
     """Every call takes exact mode's plan; the fast tile kernels report empty top lists."""
     return True
-
-
-@contextlib.contextmanager
-def force(split: int | None = None, split_b: int | None = None, few: bool | None = None,
-          tensor: bool | None = None):
-    """Pin the split of the points (forward, knn, query gradients) and/or of the queries
-    (point gradients), whether the forward uses the few-query kernel, and whether the fast tile
-    forward uses the tensor cores. Used by tests to reach every kernel and the split-and-merge
-    paths on small shapes."""
-    previous = dict(_forced)
-    pinned = (("split", split), ("split_b", split_b), ("few", few), ("tensor", tensor))
-    _forced.update({k: v for k, v in pinned if v is not None})
-    try:
-        yield
-    finally:
-        _forced.clear()
-        _forced.update(previous)
 
 
 def _split(key: str, programs: int, stream_len: int, rows: int, d: int, device, **limits) -> int:
@@ -149,17 +134,13 @@ def _launch_context(t: torch.Tensor):
         yield torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _problem(fast, x, points, alpha, var, bias, c, expand) -> tuple:
     """The leading arguments of every kernel entry point (see csrc/cuda/module.cpp)."""
     G, B, d = x.shape
     N = points.shape[1]
-    args = [_PRECISION["fast" if fast else "exact"], G, B, N, d]
+    args = [PRECISION_CODES["fast" if fast else "exact"], G, B, N, d]
     for t in (x, points, alpha, var, bias, c, expand):
-        args += [_ptr(t), group_stride(t)]
+        args += [ptr(t), group_stride(t)]
     return tuple(args)
 
 
@@ -266,8 +247,8 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     if prep.fast and _tensor_cores():
         kernel = _TENSOR_KERNEL
     with _launch_context(prep.x) as stream:
-        ext.forward(*prep.problem, split, kernel, _ptr(acc), _ptr(m_part), _ptr(l_part), _ptr(mean),
-                    _ptr(m), _ptr(l), _ptr(top_val), _ptr(top_idx), stream)
+        ext.forward(*prep.problem, split, kernel, ptr(acc), ptr(m_part), ptr(l_part), ptr(mean),
+                    ptr(m), ptr(l), ptr(top_val), ptr(top_idx), stream)
     lse64 = m.double() + torch.log(l.double()) - prep.shift
     if plan is None:
         return mean, lse64.float(), lse64
@@ -321,24 +302,24 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
             ref = torch.gather(t_idx, -1, best)[..., 0]
             ref = ref.masked_fill(~torch.isfinite(best_logit[..., 0]), -1).contiguous()
             kappa = new_output((G, B), f32, dev)
-            ext.backward_kappa(*problem, _ptr(gm), _ptr(ref), _ptr(kappa), stream)
+            ext.backward_kappa(*problem, ptr(gm), ptr(ref), ptr(kappa), stream)
         split = _split("split", G * _blocks(B), N, B, d, dev)
         z_p = new_output((split, G, B), f32, dev)
         eq_p = new_output((split, G, B), f32, dev)
-        ext.backward_stats(*problem, _ptr(lse_s), _ptr(lse_d), 0, 0, _ptr(gm), _ptr(kappa),
-                           _ptr(t_idx), _ptr(t_val), k, split, _ptr(z_p), _ptr(eq_p), stream)
+        ext.backward_stats(*problem, ptr(lse_s), ptr(lse_d), 0, 0, ptr(gm), ptr(kappa),
+                           ptr(t_idx), ptr(t_val), k, split, ptr(z_p), ptr(eq_p), stream)
         z = reduce_partials(z_p)
         r = -reduce_partials(eq_p) / z
         if grad_lse is not None:
             r = r + grad_lse
         z, r = z.contiguous(), r.contiguous()
-        rows = (_ptr(lse_s), _ptr(lse_d), _ptr(z), _ptr(r), _ptr(gm), _ptr(kappa), _ptr(t_idx),
-                _ptr(t_val), k)
+        rows = (ptr(lse_s), ptr(lse_d), ptr(z), ptr(r), ptr(gm), ptr(kappa), ptr(t_idx),
+                ptr(t_val), k)
 
         if needs[0] or needs[2] or needs[3]:
             parts = [new_output((split, *shapes[i]), f32, dev) if needs[i] else None
                      for i in (0, 2, 3)]
-            ext.backward_query(*problem, *rows, split, *(_ptr(t) for t in parts), stream)
+            ext.backward_query(*problem, *rows, split, *(ptr(t) for t in parts), stream)
             for i, t in zip((0, 2, 3), parts):
                 out[i] = None if t is None else reduce_partials(t)
 
@@ -346,7 +327,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
             split_b = _split("split_b", G * _blocks(N), B, N, d, dev)
             parts = [new_output((split_b, *shapes[i]), f32, dev) if needs[i] else None
                      for i in (1, 4)]
-            ext.backward_point(*problem, *rows, split_b, *(_ptr(t) for t in parts), stream)
+            ext.backward_point(*problem, *rows, split_b, *(ptr(t) for t in parts), stream)
             for i, t in zip((1, 4), parts):
                 out[i] = None if t is None else reduce_partials(t)
     return tuple(out)
@@ -367,6 +348,6 @@ def knn(queries, points, k):
     dist = new_output((split, G, B, k), queries.dtype, dev)
     idx = new_output((split, G, B, k), torch.int64, dev)
     with _launch_context(queries) as stream:
-        ext.knn(G, B, N, d, k, _ptr(queries), group_stride(queries), _ptr(points),
-                group_stride(points), split, split == 1, _ptr(dist), _ptr(idx), stream)
+        ext.knn(G, B, N, d, k, ptr(queries), group_stride(queries), ptr(points),
+                group_stride(points), split, split == 1, ptr(dist), ptr(idx), stream)
     return merge_knn_partials(dist, idx, k)

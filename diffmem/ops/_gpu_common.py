@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ._host import group_stride, groupwise  # noqa: F401  (re-exported for the GPU backends)
+
 # Largest partial-result buffer a split may allocate, in elements (256 MiB of float32).
 MAX_PARTIAL_ELEMENTS = 1 << 26
 
@@ -15,25 +17,6 @@ def check_float32(*tensors, backend: str) -> None:
     for t in tensors:
         if t is not None and t.dtype != torch.float32:
             raise TypeError(f"the {backend} backend supports float32 only, got {t.dtype}")
-
-
-def group_stride(t: torch.Tensor | None) -> int:
-    """Element stride between groups of a canonical tensor (0 when shared or G == 1)."""
-    if t is None or t.shape[0] == 1:
-        return 0
-    return t.stride(0)
-
-
-def groupwise(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Make each group contiguous, keeping a stride-0 group dimension shared (never copied)."""
-    if t is None:
-        return None
-    if t.shape[0] > 1 and t.stride(0) == 0:
-        one = t[:1]
-        return t if one.is_contiguous() else one.contiguous().expand(t.shape)
-    if t.shape[0] == 1 or t.stride(0) == 0:
-        return t if t[0].is_contiguous() else t.contiguous()
-    return t.contiguous()
 
 
 def centred_shift(x, points, alpha, var):

@@ -23,13 +23,13 @@ block_b / block_n / block_d / split, for tests that must exercise the split path
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from .. import _host
 from .._gpu_common import work_split
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,30 +40,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FAST_DOT = "tf32x3"
 
 # Queries per group up to which the forward takes the few-query plan.
-FEW_QUERIES = 16
+FEW_QUERIES = _host.FEW_QUERIES
 
-_forced: dict = {}
-
-
-@contextlib.contextmanager
-def force(**kwargs):
-    """Pin block_b, block_n, block_d and/or split (and split_b for the point kernel), and
-    whether the forward takes the few-query plan (few=True/False).
-
-    Forced blocks bypass autotuning (also on GPU). Used by tests to reach the split-N merge,
-    the chunked split-d and the few-query paths on small shapes.
-    """
-    allowed = {"block_b", "block_n", "block_d", "split", "split_b", "few"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ValueError(f"unknown plan keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-    previous = dict(_forced)
-    _forced.update({k: v for k, v in kwargs.items() if v is not None})
-    try:
-        yield
-    finally:
-        _forced.clear()
-        _forced.update(previous)
+# Pinned by tests (block_b, block_n, block_d, split, split_b; few: whether the forward takes the
+# few-query plan); forced blocks bypass autotuning, also on a GPU. Used to reach the split-N
+# merge, the chunked split-d and the few-query paths on small shapes.
+_forced = _host.Pins({"block_b", "block_n", "block_d", "split", "split_b", "few"})
+force = _forced.force
 
 
 @dataclass(frozen=True)
