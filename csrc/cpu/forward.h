@@ -32,9 +32,10 @@ void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, dou
   }
 }
 
-// Logits this far below the largest carry weights < 2e-9: they need no correction, and the
-// top-K lists keep only points within this gap of the running max.
-constexpr double kTopGap = 20.0;
+// Points whose logit is this far below the largest carry weights < 5e-5 of it: with logit
+// errors up to 1e-2 they move the mean by < 1e-6, so the top lists keep only points within this
+// gap of the running max, and no correction is needed beyond it.
+constexpr double kTopGap = 10.0;
 
 // The K largest logits of one query, kept sorted (descending) with their point indices.
 inline void topk_offer(double* val, int64_t* idx, int K, double v, int64_t i) {
