@@ -354,23 +354,6 @@ struct BShared {
   bool expands(int64_t b) const { return ex && ex[b]; }
 };
 
-// |yc_j|^2 in double for the points of a centred transposed tile.
-void tile_sq_norms(const float* yTc, int d, double* ynd) {
-  vd s2[NV][2];
-  for (int v = 0; v < NV; ++v) s2[v][0] = s2[v][1] = vd{};
-  for (int k = 0; k < d; ++k)
-    for (int v = 0; v < NV; ++v) {
-      const vf t = vld(yTc + (size_t)k * NT + v * W);
-      const vd lo = lo_d(t), hi = hi_d(t);
-      s2[v][0] = vdfma(lo, lo, s2[v][0]);
-      s2[v][1] = vdfma(hi, hi, s2[v][1]);
-    }
-  for (int v = 0; v < NV; ++v) {
-    vstd(ynd + v * W, s2[v][0]);
-    vstd(ynd + v * W + H, s2[v][1]);
-  }
-}
-
 // x'.yc for Q queries given by their rows (x', row-major) and the NT points of a centred
 // transposed tile, over coordinates [k0, k1): float32 into S (Q x NT).
 template <int Q>

@@ -6,30 +6,37 @@ namespace {
 // Exact-mode plan helpers.  A query of the expansion form computes its logits as
 //   bias + alpha/var x'.yc - alpha^2/(2 var) |yc|^2,  x' = x - alpha c, yc = y - c
 // (c = the plan's centre, rounded to float; |yc|^2 in double), the direct form as above.
-// centre_tile: yTc = yT - c for the valid points of a packed tile (0 elsewhere) and
-// ynd[j] = |yc_j|^2 in double.
-void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, double* ynd) {
+
+// |yc_j|^2 in double for the points of a centred transposed tile.
+void tile_sq_norms(const float* yTc, int d, double* ynd) {
   vd s2[NV][2];
-  vi valid[NV];
-  for (int v = 0; v < NV; ++v) {
-    s2[v][0] = s2[v][1] = vd{};
-    for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
-  }
-  for (int k = 0; k < d; ++k) {
-    const vf cb = vb(cf[k]);
+  for (int v = 0; v < NV; ++v) s2[v][0] = s2[v][1] = vd{};
+  for (int k = 0; k < d; ++k)
     for (int v = 0; v < NV; ++v) {
-      vf t = vld(yT + (size_t)k * NT + v * W) - cb;
-      t = valid[v] ? t : vb(0.f);
-      vst(yTc + (size_t)k * NT + v * W, t);
+      const vf t = vld(yTc + (size_t)k * NT + v * W);
       const vd lo = lo_d(t), hi = hi_d(t);
       s2[v][0] = vdfma(lo, lo, s2[v][0]);
       s2[v][1] = vdfma(hi, hi, s2[v][1]);
     }
-  }
   for (int v = 0; v < NV; ++v) {
     vstd(ynd + v * W, s2[v][0]);
     vstd(ynd + v * W + H, s2[v][1]);
   }
+}
+
+// yTc = yT - c for the valid points of a packed tile (0 elsewhere), and ynd[j] = |yc_j|^2.
+void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, double* ynd) {
+  vi valid[NV];
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
+  for (int k = 0; k < d; ++k) {
+    const vf cb = vb(cf[k]);
+    for (int v = 0; v < NV; ++v) {
+      const vf t = vld(yT + (size_t)k * NT + v * W) - cb;
+      vst(yTc + (size_t)k * NT + v * W, valid[v] ? t : vb(0.f));
+    }
+  }
+  tile_sq_norms(yTc, d, ynd);
 }
 
 // Points whose logit is this far below the largest carry weights < 5e-5 of it: with logit

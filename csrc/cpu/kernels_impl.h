@@ -375,9 +375,7 @@ static_assert(W == 4, "generic path assumes 4 lanes");
 inline vd lo_d(vf v) { return __builtin_convertvector((vh){v[0], v[1]}, vd); }
 inline vd hi_d(vf v) { return __builtin_convertvector((vh){v[2], v[3]}, vd); }
 #endif
-// With EXPAND the chunks hold x'.yc instead (the expansion form of exact mode, see
-// fwd_item): the same 16-coordinate float chains flushed into double.
-template <int Q, bool EXPAND = false>
+template <int Q>
 inline void k_logit_dbl(const float* X, const float* al, const float* va, const float* yT,
                         int k0, int k1, double* Sd) {
   vd dl[Q][NV], dh[Q][NV];
@@ -394,18 +392,7 @@ inline void k_logit_dbl(const float* X, const float* al, const float* va, const 
     vf acc[Q][NV];
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
-    if constexpr (EXPAND) {
-      for (int k = kc; k < ke; ++k) {
-        vf yv[NV];
-        for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
-        for (int q = 0; q < Q; ++q) {
-          const vf xb = vb(X[k * Q + q]);
-          for (int v = 0; v < NV; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
-        }
-      }
-    } else {
-      k_exact_chunk<Q>(acc, a, X, va, yT, kc, ke);
-    }
+    k_exact_chunk<Q>(acc, a, X, va, yT, kc, ke);
     for (int q = 0; q < Q; ++q)
       for (int v = 0; v < NV; ++v) {
         dl[q][v] += lo_d(acc[q][v]);
