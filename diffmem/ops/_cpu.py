@@ -18,17 +18,14 @@ from ._host import PRECISION_CODES, group_stride, groupwise, ptr
 FAST_MIN_QUERIES = 64
 
 
-def runs_exact(precision: str, B: int, d: int) -> bool:
-    """Whether a call runs the exact kernels: precision="exact", or "fast" with few queries."""
+def takes_plan(precision: str, B: int, d: int) -> bool:
+    """Whether a call runs the exact kernels (precision="exact", or "fast" with few queries),
+    which take exact mode's plan; the fast kernels take none."""
     return precision == "exact" or B < FAST_MIN_QUERIES
 
 
-# Calls that run the exact kernels take exact mode's plan; the fast kernels take none.
-takes_plan = runs_exact
-
-
 def _precision_code(precision: str, B: int) -> int:
-    return PRECISION_CODES["exact" if runs_exact(precision, B, 0) else precision]
+    return PRECISION_CODES["exact" if takes_plan(precision, B, 0) else precision]
 
 
 def _problem(*tensors) -> list[int]:
@@ -46,7 +43,7 @@ EXACT_PLAN = True
 CORRECTS_TOP_K = True
 
 
-def _plan_args(plan, code: int) -> tuple:
+def _plan_args(plan) -> tuple:
     """(centre, expand, top_k) for the kernel: the plan (the exact kernels run), or none."""
     if plan is None:
         return None, None, 0
@@ -61,7 +58,7 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None):
     G, B, d = x.shape
     N = points.shape[1]
     code = _precision_code(precision, B)
-    centre, expand, K = _plan_args(plan, code)
+    centre, expand, K = _plan_args(plan)
     mean = new_output((G, B, d), x.dtype)
     lse = new_output((G, B), x.dtype)
     lse64 = new_output((G, B), torch.float64)
@@ -93,11 +90,10 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
     out = [new_output(s, x.dtype) if need else None for s, need in zip(shapes, needs)]
     code = _precision_code(precision, B)
-    _, expand, K = _plan_args(plan, code)
+    _, expand, K = _plan_args(plan)
     if K:
         top_idx = top_idx.contiguous()
         top_logit = top_logit.to(torch.float64).contiguous()
-        K = top_idx.shape[-1]
     ext.softmax_mean_backward(
         str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
         *_problem(x, points, alpha, var, bias), ptr(mean), ptr(lse64), ptr(grad_mean),

@@ -86,7 +86,7 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     """
     G, B, d = x.shape
     N = points.shape[1]
-    shared = G == 1 or points.stride(0) == 0
+    shared = shares_points(points)
     pts = points[:1] if shared else points
     sample = pts[:, :: max(1, N // SAMPLE)][:, :SAMPLE].contiguous()
     # estimates only: float32 is plenty (the centre itself may be any point near the data);
@@ -111,6 +111,22 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     if shared:
         centre = centre[:1].expand(G, d)
     return ExactPlan(centre=centre, expand=expand)
+
+
+def shares_points(points: torch.Tensor) -> bool:
+    """Whether all groups of canonical points (G, N, d) are one set (one centre row)."""
+    return points.shape[0] == 1 or points.stride(0) == 0
+
+
+def centre_rows(plan: ExactPlan) -> torch.Tensor:
+    """The plan's distinct centre rows: (1, d) when the groups share their points, else (G, d)."""
+    return plan.centre[:1] if plan.centre.stride(0) == 0 else plan.centre
+
+
+def plan_from(expand: torch.Tensor, rows: torch.Tensor) -> ExactPlan:
+    """The plan again from its forms (G, B) and centre rows (1 or G, d), as the backward gets it
+    from the forward (the plan depends only on the inputs, so it is made once per call)."""
+    return ExactPlan(centre=rows.expand(expand.shape[0], rows.shape[-1]), expand=expand)
 
 
 def _gather_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -28,26 +28,29 @@ def _softmax_mean_op(
     bias: torch.Tensor | None,
     backend: str,
     precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical layout in (see _canonical.py); dense mean (G, B, d), lse (G, B), lse64, and the
-    exact top logits out.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Canonical layout in (see _canonical.py); dense mean (G, B, d), lse (G, B), lse64, the
+    exact top logits and exact mode's plan out.
 
     lse64 (G, B) is lse in float64, kept for the backward (weights recomputed from a rounded
     lse would not sum to one when |lse| is large). top_idx (G, B, K) int64 and top_logit
     (G, B, K) float64 are the points with the largest logits and their exact values (K = 0 when
-    the backend needs no correction; see _exact.py), also kept for the backward.
+    the backend needs no correction; see _exact.py); expand (G, B) uint8 and centre (1 or G, d)
+    are the plan (empty without one). All are kept for the backward, which reuses the plan.
     """
     mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
     plan = _plan(mod, x, points, alpha, var, precision)
     if plan is None:
         mean, lse, lse64, *_ = mod.forward(x, points, alpha, var, bias, precision)
         empty = lse64.new_empty((*lse64.shape, 0))
-        return mean, lse, lse64, empty.long(), empty
+        return (mean, lse, lse64, empty.long(), empty, x.new_empty(0, dtype=torch.uint8),
+                x.new_empty(0))
     mean, lse, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)
     if not getattr(mod, "CORRECTS_TOP_K", False):
         mean, lse, lse64, top_logit = _exact.correct_forward(
             x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
-    return mean, lse, lse64, top_idx, top_logit
+    return mean, lse, lse64, top_idx, top_logit, plan.expand, _exact.centre_rows(plan)
 
 
 def _plan_free(mod, x, precision) -> bool:
@@ -67,9 +70,13 @@ def _plan(mod, x, points, alpha, var, precision):
 def _(x, points, alpha, var, bias, backend, precision):
     G, B, d = x.shape
     mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
-    K = 0 if _plan_free(mod, x, precision) else _exact.TOP_K
+    planned = not _plan_free(mod, x, precision)
+    K = _exact.TOP_K if planned else 0
+    Gc = 1 if _exact.shares_points(points) else G
     return (x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64),
-            x.new_empty((G, B, K), dtype=torch.int64), x.new_empty((G, B, K), dtype=torch.float64))
+            x.new_empty((G, B, K), dtype=torch.int64), x.new_empty((G, B, K), dtype=torch.float64),
+            x.new_empty((G, B) if planned else (0,), dtype=torch.uint8),
+            x.new_empty((Gc, d) if planned else (0,)))
 
 
 @torch.library.custom_op("diffmem::softmax_mean_backward", mutates_args=())
@@ -83,6 +90,8 @@ def _softmax_mean_backward_op(
     lse64: torch.Tensor,
     top_idx: torch.Tensor,
     top_logit: torch.Tensor,
+    expand: torch.Tensor,
+    centre: torch.Tensor,
     grad_mean: torch.Tensor | None,
     grad_lse: torch.Tensor | None,
     needs: list[bool],
@@ -91,7 +100,7 @@ def _softmax_mean_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
     mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
-    plan = _plan(mod, x, points, alpha, var, precision)
+    plan = None if _plan_free(mod, x, precision) else _exact.plan_from(expand, centre)
     extra = () if plan is None else (plan, top_idx, top_logit)
     grads = mod.backward(
         x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, tuple(needs), precision,
@@ -101,8 +110,8 @@ def _softmax_mean_backward_op(
 
 
 @_softmax_mean_backward_op.register_fake
-def _(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, grad_mean, grad_lse, needs,
-      backend, precision):
+def _(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, centre, grad_mean,
+      grad_lse, needs, backend, precision):
     G, B, d = x.shape
     N = points.shape[1]
     shapes = ((G, B, d), (G, N, d), (G, B), (G, B), (G, N))
@@ -111,19 +120,21 @@ def _(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, grad_mean, g
 
 def _setup_context(ctx, inputs, output):
     x, points, alpha, var, bias, backend, precision = inputs
-    mean, _, lse64, top_idx, top_logit = output
-    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
+    mean, _, lse64, top_idx, top_logit, expand, centre = output
+    ctx.save_for_backward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand,
+                          centre)
     ctx.backend, ctx.precision = backend, precision
 
 
-def _backward(ctx, grad_mean, grad_lse, _grad_lse64, _grad_idx, _grad_top):
-    x, points, alpha, var, bias, mean, lse64, top_idx, top_logit = ctx.saved_tensors
+def _backward(ctx, grad_mean, grad_lse, *_grads_of_saved):
+    x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, centre = (
+        ctx.saved_tensors)
     needs = list(ctx.needs_input_grad[:5])
     if bias is None:
         needs[4] = False
     grads = _softmax_mean_backward_op(
-        x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, grad_mean, grad_lse, needs,
-        ctx.backend, ctx.precision,
+        x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, centre, grad_mean,
+        grad_lse, needs, ctx.backend, ctx.precision,
     )
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
