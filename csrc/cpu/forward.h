@@ -26,16 +26,7 @@ void tile_sq_norms(const float* yTc, int d, double* ynd) {
 
 // yTc = yT - c for the valid points of a packed tile (0 elsewhere), and ynd[j] = |yc_j|^2.
 void centre_tile(const float* yT, int n, int d, const float* cf, float* yTc, double* ynd) {
-  vi valid[NV];
-  for (int v = 0; v < NV; ++v)
-    for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
-  for (int k = 0; k < d; ++k) {
-    const vf cb = vb(cf[k]);
-    for (int v = 0; v < NV; ++v) {
-      const vf t = vld(yT + (size_t)k * NT + v * W) - cb;
-      vst(yTc + (size_t)k * NT + v * W, valid[v] ? t : vb(0.f));
-    }
-  }
+  centre_transposed(yT, n, d, cf, yTc);
   tile_sq_norms(yTc, d, ynd);
 }
 

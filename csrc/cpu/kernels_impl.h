@@ -244,6 +244,21 @@ inline void tr16(const float* src, size_t ss, float* dst, size_t ds) {
 }
 #endif
 
+// yTc = yT - cf for the n valid points of a transposed tile (one subtraction per vector);
+// missing points 0.
+void centre_transposed(const float* yT, int n, int d, const float* cf, float* yTc) {
+  vi valid[NV];
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
+  for (int k = 0; k < d; ++k) {
+    const vf cb = vb(cf[k]);
+    for (int v = 0; v < NV; ++v) {
+      const vf t = vld(yT + (size_t)k * NT + v * W) - cb;
+      vst(yTc + (size_t)k * NT + v * W, valid[v] ? t : vb(0.f));
+    }
+  }
+}
+
 void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const float* cf, float* yT,
                float* yR, float* yn, float* cy, float* yTc = nullptr, const float* ccf = nullptr) {
   const int dw = d - d % W;
@@ -296,18 +311,7 @@ void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const float* c
       for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * NT + j] = v[l];
     }
   }
-  if (yTc) {  // y - ccf from the transposed copy (one subtraction per vector); missing points 0
-    vi valid[NV];
-    for (int v = 0; v < NV; ++v)
-      for (int l = 0; l < W; ++l) valid[v][l] = v * W + l < n ? -1 : 0;
-    for (int k = 0; k < d; ++k) {
-      const vf cb = vb(ccf[k]);
-      for (int v = 0; v < NV; ++v) {
-        const vf t = vld(yT + (size_t)k * NT + v * W) - cb;
-        vst(yTc + (size_t)k * NT + v * W, valid[v] ? t : vb(0.f));
-      }
-    }
-  }
+  if (yTc) centre_transposed(yT, n, d, ccf, yTc);
 }
 
 // One exact chunk [kc, ke) of at most 16 coordinates: subtract (ke - kc) * var, then add the
