@@ -93,19 +93,25 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     # two passes (torch.var_mean is ~10x slower here)
     centre = sample.mean(1)  # (G', d)
     dev = sample - centre[:, None]
-    spread = (dev * dev).mean(1)[:, None]  # (G', 1, d)
-    a = alpha[..., None]  # (G, B, 1)
-    xp = x - a * centre[:, None]
-    xp2 = xp * xp
+    spread = (dev * dev).mean(1)  # (G', d)
     # error scales (common factor eps / (2 var) dropped): expansion, with 4x for its chained
     # float32 sums; direct, from E[diff^4] >= 3 E[diff^2]^2 per feature, plus its chains' own
     # rounding when the shift by var overshoots the squared differences (var > their mean: the
-    # chain then runs through values ~ 16 (var - mean) per 16 features)
-    a2s = a * a * spread
-    sq = xp2 + a2s  # mean squared difference per feature, over the points
-    err_expand = 4.0 * a[..., 0] * (spread * (a2s + 4.0 * xp2)).sum(-1).sqrt()
-    overshoot = (var - sq.mean(-1)).clamp_min(0.0)
-    err_direct = (3.0 * (sq * sq).sum(-1)).sqrt() + 8.0 * math.sqrt(d) * overshoot
+    # chain then runs through values ~ 16 (var - mean) per 16 features). With sq_k = x'_k^2 +
+    # alpha^2 s_k, the mean squared difference per feature over the points, only three sums
+    # over the features of x'^2 are needed per query:
+    #   sum s (alpha^2 s + 4 x'^2) = alpha^2 S2 + 4 P,  sum sq^2 = Q + 2 alpha^2 P + alpha^4 S2
+    xp = x - alpha[..., None] * centre[:, None]
+    xp2 = xp * xp
+    X2 = xp2.sum(-1)  # sum x'^2, (G, B)
+    Q = (xp2 * xp2).sum(-1)  # sum x'^4
+    P = torch.bmm(xp2, spread[:, :, None].expand(G, d, 1))[..., 0]  # sum s x'^2
+    S1, S2 = spread.sum(-1)[:, None], (spread * spread).sum(-1)[:, None]  # (G', 1)
+    a2 = alpha * alpha
+    err_expand = 4.0 * alpha * (a2 * S2 + 4.0 * P).clamp_min(0.0).sqrt()
+    overshoot = (var - (X2 + a2 * S1) / d).clamp_min(0.0)
+    err_direct = (3.0 * (Q + 2.0 * a2 * P + a2 * a2 * S2)).clamp_min(0.0).sqrt()
+    err_direct = err_direct + 8.0 * math.sqrt(d) * overshoot
     expand = (err_expand < err_direct).to(torch.uint8).contiguous()
     centre = centre.contiguous()
     if shared:
