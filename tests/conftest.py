@@ -43,6 +43,12 @@ def supports(backend: str, dtype: torch.dtype) -> bool:
     return str(dtype).removeprefix("torch.") in diffmem.backends()[backend]["dtypes"]
 
 
+def supports_points(backend: str, dtype: torch.dtype) -> bool:
+    """Whether backend takes points stored as dtype (uint8, float16, bfloat16) with float32
+    queries."""
+    return str(dtype).removeprefix("torch.") in diffmem.backends()[backend]["point_dtypes"]
+
+
 def vp_case(batch=(), B=5, N=7, d=3, t=0.5, offset=0.0, seed=0, dtype=torch.float32,
             per_query_t=False, scale=1.0):
     """Points y ~ N(offset, scale^2 I) and VP queries x = alpha y[j] + t eps.

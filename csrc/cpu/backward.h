@@ -433,7 +433,7 @@ void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const flo
                Work& w, BWork& bw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N, ntiles = cdiv(N, NT);
-  const float* yg = a.y + g * a.gs_y;
+  const PointRows yg = point_rows(a, g);
   const float* al = a.alpha + g * a.gs_alpha + q0;
   const float* va = a.var + g * a.gs_var + q0;
   const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
@@ -660,7 +660,7 @@ void backward_impl(const Problem<float>& a) {
       if (part) std::memset(part, 0, sizeof(double) * B * dp);
       std::memset(sums, 0, sizeof(double) * B * 3);
       const int64_t tb = tid * ntiles / nth, te = (tid + 1) * ntiles / nth;
-      const float* yg = a.y + g * a.gs_y;
+      const PointRows yg = point_rows(a, g);
       const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
       for (int64_t t = tb; t < te; ++t) {
         const int64_t i0 = t * NT;

@@ -120,7 +120,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   const int64_t N = a.N;
   const int K = FAST ? 0 : a.top_k;
   const float* xg = a.x + g * a.gs_x + q0 * a.d;
-  const float* yg = a.y + g * a.gs_y;
+  const PointRows yg = point_rows(a, g);
   const float* al0 = a.alpha + g * a.gs_alpha + q0;
   const float* va0 = a.var + g * a.gs_var + q0;
   const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
@@ -296,6 +296,8 @@ void forward_impl(const Problem<float>& a) {
     w.init((int)d, dp, (int)qcs);
     PlanWork pw;
     pw.init(dp, (int)qcs, K);
+    Buf bkr;  // the corrected points' rows (float32)
+    float* krows = K ? bkr.get<float>((size_t)K * d) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nitems; ++it) {
       const int64_t s = it % S, qi = (it / S) % nqc, g = it / (S * nqc);
@@ -339,11 +341,13 @@ void forward_impl(const Problem<float>& a) {
             if (pti[o] >= 0) topk_offer(tv, ti, K, ptv[o], pti[o]);
           }
         if (K > 1 && ti[1] >= 0 && tv[1] > tv[0] - kTopGap) {
-          const float* yg = a.y + g * a.gs_y;
+          const PointRows pts = point_rows(a, g);
           const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
           double ex[64];
           for (; nc < K && ti[nc] >= 0; ++nc) {
-            const float* yi = yg + ti[nc] * d;
+            float* yi = krows + (size_t)nc * d;  // kept for the mean's correction
+            const float* src = pts.row(ti[nc], yi);
+            if (src != yi) std::memcpy(yi, src, sizeof(float) * d);
             double s2 = 0.0;
             for (int64_t j = 0; j < d; ++j) {
               const double df = (double)xr[j] - (double)alv * (double)yi[j];
@@ -363,7 +367,7 @@ void forward_impl(const Problem<float>& a) {
       for (int64_t k = 0; k < d; ++k) {
         double v = 0.0;
         for (int64_t s = 0; s < Sc; ++s) v += f[s] * pacc[(s * G * B + gb) * dp + k];
-        for (int j = 0; j < nc; ++j) v += dw[j] * (double)a.y[g * a.gs_y + ti[j] * d + k];
+        for (int j = 0; j < nc; ++j) v += dw[j] * (double)krows[(size_t)j * d + k];
         v *= invL;
         if (FAST) v += c[g * d + k];
         a.mean_out[gb * d + k] = (float)v;

@@ -44,7 +44,9 @@ void forward_f64(const Problem<double>& a) {
       const int64_t g = gb / B, b = gb % B;
       logits64(a, g, b, lg);
       double M = -std::numeric_limits<double>::infinity();
-      for (int64_t i = 0; i < N; ++i) M = std::max(M, lg[i]);
+      int64_t arg = -1;  // the first largest logit: ties to the lower index
+      for (int64_t i = 0; i < N; ++i)
+        if (lg[i] > M) { M = lg[i]; arg = i; }
       const double* y = a.y + g * a.gs_y;
       std::fill(acc.begin(), acc.end(), 0.0);
       double L = 0.0;
@@ -57,6 +59,10 @@ void forward_f64(const Problem<double>& a) {
       for (int64_t k = 0; k < d; ++k) a.mean_out[gb * d + k] = acc[k] / L;
       a.lse_out[gb] = M + std::log(L);
       if (a.lse64_out) a.lse64_out[gb] = a.lse_out[gb];
+      if (a.top_k >= 1) {  // the nearest point alone (top_k = 1)
+        a.top_idx[gb] = arg;
+        a.top_logit[gb] = arg >= 0 ? M : -std::numeric_limits<double>::infinity();
+      }
     }
   }
 }

@@ -173,6 +173,10 @@ struct Buf {
   }
 };
 
+}  // namespace
+#include "points.h"
+namespace {
+
 // Calls f(integral_constant<Q>, q) for query blocks of QMAX, then one smaller tail block.
 template <int Q, class F>
 inline void tail_dispatch(int r, int q, F& f) {
@@ -259,13 +263,13 @@ void centre_transposed(const float* yT, int n, int d, const float* cf, float* yT
   }
 }
 
-void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const float* cf, float* yT,
+void pack_tile(const PointRows& pts, int64_t i0, int n, int d, int dp, const float* cf, float* yT,
                float* yR, float* yn, float* cy, float* yTc = nullptr, const float* ccf = nullptr) {
   const int dw = d - d % W;
   for (int j = 0; j < NT; ++j) {
     float* r = yR + (size_t)j * dp;
     if (j < n) {
-      const float* src = yg + (i0 + j) * (int64_t)d;
+      const float* src = pts.row(i0 + j, r);  // storage dtypes: converted into r, centred in place
       if (cf) {
         vd s2v = vd{}, scv = vd{};
         for (int k = 0; k < dw; k += W) {
@@ -288,7 +292,7 @@ void pack_tile(const float* yg, int64_t i0, int n, int d, int dp, const float* c
         }
         yn[j] = (float)s2;
         if (cy) cy[j] = (float)sc;
-      } else {
+      } else if (src != r) {
         std::memcpy(r, src, sizeof(float) * d);
       }
       for (int k = d; k < dp; ++k) r[k] = 0.f;
@@ -561,17 +565,19 @@ double* centres(const Problem<float>& a, Buf& buf, double* ss = nullptr) {
   for (int64_t it = 0; it < Gd * nstrip; ++it) {
     const int64_t g = it / nstrip, k0 = (it % nstrip) * sw, k1 = imin(d, k0 + sw);
     const int kw = (int)(k1 - k0);
-    const float* yg = a.y + g * a.gs_y + k0;
+    const PointRows pts = point_rows(a, g);
+    alignas(64) float conv[CSW];  // a strip of a point in a storage dtype, converted
     // one pass: sums of e = y - y0 (y0 = the first point, a shift against cancellation) and,
     // if ss is asked for, of e^2 (c depends on the sums of e only)
     alignas(64) double s[CSW], q[CSW], y0[CSW];
-    for (int k = 0; k < kw; ++k) { s[k] = 0.0; q[k] = 0.0; y0[k] = (double)yg[k]; }
+    const float* first = pts.span(0, k0, kw, conv);
+    for (int k = 0; k < kw; ++k) { s[k] = 0.0; q[k] = 0.0; y0[k] = (double)first[k]; }
     if (kw == CSW) {  // full strip: the sums in registers (CSW / H vectors each)
       constexpr int NS = CSW / H;
       vd vs[NS], vq[NS], v0[NS];
       for (int u = 0; u < NS; ++u) { vs[u] = vq[u] = vd{}; v0[u] = vldd(y0 + u * H); }
       for (int64_t i = 0; i < N; ++i) {
-        const float* r = yg + i * d;
+        const float* r = pts.span(i, k0, kw, conv);
         for (int u = 0; u < NS; ++u) {
           const vd e = h2d(r + u * H) - v0[u];
           vs[u] += e;
@@ -581,7 +587,7 @@ double* centres(const Problem<float>& a, Buf& buf, double* ss = nullptr) {
       for (int u = 0; u < NS; ++u) { vstd(s + u * H, vs[u]); vstd(q + u * H, vq[u]); }
     } else {
       for (int64_t i = 0; i < N; ++i) {
-        const float* r = yg + i * d;
+        const float* r = pts.span(i, k0, kw, conv);
         for (int k = 0; k < kw; ++k) {
           const double e = (double)r[k] - y0[k];
           s[k] += e;

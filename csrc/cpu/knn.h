@@ -75,7 +75,7 @@ void knn_f32(const KnnProblem<float>& a) {
       const float* xq = a.x + g * a.gs_x + q0 * d;
       pack_x<false>(nq, (int)d, w.xc, [&](int q, int k) { return xq[q * d + k]; });
       const float* X = w.xc;
-      const float* yg = a.y + g * a.gs_y;
+      const PointRows yg = point_rows(a, g);
       Heap* hs = nullptr;
       Heap hq[64];
       hs = hq;

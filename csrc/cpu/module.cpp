@@ -84,6 +84,15 @@ const T* cp(std::uintptr_t p) { return reinterpret_cast<const T*>(p); }
 template <class T>
 T* mp(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// Storage dtype of the points of a float32 call (see problem.h).
+int point_type(const std::string& dtype, bool f32) {
+  if (dtype == "" || dtype == (f32 ? "float32" : "float64")) return kPointF32;
+  if (f32 && dtype == "uint8") return kPointU8;
+  if (f32 && dtype == "float16") return kPointF16;
+  if (f32 && dtype == "bfloat16") return kPointBF16;
+  throw std::invalid_argument("diffmem._C: points dtype '" + dtype + "' is not served with these queries");
+}
+
 bool is_f32(const std::string& dtype) {
   if (dtype == "float32") return true;
   if (dtype == "float64") return false;
@@ -98,8 +107,13 @@ void check_sizes(int64_t G, int64_t B, int64_t N, int64_t d) {
 void check_plan(bool f32, int precision, std::uintptr_t centre, std::uintptr_t expand, int top_k,
                 std::uintptr_t top_idx, std::uintptr_t top_logit) {
   if (!expand && !centre && !top_k) return;
-  if (!f32 || precision != 0)
-    throw std::invalid_argument("diffmem._C: an exact-mode plan needs float32 and precision 0");
+  if (!f32) {  // float64: the nearest point alone, no plan
+    if (expand || centre || top_k != 1 || !top_idx || !top_logit)
+      throw std::invalid_argument("diffmem._C: float64 takes no plan, only top_k = 1 with its buffers");
+    return;
+  }
+  if (precision != 0)
+    throw std::invalid_argument("diffmem._C: an exact-mode plan needs precision 0");
   if (!expand || !centre || top_k < 0 || top_k > 64 || (top_k > 0 && (!top_idx || !top_logit)))
     throw std::invalid_argument("diffmem._C: incomplete exact-mode plan (centre, expand, 0 <= top_k <= 64, top buffers)");
 }
@@ -136,9 +150,11 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
                           int64_t gs_var, std::uintptr_t bias, int64_t gs_bias,
                           std::uintptr_t mean_out, std::uintptr_t lse_out, std::uintptr_t lse64_out,
                           std::uintptr_t centre, int64_t gs_centre, std::uintptr_t expand, int top_k,
-                          std::uintptr_t top_idx, std::uintptr_t top_logit) {
+                          std::uintptr_t top_idx, std::uintptr_t top_logit,
+                          const std::string& points_dtype) {
   check_sizes(G, B, N, d);
   const bool f32 = is_f32(dtype);
+  const int y_type = point_type(points_dtype, f32);
   check_plan(f32, precision, centre, expand, top_k, top_idx, top_logit);
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
@@ -148,6 +164,7 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
     a.mean_out = mp<float>(mean_out);
     a.lse_out = mp<float>(lse_out);
     a.lse64_out = mp<double>(lse64_out);
+    a.y_type = y_type;
     set_plan(a, centre, gs_centre, expand, top_k, top_idx, top_logit);
     fwd32(a);
   } else {
@@ -156,6 +173,9 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
     a.mean_out = mp<double>(mean_out);
     a.lse_out = mp<double>(lse_out);
     a.lse64_out = mp<double>(lse64_out);
+    a.top_k = top_k;
+    a.top_idx = mp<int64_t>(top_idx);
+    a.top_logit = mp<double>(top_logit);
     forward_f64(a);
   }
 }
@@ -182,9 +202,11 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
                            std::uintptr_t lse64, std::uintptr_t grad_mean, std::uintptr_t grad_lse, std::uintptr_t dx,
                            std::uintptr_t dy, std::uintptr_t dalpha, std::uintptr_t dvar,
                            std::uintptr_t dbias, std::uintptr_t expand, int top_k,
-                           std::uintptr_t top_idx, std::uintptr_t top_logit) {
+                           std::uintptr_t top_idx, std::uintptr_t top_logit,
+                           const std::string& points_dtype) {
   check_sizes(G, B, N, d);
   const bool f32 = is_f32(dtype);
+  const int y_type = point_type(points_dtype, f32);
   if (expand || top_k) {
     if (!f32 || precision != 0 || !expand || top_k < 0 || top_k > 64 ||
         (top_k > 0 && (!top_idx || !top_logit)))
@@ -208,6 +230,7 @@ void softmax_mean_backward(const std::string& dtype, int precision, int threads,
     a.top_k = expand ? top_k : 0;
     a.top_idx = mp<int64_t>(top_idx);
     a.top_logit = mp<double>(top_logit);
+    a.y_type = y_type;
     bwd32(a);
   } else {
     auto a = make_problem<double>(precision, threads, G, B, N, d, x, gs_x, y, gs_y, alpha, gs_alpha, var,
@@ -232,16 +255,20 @@ KnnProblem<T> knn_problem(int threads, int64_t G, int64_t B, int64_t N, int64_t 
 
 void knn(const std::string& dtype, int threads, int64_t G, int64_t B, int64_t N, int64_t d, int64_t k,
          std::uintptr_t x, int64_t gs_x, std::uintptr_t y, int64_t gs_y, std::uintptr_t dist_out,
-         std::uintptr_t idx_out) {
+         std::uintptr_t idx_out, const std::string& points_dtype) {
   check_sizes(G, B, N, d);
   if (k < 1 || k > N) throw std::invalid_argument("diffmem._C.knn: need 1 <= k <= N");
   const bool f32 = is_f32(dtype);
+  const int y_type = point_type(points_dtype, f32);
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
-  if (f32)
-    knn32(knn_problem<float>(threads, G, B, N, d, k, x, gs_x, y, gs_y, dist_out, idx_out));
-  else
+  if (f32) {
+    auto a = knn_problem<float>(threads, G, B, N, d, k, x, gs_x, y, gs_y, dist_out, idx_out);
+    a.y_type = y_type;
+    knn32(a);
+  } else {
     knn_f64(knn_problem<double>(threads, G, B, N, d, k, x, gs_x, y, gs_y, dist_out, idx_out));
+  }
 }
 
 py::dict info() {
@@ -267,15 +294,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("gs_x"), py::arg("y"), py::arg("gs_y"), py::arg("alpha"), py::arg("gs_alpha"),
         py::arg("var"), py::arg("gs_var"), py::arg("bias"), py::arg("gs_bias"), py::arg("mean_out"),
         py::arg("lse_out"), py::arg("lse64_out"), py::arg("centre") = 0, py::arg("gs_centre") = 0,
-        py::arg("expand") = 0, py::arg("top_k") = 0, py::arg("top_idx") = 0, py::arg("top_logit") = 0);
+        py::arg("expand") = 0, py::arg("top_k") = 0, py::arg("top_idx") = 0, py::arg("top_logit") = 0,
+        py::arg("points_dtype") = "");
   m.def("softmax_mean_backward", &softmax_mean_backward, py::arg("dtype"), py::arg("precision"),
         py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
         py::arg("gs_x"), py::arg("y"), py::arg("gs_y"), py::arg("alpha"), py::arg("gs_alpha"),
         py::arg("var"), py::arg("gs_var"), py::arg("bias"), py::arg("gs_bias"), py::arg("mean"),
         py::arg("lse64"), py::arg("grad_mean"), py::arg("grad_lse"), py::arg("dx"), py::arg("dy"), py::arg("dalpha"),
         py::arg("dvar"), py::arg("dbias"), py::arg("expand") = 0, py::arg("top_k") = 0,
-        py::arg("top_idx") = 0, py::arg("top_logit") = 0);
+        py::arg("top_idx") = 0, py::arg("top_logit") = 0, py::arg("points_dtype") = "");
   m.def("knn", &knn, py::arg("dtype"), py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"),
         py::arg("d"), py::arg("k"), py::arg("x"), py::arg("gs_x"), py::arg("y"), py::arg("gs_y"),
-        py::arg("dist_out"), py::arg("idx_out"));
+        py::arg("dist_out"), py::arg("idx_out"), py::arg("points_dtype") = "");
 }

@@ -5,6 +5,11 @@
 
 namespace diffmem {
 
+// Storage dtype of the points of a float32 call (y_type): the points are read in these bytes
+// and converted to float32 by the kernels (see points.h).
+enum PointType : int { kPointF32 = 0, kPointU8 = 1, kPointF16 = 2, kPointBF16 = 3 };
+inline size_t point_size(int type) { return type == kPointU8 ? 1 : type == kPointF32 ? 4 : 2; }
+
 // Arguments of one softmax-mean call.  All strides are in elements; a group stride of 0
 // means "shared by all groups".  Null pointers mean "absent" (see module.cpp).
 template <class T>
@@ -13,7 +18,8 @@ struct Problem {
   int threads = 1;
   int64_t G = 0, B = 0, N = 0, d = 0;
   const T* x = nullptr;     int64_t gs_x = 0;      // (G,) x (B,d)
-  const T* y = nullptr;     int64_t gs_y = 0;      // (G,) x (N,d)
+  const T* y = nullptr;     int64_t gs_y = 0;      // (G,) x (N,d), stored as y_type
+  int y_type = kPointF32;  // float32 calls only; the group stride is in elements of y_type
   const T* alpha = nullptr; int64_t gs_alpha = 0;  // (G,) x (B,)
   const T* var = nullptr;   int64_t gs_var = 0;    // (G,) x (B,)
   const T* bias = nullptr;  int64_t gs_bias = 0;   // (G,) x (N,) or null
@@ -48,6 +54,7 @@ struct KnnProblem {
   int64_t G = 0, B = 0, N = 0, d = 0, k = 1;
   const T* x = nullptr; int64_t gs_x = 0;
   const T* y = nullptr; int64_t gs_y = 0;
+  int y_type = kPointF32;  // as in Problem
   T* dist_out = nullptr;      // (G,B,k)
   int64_t* idx_out = nullptr;  // (G,B,k)
 };

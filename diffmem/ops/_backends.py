@@ -2,10 +2,18 @@
 
 A backend is a module with these functions over the canonical layout of _canonical.py:
 
-    forward(x, points, alpha, var, bias, precision) -> mean (G, B, d), lse (G, B), lse64 (G, B)
+    forward(x, points, alpha, var, bias, precision, plan=None, nearest=False)
+        -> mean (G, B, d), lse (G, B), lse64 (G, B)
+           [+ top_idx (G, B, K) int64, top_logit (G, B, K) float64 with a plan or nearest]
     backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs, precision)
         -> (dx, dpoints, dalpha, dvar, dbias), dense, None where needs[i] is False
     knn(queries, points, k) -> dist (G, B, k), idx (G, B, k) int64
+
+Exact mode's plan and its top lists are described in _exact.py. Without a plan, ``nearest``
+asks for the top list of the largest exact logit alone (K = 1; the float64 kernels and the
+reference). Points may come in a storage dtype (uint8, float16, bfloat16) with float32 queries
+where the backend lists it in ``point_dtypes``: computed as if converted to float32 first; the
+gradient w.r.t. such points is returned in float32 (the op casts it).
 
 lse64 is lse in float64 (weights recomputed from a rounded lse would not sum to one when |lse|
 is large); outputs are allocated with _alloc.new_output. BACKENDS says where each one runs.
@@ -36,6 +44,8 @@ class BackendSpec:
     status: Callable[[], tuple[bool, str]]  # (available, reason why not); probes on first call
     devices: Callable[[], tuple[str, ...]]  # device types it runs on
     dtypes: tuple[torch.dtype, ...]
+    # storage dtypes the points may have with float32 queries (see _canonical.py)
+    point_dtypes: tuple[torch.dtype, ...] = ()
 
 
 def _always() -> tuple[bool, str]:
@@ -70,10 +80,13 @@ def _cpu_only() -> tuple[str, ...]:
 
 
 _F32_F64 = (torch.float32, torch.float64)
+_COMPACT = (torch.uint8, torch.float16, torch.bfloat16)
 
 BACKENDS: dict[str, BackendSpec] = {
-    "reference": BackendSpec("reference", "diffmem.ops._reference", _always, _everywhere, _F32_F64),
-    "cpu": BackendSpec("cpu", "diffmem.ops._cpu", cpu_extension_status, _cpu_only, _F32_F64),
+    "reference": BackendSpec("reference", "diffmem.ops._reference", _always, _everywhere, _F32_F64,
+                               _COMPACT),
+    "cpu": BackendSpec("cpu", "diffmem.ops._cpu", cpu_extension_status, _cpu_only, _F32_F64,
+                       _COMPACT),
     "triton": BackendSpec("triton", "diffmem.ops._triton", _triton_status, _triton_devices,
                           (torch.float32,)),
     # the CUDA module is loaded on first use; its host-emulator build runs on CPU tensors
@@ -93,11 +106,13 @@ def backends() -> dict[str, dict]:
             "reason": "" if ok else reason,
             "devices": list(spec.devices()),
             "dtypes": [str(t).removeprefix("torch.") for t in spec.dtypes],
+            "point_dtypes": [str(t).removeprefix("torch.") for t in spec.point_dtypes],
         }
     return report
 
 
-def _can_run(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str:
+def _can_run(spec: BackendSpec, device: torch.device, dtype: torch.dtype,
+             point_dtype: torch.dtype | None) -> str:
     """Empty string when spec can run this call, else the reason."""
     ok, reason = spec.status()
     if not ok:
@@ -106,6 +121,9 @@ def _can_run(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str
         return f"it runs on {', '.join(spec.devices())} tensors, not {device.type}"
     if dtype not in spec.dtypes:
         return f"it supports {', '.join(str(t) for t in spec.dtypes)}, not {dtype}"
+    if point_dtype not in (None, dtype) and point_dtype not in spec.point_dtypes:
+        stored = ", ".join(str(t) for t in spec.point_dtypes) or "none"
+        return f"it takes points of the queries' dtype or of {stored}, not {point_dtype}"
     return ""
 
 
@@ -118,8 +136,10 @@ def check_name(requested: object) -> None:
             f"unknown backend {requested!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name that runs a call with tensors on device/dtype (see module doc).
+def resolve(requested: str, device: torch.device, dtype: torch.dtype,
+            point_dtype: torch.dtype | None = None) -> str:
+    """The backend name that runs a call with tensors on device/dtype and points stored as
+    point_dtype (None: dtype) (see module doc).
 
     Called inside the custom ops (eagerly, also under torch.compile), so probing a backend on
     first use, which may import it, never happens in a traced region.
@@ -130,7 +150,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         name = os.environ.get("DIFFMEM_BACKEND", "auto") or "auto"
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if not _can_run(BACKENDS[candidate], device, dtype):
+            if not _can_run(BACKENDS[candidate], device, dtype, point_dtype):
                 return candidate
         return "reference"
     if name not in BACKENDS:
@@ -138,7 +158,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         raise ValueError(
             f"unknown {source} {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
         )
-    reason = _can_run(BACKENDS[name], device, dtype)
+    reason = _can_run(BACKENDS[name], device, dtype, point_dtype)
     if reason:
         raise RuntimeError(f"backend {name!r} cannot run this call: {reason}")
     return name

@@ -20,6 +20,9 @@ from numbers import Real
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+# Storage formats points may have with float32 queries: computed exactly as if converted to
+# float32 first, reading a quarter (uint8) or half (float16, bfloat16) of the bytes.
+COMPACT_POINT_DTYPES = (torch.uint8, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -42,6 +45,21 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {t.dtype}")
     return t
+
+
+def _check_points(name: str, points: object, x: torch.Tensor, x_name: str) -> torch.Tensor:
+    """points: x's dtype, or with float32 x one of the compact storage dtypes; x's device."""
+    if not isinstance(points, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(points).__name__}")
+    compact = x.dtype == torch.float32 and points.dtype in COMPACT_POINT_DTYPES
+    if points.dtype != x.dtype and not compact:
+        raise TypeError(
+            f"{name} has dtype {points.dtype} but {x_name} has dtype {x.dtype}; {name} must have "
+            f"the dtype of {x_name} or, with float32 {x_name}, a storage dtype (uint8, float16, "
+            "bfloat16)")
+    if points.device != x.device:
+        raise ValueError(f"{name} is on {points.device} but {x_name} is on {x.device}")
+    return points
 
 
 def _as_param(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
@@ -104,6 +122,8 @@ def _extremes(t: torch.Tensor) -> tuple[float, float]:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        return  # integer codes are always finite
     lo, hi = _extremes(t)
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"{name} contains NaN values; it must be finite")
@@ -121,12 +141,7 @@ def canonicalize(
 ) -> Canonical:
     """Validate softmax_mean inputs and bring them into canonical layout (see module doc)."""
     x = _check_tensor("x", x)
-    points = _check_tensor("points", points)
-    if points.dtype != x.dtype:
-        raise TypeError(
-            f"points has dtype {points.dtype} but x has dtype {x.dtype}; they must match")
-    if points.device != x.device:
-        raise ValueError(f"points is on {points.device} but x is on {x.device}")
+    points = _check_points("points", points, x, "x")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (..., B, d), got {tuple(x.shape)}")
     if points.dim() < 2:
@@ -209,14 +224,7 @@ def canonicalize(
 def check_knn_inputs(queries: torch.Tensor, points: torch.Tensor, k: int) -> None:
     """Validate knn inputs (shapes, dtypes, devices, finiteness, 1 <= k <= N)."""
     queries = _check_tensor("queries", queries)
-    points = _check_tensor("points", points)
-    if points.dtype != queries.dtype:
-        raise TypeError(
-            f"points has dtype {points.dtype} but queries has dtype {queries.dtype}; "
-            "they must match"
-        )
-    if points.device != queries.device:
-        raise ValueError(f"points is on {points.device} but queries is on {queries.device}")
+    points = _check_points("points", points, queries, "queries")
     if queries.dim() < 2 or points.dim() < 2:
         raise ValueError(
             f"queries must be (..., B, d) and points (..., N, d), got {tuple(queries.shape)} "

@@ -50,27 +50,35 @@ def _plan_args(plan) -> tuple:
     return groupwise(plan.centre), plan.expand.contiguous(), plan.top_k
 
 
-def forward(x, points, alpha, var, bias, precision="exact", plan=None):
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=False):
     """mean, lse, lse64; with a plan also top_idx (G, B, K) and top_logit (G, B, K) (K = 0 when
-    the fast kernels run)."""
+    the fast kernels run); with nearest and no plan (float64) the top list of K = 1."""
     ext = load_cpu_extension()
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
     N = points.shape[1]
     code = _precision_code(precision, B)
     centre, expand, K = _plan_args(plan)
+    if nearest and plan is None:
+        if x.dtype != torch.float64:
+            raise ValueError("the float32 kernels report the nearest point with a plan only")
+        K = 1
     mean = new_output((G, B, d), x.dtype)
     lse = new_output((G, B), x.dtype)
     lse64 = new_output((G, B), torch.float64)
     top_idx = new_output((G, B, K), torch.int64)
     top_logit = new_output((G, B, K), torch.float64)
     ext.softmax_mean_forward(
-        str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
+        _dtype_name(x), code, _threads(), G, B, N, d,
         *_problem(x, points, alpha, var, bias), ptr(mean), ptr(lse), ptr(lse64),
         ptr(centre), group_stride(centre), ptr(expand), K, ptr(top_idx) if K else 0,
-        ptr(top_logit) if K else 0,
+        ptr(top_logit) if K else 0, points_dtype=_dtype_name(points),
     )
-    if plan is None:
+    if plan is None and not nearest:
         return mean, lse, lse64
     return mean, lse, lse64, top_idx, top_logit
 
@@ -95,11 +103,11 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         top_idx = top_idx.contiguous()
         top_logit = top_logit.to(torch.float64).contiguous()
     ext.softmax_mean_backward(
-        str(x.dtype).removeprefix("torch."), code, _threads(), G, B, N, d,
+        _dtype_name(x), code, _threads(), G, B, N, d,
         *_problem(x, points, alpha, var, bias), ptr(mean), ptr(lse64), ptr(grad_mean),
         ptr(grad_lse),
         *(ptr(t) for t in out), ptr(expand), K, ptr(top_idx) if K else 0,
-        ptr(top_logit) if K else 0,
+        ptr(top_logit) if K else 0, points_dtype=_dtype_name(points),
     )
     return tuple(out)
 
@@ -112,7 +120,8 @@ def knn(queries, points, k):
     dist = new_output((G, B, k), queries.dtype)
     idx = new_output((G, B, k), torch.int64)
     ext.knn(
-        str(queries.dtype).removeprefix("torch."), _threads(), G, B, N, d, k,
+        _dtype_name(queries), _threads(), G, B, N, d, k,
         ptr(queries), group_stride(queries), ptr(points), group_stride(points), ptr(dist), ptr(idx),
+        points_dtype=_dtype_name(points),
     )
     return dist, idx

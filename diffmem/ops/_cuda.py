@@ -207,8 +207,10 @@ def _merge_top(val: torch.Tensor, idx: torch.Tensor, k: int):
     return val, torch.gather(idx, -1, order)
 
 
-def forward(x, points, alpha, var, bias, precision="exact", plan=None):
-    """mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs.
+def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=False):
+    """nearest without a plan is not served here (the op plans every call that asks for it).
+
+    mean (G, B, d), lse (G, B) and lse64 (G, B, float64) for float32 canonical inputs.
 
     With exact mode's plan (_exact.py) also top_idx (G, B, K) int64 and top_logit (G, B, K)
     float64, the K = plan.top_k largest logits per query in lse64's frame (-1 and -inf in empty

@@ -88,7 +88,7 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     N = points.shape[1]
     shared = shares_points(points)
     pts = points[:1] if shared else points
-    sample = pts[:, :: max(1, N // SAMPLE)][:, :SAMPLE].contiguous()
+    sample = pts[:, :: max(1, N // SAMPLE)][:, :SAMPLE].contiguous().float()
     # estimates only: float32 is plenty (the centre itself may be any point near the data);
     # two passes (torch.var_mean is ~10x slower here)
     centre = sample.mean(1)  # (G', d)

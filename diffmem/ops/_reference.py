@@ -32,25 +32,31 @@ def _logits(x, y, alpha, var, bias):
     return logits, diff
 
 
-def forward(x, points, alpha, var, bias, precision="exact"):
-    """mean (G, B, d) and lse (G, B) in the input dtype, and lse (G, B) in float64.
+def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=False):
+    """mean (G, B, d) and lse (G, B) in the input dtype, and lse (G, B) in float64; with
+    nearest also the top list of the largest logit: index (G, B, 1) int64 (the lowest among
+    ties) and logit (G, B, 1) float64.
 
-    precision is ignored: the reference is always exact.
+    precision is ignored: the reference is always exact. Points in a storage dtype are
+    converted chunk by chunk (never as a whole).
     """
     dtype = x.dtype
-    x, y, alpha, var = (t.double() for t in (x, points, alpha, var))
+    x, alpha, var = (t.double() for t in (x, alpha, var))
     bias = None if bias is None else bias.double()
     G, B, d = x.shape
-    N = y.shape[1]
+    N = points.shape[1]
     m = torch.full((G, B), -math.inf, dtype=torch.float64, device=x.device)
     s = torch.zeros((G, B), dtype=torch.float64, device=x.device)
     acc = torch.zeros((G, B, d), dtype=torch.float64, device=x.device)
+    arg = torch.full((G, B), -1, dtype=torch.int64, device=x.device)
     step = _chunk_size(G, B, d, N)
     for start in range(0, N, step):
-        yc = y[:, start:start + step]
+        yc = points[:, start:start + step].double()
         bc = None if bias is None else bias[:, start:start + step]
         logits, _ = _logits(x, yc, alpha, var, bc)
-        m_new = torch.maximum(m, logits.amax(-1))
+        chunk_max, chunk_arg = logits.max(-1)  # the first maximum: the lowest index
+        arg = torch.where(chunk_max > m, chunk_arg + start, arg)
+        m_new = torch.maximum(m, chunk_max)
         # A chunk whose points are all masked leaves m at -inf: keep the old state as is.
         safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         scale = torch.exp(m - safe)
@@ -60,6 +66,8 @@ def forward(x, points, alpha, var, bias, precision="exact"):
         m = m_new
     mean = acc / s[:, :, None]
     lse = m + torch.log(s)
+    if nearest:
+        return mean.to(dtype), lse.to(dtype, copy=True), lse, arg[..., None], m[..., None]
     return mean.to(dtype), lse.to(dtype, copy=True), lse
 
 
@@ -71,9 +79,10 @@ def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
     would cost accuracy when the points sit far from the origin.
     """
     dtype = x.dtype
-    mean, _, lse = forward(x.double(), points.double(), alpha.double(), var.double(),
+    mean, _, lse = forward(x.double(), points, alpha.double(), var.double(),
                         None if bias is None else bias.double())
-    x, y, alpha, var = (t.double() for t in (x, points, alpha, var))
+    x, alpha, var = (t.double() for t in (x, alpha, var))
+    y = points
     bias = None if bias is None else bias.double()
     G, B, d = x.shape
     N = y.shape[1]
@@ -88,7 +97,7 @@ def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
     step = _chunk_size(G, B, d, N)
     for start in range(0, N, step):
         stop = min(N, start + step)
-        yc = y[:, start:stop]
+        yc = y[:, start:stop].double()
         bc = None if bias is None else bias[:, start:stop]
         logits, diff = _logits(x, yc, alpha, var, bc)
         w = torch.exp(logits - lse[:, :, None])
@@ -111,14 +120,14 @@ def backward(x, points, alpha, var, bias, mean, lse, grad_mean, grad_lse, needs,
 def knn(queries, points, k):
     """k nearest points: distances (G, B, k) ascending, int64 indices; ties to the lower index."""
     dtype = queries.dtype
-    x, y = queries.double(), points.double()
+    x, y = queries.double(), points
     G, B, d = x.shape
     N = y.shape[1]
     best_d = torch.empty((G, B, 0), dtype=torch.float64, device=x.device)
     best_i = torch.empty((G, B, 0), dtype=torch.int64, device=x.device)
     step = _chunk_size(G, B, d, N)
     for start in range(0, N, step):
-        yc = y[:, start:start + step]
+        yc = y[:, start:start + step].double()
         diff = x[:, :, None, :] - yc[:, None, :, :]
         dist = (diff * diff).sum(-1)
         idx = torch.arange(start, start + yc.shape[1], device=x.device).expand(G, B, -1)

@@ -18,7 +18,7 @@ from ._canonical import _broadcast, _to_groups, check_knn_inputs
 def _knn_op(queries: torch.Tensor, points: torch.Tensor, k: int,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical (G, B, d) and (G, N, d) in; dist (G, B, k) and int64 idx (G, B, k) out."""
-    name = _backends.resolve(backend, queries.device, queries.dtype)
+    name = _backends.resolve(backend, queries.device, queries.dtype, points.dtype)
     return _backends.module(name).knn(queries, points, k)
 
 
@@ -32,7 +32,9 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int = 2, *, backend: str
     """Distances to the k nearest points, ascending, and their indices.
 
     Args:
-        queries: (..., B, d); points: (..., N, d), leading dims broadcast; 1 <= k <= N.
+        queries: (..., B, d); points: (..., N, d), leading dims broadcast; 1 <= k <= N. points
+            of queries' dtype or, with float32 queries, a storage dtype (uint8, float16,
+            bfloat16), measured as if converted to float32.
     Returns:
         dist (..., B, k) in the input dtype, exact Euclidean distances (not differentiable);
         idx (..., B, k) int64 indices into the points; ties go to the lower index.

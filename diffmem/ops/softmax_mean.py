@@ -11,6 +11,8 @@ torch.compile and passes torch.library.opcheck.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backends, _exact
@@ -28,10 +30,14 @@ def _softmax_mean_op(
     bias: torch.Tensor | None,
     backend: str,
     precision: str,
+    nearest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """Canonical layout in (see _canonical.py); dense mean (G, B, d), lse (G, B), lse64, the
     exact top logits and exact mode's plan out.
+
+    nearest: report top lists even without a plan (K = 1: the largest exact logit), from
+    which ``nearest_point`` takes the nearest point and its weight.
 
     lse64 (G, B) is lse in float64, kept for the backward (weights recomputed from a rounded
     lse would not sum to one when |lse| is large). top_idx (G, B, K) int64 and top_logit
@@ -39,18 +45,28 @@ def _softmax_mean_op(
     the backend needs no correction; see _exact.py); expand (G, B) uint8 and centre (1 or G, d)
     are the plan (empty without one). All are kept for the backward, which reuses the plan.
     """
-    mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
+    mod = _module(backend, x, points)
     plan = _plan(mod, x, points, alpha, var, precision)
     if plan is None:
-        mean, lse, lse64, *_ = mod.forward(x, points, alpha, var, bias, precision)
-        empty = lse64.new_empty((*lse64.shape, 0))
-        return (mean, lse, lse64, empty.long(), empty, x.new_empty(0, dtype=torch.uint8),
+        out = mod.forward(x, points, alpha, var, bias, precision, nearest=nearest)
+        mean, lse, lse64 = out[:3]
+        if nearest:
+            top_idx, top_logit = out[3:5]
+        else:
+            top_logit = lse64.new_empty((*lse64.shape, 0))
+            top_idx = top_logit.long()
+        return (mean, lse, lse64, top_idx, top_logit, x.new_empty(0, dtype=torch.uint8),
                 x.new_empty(0))
     mean, lse, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)
     if not getattr(mod, "CORRECTS_TOP_K", False):
         mean, lse, lse64, top_logit = _exact.correct_forward(
             x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
     return mean, lse, lse64, top_idx, top_logit, plan.expand, _exact.centre_rows(plan)
+
+
+def _module(backend: str, x: torch.Tensor, points: torch.Tensor):
+    """The backend module that runs a call (resolved inside the ops; see _backends.resolve)."""
+    return _backends.module(_backends.resolve(backend, x.device, x.dtype, points.dtype))
 
 
 def _plan_free(mod, x, precision) -> bool:
@@ -67,11 +83,10 @@ def _plan(mod, x, points, alpha, var, precision):
 
 
 @_softmax_mean_op.register_fake
-def _(x, points, alpha, var, bias, backend, precision):
+def _(x, points, alpha, var, bias, backend, precision, nearest):
     G, B, d = x.shape
-    mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
-    planned = not _plan_free(mod, x, precision)
-    K = _exact.TOP_K if planned else 0
+    planned = not _plan_free(_module(backend, x, points), x, precision)
+    K = _exact.TOP_K if planned else (1 if nearest else 0)
     Gc = 1 if _exact.shares_points(points) else G
     return (x.new_empty((G, B, d)), x.new_empty((G, B)), x.new_empty((G, B), dtype=torch.float64),
             x.new_empty((G, B, K), dtype=torch.int64), x.new_empty((G, B, K), dtype=torch.float64),
@@ -98,8 +113,9 @@ def _softmax_mean_backward_op(
     backend: str,
     precision: str,
 ) -> list[torch.Tensor]:
-    """Gradients w.r.t. (x, points, alpha, var, bias); an empty tensor where not needed."""
-    mod = _backends.module(_backends.resolve(backend, x.device, x.dtype))
+    """Gradients w.r.t. (x, points, alpha, var, bias) in x's dtype; an empty tensor where not
+    needed."""
+    mod = _module(backend, x, points)
     plan = None if _plan_free(mod, x, precision) else _exact.plan_from(expand, centre)
     extra = () if plan is None else (plan, top_idx, top_logit)
     grads = mod.backward(
@@ -119,7 +135,7 @@ def _(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, cent
 
 
 def _setup_context(ctx, inputs, output):
-    x, points, alpha, var, bias, backend, precision = inputs
+    x, points, alpha, var, bias, backend, precision, _ = inputs
     mean, _, lse64, top_idx, top_logit, expand, centre = output
     ctx.save_for_backward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand,
                           centre)
@@ -136,7 +152,8 @@ def _backward(ctx, grad_mean, grad_lse, *_grads_of_saved):
         x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, centre, grad_mean,
         grad_lse, needs, ctx.backend, ctx.precision,
     )
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+    grads[1] = grads[1].to(points.dtype)  # points stored in a compact dtype
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
 _softmax_mean_op.register_autograd(_backward, setup_context=_setup_context)
@@ -152,13 +169,15 @@ def softmax_mean(
     backend: str = "auto",
     precision: str = "exact",
     return_lse: bool = False,
+    return_nearest: bool = False,
     check_inputs: bool = True,
 ):
     """Softmax-weighted mean of points for each query, never forming the B x N weights.
 
     Args:
         x: (..., B, d) queries.
-        points: (..., N, d) points; leading dims broadcast with x's.
+        points: (..., N, d) points; leading dims broadcast with x's. x's dtype, or with float32
+            x a storage dtype (uint8, float16, bfloat16), computed as if converted to float32.
         alpha: float, 0-d tensor or tensor broadcastable to (..., B): scale of the points.
         var: like alpha, > 0: the variance dividing the squared distance.
         bias: None or (..., N) log-weights per point; -inf excludes a point.
@@ -167,11 +186,15 @@ def softmax_mean(
         precision: "exact" (direct differences; matches float64 to ~1e-5 relative on float32
             inputs) or "fast" (centred matmul expansion; see the README for its error).
         return_lse: also return lse = logsumexp of the logits, shape (..., B).
+        return_nearest: also return, per query, the index (..., B) int64 of the point with the
+            largest logit (ties to the lower index) and its softmax weight (..., B), from the
+            same pass (not differentiable). Runs the exact kernels whatever ``precision`` says.
         check_inputs: scan inputs for NaN/Inf, var <= 0 and fully masked bias (O((B+N)d)).
 
     Returns:
-        mean (..., B, d), or (mean, lse) when return_lse. Differentiable w.r.t. x, points,
-        alpha, var and bias.
+        mean (..., B, d); with return_lse (mean, lse); with return_nearest (mean, [lse,]
+        nearest_idx, nearest_weight). Differentiable w.r.t. x, points (float dtypes), alpha,
+        var and bias.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -181,8 +204,33 @@ def softmax_mean(
     if B == 0:
         mean = c.x.new_zeros((*c.batch_shape, 0, d))
         lse = c.x.new_zeros((*c.batch_shape, 0))
-        return (mean, lse) if return_lse else mean
-    mean, lse, *_ = _softmax_mean_op(c.x, c.points, c.alpha, c.var, c.bias, backend, precision)
-    mean = mean.reshape(*c.batch_shape, B, d)
-    lse = lse.reshape(*c.batch_shape, B)
-    return (mean, lse) if return_lse else mean
+        idx, weight = lse.long(), lse.clone()
+    else:
+        # the top lists of the exact kernels give the nearest point
+        kernel_precision = "exact" if return_nearest else precision
+        mean, lse, lse64, top_idx, top_logit, *_ = _softmax_mean_op(
+            c.x, c.points, c.alpha, c.var, c.bias, backend, kernel_precision, return_nearest)
+        mean = mean.reshape(*c.batch_shape, B, d)
+        lse = lse.reshape(*c.batch_shape, B)
+        if return_nearest:
+            idx, weight = nearest_point(top_idx, top_logit, lse64)
+            idx = idx.reshape(*c.batch_shape, B)
+            weight = weight.to(x.dtype).reshape(*c.batch_shape, B)
+    out = (mean, lse) if return_lse else (mean,)
+    if return_nearest:
+        out = (*out, idx, weight)
+    return out[0] if len(out) == 1 else out
+
+
+def nearest_point(top_idx: torch.Tensor, top_logit: torch.Tensor,
+                  lse64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point with the largest logit (ties to the lower index) and its weight.
+
+    top_idx (..., K) int64 (-1: empty slot), top_logit (..., K) float64 in the true frame,
+    lse64 (...) -> index (...) int64, weight exp(logit - lse) (...) float64; detached.
+    """
+    top_idx, top_logit, lse64 = (t.detach() for t in (top_idx, top_logit, lse64))
+    logit = top_logit.masked_fill(top_idx < 0, -math.inf)
+    best = logit.amax(-1, keepdim=True)
+    ties = torch.where(logit == best, top_idx, torch.iinfo(torch.int64).max)
+    return ties.amin(-1), torch.exp(best[..., 0] - lse64)

@@ -41,7 +41,8 @@ CASES = {
     "mixed_param_dtype": (lambda x, y: (x, y, torch.tensor(0.5, dtype=torch.float64, device=DEVICE), 0.75, None), TypeError, "alpha has dtype"),
     "integer_x": (lambda x, y: (x.long(), y, 0.5, 0.75, None), TypeError, "x must have dtype float32 or float64"),
     "integer_alpha": (lambda x, y: (x, y, torch.tensor(1, device=DEVICE), 0.75, None), TypeError, "alpha must be a floating-point"),
-    "half_points": (lambda x, y: (x, y.half(), 0.5, 0.75, None), TypeError, "points must have dtype"),
+    "int64_points": (lambda x, y: (x, y.long(), 0.5, 0.75, None), TypeError, "points must have the dtype of x or.*storage dtype"),
+    "half_points_double_x": (lambda x, y: (x.double(), y.half(), 0.5, 0.75, None), TypeError, "float32 x, a storage dtype"),
     "empty_points": (lambda x, y: (x, y[:0], 0.5, 0.75, None), ValueError, "N = 0"),
     "zero_dim": (lambda x, y: (x[:, :0], y[:, :0], 0.5, 0.75, None), ValueError, "d = 0"),
     "vector_x": (lambda x, y: (x[0], y, 0.5, 0.75, None), ValueError, "x must have shape"),
@@ -107,7 +108,7 @@ KNN_CASES = {
     "nan_queries": (lambda x, y: (_nan_at(x), y, 2), ValueError, "queries contains NaN"),
     "empty_points": (lambda x, y: (x, y[:0], 1), ValueError, "N = 0"),
     "mismatched_d": (lambda x, y: (x, y[:, :2], 2), ValueError, "feature dimension"),
-    "integer_points": (lambda x, y: (x, y.long(), 2), TypeError, "points must have dtype"),
+    "integer_points": (lambda x, y: (x, y.long(), 2), TypeError, "points must have the dtype of queries or"),
 }
 
 

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, oracle, rel_fro, vp_case
+from conftest import BACKENDS, DEVICE, oracle, rel_fro, supports_points, vp_case
 
 import diffmem
 
 
-def _canonical_args(backend, with_bias, requires_grad):
+def _canonical_args(backend, with_bias, requires_grad, nearest=False, points_dtype=None):
     x, y, alpha, var = vp_case(batch=(2,), B=3, N=5, d=4, per_query_t=True, seed=3)
+    if points_dtype is not None:
+        y = y.to(points_dtype)
     bias = torch.randn(2, 5, device=DEVICE) if with_bias else None
     args = [x, y, alpha, var, bias]
     if requires_grad:
         args = [None if a is None else a.detach().requires_grad_(True) for a in args]
-    return (*args, backend, "exact")
+    return (*args, backend, "exact", nearest)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_softmax_mean(backend, with_bias, requires_grad):
-    args = _canonical_args(backend, with_bias, requires_grad)
+@pytest.mark.parametrize("nearest", [False, True])
+def test_opcheck_softmax_mean(backend, with_bias, requires_grad, nearest):
+    args = _canonical_args(backend, with_bias, requires_grad, nearest)
+    torch.library.opcheck(torch.ops.diffmem.softmax_mean.default, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if supports_points(b, torch.float16)])
+def test_opcheck_softmax_mean_compact_points(backend):
+    """Points stored as float16 (gradients flow back in float16)."""
+    args = _canonical_args(backend, True, True, points_dtype=torch.float16)
     torch.library.opcheck(torch.ops.diffmem.softmax_mean.default, args)
 
 

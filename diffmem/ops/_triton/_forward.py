@@ -247,8 +247,10 @@ def _launcher(launch, fast, expansion):
     return _tuned[key], {}
 
 
-def forward(x, points, alpha, var, bias, precision="exact", plan=None):
-    """(mean (G, B, d), lse (G, B), lse64 (G, B, float64), top_idx (G, B, K) int64,
+def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=False):
+    """nearest without a plan is not served here (the op plans every call that asks for it).
+
+    (mean (G, B, d), lse (G, B), lse64 (G, B, float64), top_idx (G, B, K) int64,
     top_logit (G, B, K) float64) for float32 canonical inputs.
 
     plan: the exact-mode plan (_exact.ExactPlan) or None (every query in the direct form, K = 0).
