@@ -7,38 +7,54 @@ import math
 import torch
 
 from ..diffusion.processes import Process, Time
-from ..ops import softmax_mean
-from .base import Denoiser, as_param, gaussian_log_norm
+from ._stored import check_affine, stored_posterior
+from .base import Denoiser, as_param, check_time, gaussian_log_norm
 
 
 class EmpiricalDenoiser(Denoiser):
     """x0_hat(x, t) = sum_i softmax_i(-||x - alpha y_i||^2 / (2 sigma^2)) y_i over all N points.
 
-    data: (N, *data_shape), stored as a buffer (not trained). backend / precision are passed to
-    diffmem.softmax_mean.
+    data: (N, *data_shape), stored as a buffer (not trained): float, or codes in a storage
+    dtype (uint8, float16, bfloat16) with values y = scale * code + offset (scale a number > 0,
+    offset a number or one value per feature; see _stored.py), read as stored, never copied
+    to floats. backend / precision are passed to diffmem.softmax_mean.
     """
 
     def __init__(self, data: torch.Tensor, process: Process | None = None, prediction: str = "x0",
-                 *, backend: str = "auto", precision: str = "exact"):
+                 *, scale: float | None = None, offset=None, backend: str = "auto",
+                 precision: str = "exact"):
         super().__init__(process, prediction)
         if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] == 0:
             raise ValueError("data must be a tensor (N, *data_shape) with N >= 1")
         self.register_buffer("data", data)
+        self.scale, offset = check_affine(data, scale, offset)
+        self.register_buffer("offset", offset)
         self.backend, self.precision = backend, precision
 
     @property
     def points(self) -> torch.Tensor:
-        """The training points flattened to (N, D)."""
+        """The training points as stored, flattened to (N, D)."""
         return self.data.reshape(self.data.shape[0], -1)
 
-    def _posterior(self, x: torch.Tensor, t: Time, points: torch.Tensor, bias=None):
+    def _posterior(self, x: torch.Tensor, t: Time, points: torch.Tensor, bias=None,
+                   return_nearest: bool = False):
         alpha = as_param(self.process.alpha(t), x)
         var = as_param(self.process.sigma(t), x) ** 2
-        return softmax_mean(x, points, alpha, var, bias, backend=self.backend,
-                            precision=self.precision, return_lse=True)
+        return stored_posterior(x, points, alpha, var, scale=self.scale, offset=self.offset,
+                                bias=bias, backend=self.backend, precision=self.precision,
+                                return_nearest=return_nearest)
 
     def x0(self, x, t):
         return self._posterior(x, t, self.points)[0]
+
+    def nearest(self, x_t: torch.Tensor, t: Time) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query (B, *data_shape): the index (B,) of the training point with the largest
+        posterior weight at t (ties to the lower index) and that weight (B,), from the same
+        pass as the denoiser's mean."""
+        check_time(t, x_t.shape[0])
+        x = x_t.reshape(x_t.shape[0], -1)
+        _, _, idx, weight = self._posterior(x, as_param(t, x), self.points, return_nearest=True)
+        return idx, weight
 
     def log_prob(self, x_t, t):
         """log p_t(x) = logsumexp_i(-||x - alpha y_i||^2/(2 sigma^2)) - log N

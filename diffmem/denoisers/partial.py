@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..diffusion.processes import Process, Time
-from ..ops import softmax_mean
+from ._stored import check_affine, stored_posterior
 from .base import Denoiser, as_param, check_time, gaussian_log_norm
 
 # Noise levels closer than this share a subset when the subset is redrawn per t.
@@ -27,7 +27,8 @@ class PartialMemorizingDenoiser(Denoiser):
     """x0_hat(x, t) = sum_{i in S} softmax_i(-||x - alpha y_i||^2 / (2 sigma^2)) y_i,
     |S| = min(m, N).
 
-    data: (N, *data_shape), a buffer. S is drawn without replacement from a seed taken from
+    data: (N, *data_shape), a buffer: float, or codes with ``scale`` and ``offset`` as in
+    EmpiricalDenoiser (read as stored). S is drawn without replacement from a seed taken from
     ``generator``. redraw_per_t=True (the reference's evaluation) uses a fresh S for each distinct
     t value, derived from the seed and t (t rounded to T_RESOLUTION), so it is reproducible.
     The subset's points are gathered (cost O(m), not O(N)) before calling diffmem.softmax_mean.
@@ -35,7 +36,8 @@ class PartialMemorizingDenoiser(Denoiser):
 
     def __init__(self, data: torch.Tensor, m: int, *, generator: torch.Generator | None = None,
                  redraw_per_t: bool = False, process: Process | None = None,
-                 prediction: str = "x0", backend: str = "auto", precision: str = "exact"):
+                 prediction: str = "x0", scale: float | None = None, offset=None,
+                 backend: str = "auto", precision: str = "exact"):
         super().__init__(process, prediction)
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
@@ -48,6 +50,8 @@ class PartialMemorizingDenoiser(Denoiser):
             raise TypeError(f"generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__}")
         self.register_buffer("data", data)
+        self.scale, offset = check_affine(data, scale, offset)
+        self.register_buffer("offset", offset)
         self.m, self.redraw_per_t = min(m, data.shape[0]), bool(redraw_per_t)
         self.seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
         self.backend, self.precision = backend, precision
@@ -87,8 +91,12 @@ class PartialMemorizingDenoiser(Denoiser):
             xg = x if rows is None else x[rows]
             alpha = as_param(self.process.alpha(t_g), xg)
             var = as_param(self.process.sigma(t_g), xg) ** 2
-            mg, lg = softmax_mean(xg, flat[idx].to(x.dtype), alpha, var, backend=self.backend,
-                                  precision=self.precision, return_lse=True)
+            points = flat[idx]
+            if points.dtype in (torch.float32, torch.float64):
+                points = points.to(x.dtype)
+            mg, lg = stored_posterior(xg, points, alpha, var, scale=self.scale,
+                                      offset=self.offset, backend=self.backend,
+                                      precision=self.precision)
             if rows is None:
                 return mg, lg
             mean[rows], lse[rows] = mg, lg
