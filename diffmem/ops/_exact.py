@@ -10,7 +10,8 @@ Float32 logits lose accuracy in two ways, and exact mode removes both:
    expansion around the points' centre c, ``alpha/var x'.(y - c) - alpha^2/(2 var) |y - c|^2``
    with ``x' = x - alpha c``, errs by ~eps alpha |y - c| |alpha (y - c) - 2 x'| per feature: small
    exactly where the direct form is not. The plan estimates both errors from the points' spread
-   per feature (a strided sample of at most SAMPLE points) and takes the smaller per query.
+   per feature (a strided sample of the points, see ``sample_rows``) and takes the smaller
+   per query.
 2. **Near-ties among the heaviest points** (``correct_forward``). When the few points that
    carry the weight have almost equal logits of large magnitude (a held-out query at small
    noise), any float32 logit is off by more than the gap. The kernels report the TOP_K largest
@@ -57,7 +58,10 @@ from dataclasses import dataclass
 import torch
 
 TOP_K = 4
-SAMPLE = 1024
+# The sample of points behind the spread estimates: at most SAMPLE points and about
+# SAMPLE_ELEMENTS values, at least MIN_SAMPLE points (the estimates only steer the choice of
+# form, where a spread off by ~10% changes nothing that matters).
+SAMPLE, MIN_SAMPLE, SAMPLE_ELEMENTS = 1024, 128, 1 << 18
 # Largest (B, K, d) float64 block gathered at once by the correction.
 _CHUNK_ELEMENTS = 1 << 22
 # Runner-up logits this far below the best carry weights < 2e-9: nothing to correct.
@@ -88,7 +92,8 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     N = points.shape[1]
     shared = shares_points(points)
     pts = points[:1] if shared else points
-    sample = pts[:, :: max(1, N // SAMPLE)][:, :SAMPLE].contiguous().float()
+    n = sample_rows(N, d)
+    sample = pts[:, :: max(1, N // n)][:, :n].contiguous().float()
     # estimates only: float32 is plenty (the centre itself may be any point near the data);
     # two passes (torch.var_mean is ~10x slower here)
     centre = sample.mean(1)  # (G', d)
@@ -117,6 +122,12 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     if shared:
         centre = centre[:1].expand(G, d)
     return ExactPlan(centre=centre, expand=expand)
+
+
+def sample_rows(N: int, d: int) -> int:
+    """How many points the plan samples: the cost of the estimates stays O(SAMPLE_ELEMENTS)
+    whatever d is (a fixed 1024 would cost as much as the kernels at few queries)."""
+    return min(N, SAMPLE, max(MIN_SAMPLE, SAMPLE_ELEMENTS // max(1, d)))
 
 
 def shares_points(points: torch.Tensor) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from ... import __version__
+from . import datasets
+from .datasets import DATASET_SIZES
 from .methods import build_methods
 from .problems import TIME_SIGMA
 from .report import print_table, write_csv
@@ -46,7 +48,7 @@ def parse_args(argv=None):
         prog="diffmem bench",
         description="Time diffmem.softmax_mean against torch baselines (naive, chunked, SDPA) "
                     "and the bare-matmul floor; print a table per size and write a CSV.")
-    ap.add_argument("--sizes", type=parse_sizes, default=SIZES,
+    ap.add_argument("--sizes", type=parse_sizes, default=None,
                     help='sizes "B,N,d;B,N,d" (default: the four standard sizes '
                          + "; ".join(",".join(map(str, s)) for s in SIZES) + ")")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -72,10 +74,18 @@ def parse_args(argv=None):
     ap.add_argument("--no-check-inputs", dest="check_inputs", action="store_false",
                     help="call diffmem with check_inputs=False (default: the library default, "
                          "True, whose NaN/Inf scan is part of the timed call)")
+    ap.add_argument("--datasets", action="store_true",
+                    help="instead: the exact forward at data-set sizes (default "
+                         + "; ".join(",".join(map(str, s)) for s in DATASET_SIZES)
+                         + ") with float32, bfloat16 and uint8 points, against the memory "
+                         "bandwidth of a copy measured in the same run (--sizes overrides the "
+                         "sizes); writes runs/bench/datasets-<device>.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--csv", type=Path, default=None,
                     help="output CSV (default benchmarks/results/compare-<device>.csv)")
     args = ap.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = DATASET_SIZES if args.datasets else SIZES
     if args.budget is None:
         args.budget = 0.25 if args.quick else 1.5
     if args.min_reps is None:
@@ -91,6 +101,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available to torch", file=sys.stderr)
         return 2
+    if args.datasets:
+        datasets.run(args.device, args.sizes, DEFAULT_CSV_DIR / f"datasets-{args.device}.json",
+                     quick=args.quick)
+        return 0
     dev = Device(args.device)
     patterns = [p.strip() for p in args.methods.split(",") if p.strip()]
     methods = [m for m in build_methods(args.device, args.include_reference, args.check_inputs)
