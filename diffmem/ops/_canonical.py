@@ -131,6 +131,40 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains Inf values; it must be finite")
 
 
+def _check_values(values, var: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The value checks of canonicalize, eagerly (ValueError naming the argument)."""
+    for name, t in values:
+        _check_finite(name, t)
+    if _extremes(var)[0] <= 0:
+        raise ValueError("var must be > 0 everywhere (it is a noise variance), got a value <= 0")
+    if bias is not None:
+        hi = _extremes(bias)[1]
+        if math.isnan(hi) or hi == math.inf:
+            raise ValueError("bias contains NaN or +Inf; only finite values and -inf are allowed")
+        if bool((bias == -math.inf).all(dim=-1).any()):
+            raise ValueError("bias masks out every point (all -inf) in at least one problem")
+
+
+def _assert_finite_traced(values) -> None:
+    for name, t in values:
+        if t.is_floating_point():
+            torch._assert_async(torch.isfinite(t).all(),
+                                f"{name} contains NaN or Inf values; it must be finite")
+
+
+def _assert_values_traced(values, var: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The same checks as graph operations (torch.compile traces them instead of breaking the
+    graph on a read of values); a failure raises RuntimeError with the same message."""
+    _assert_finite_traced(values)
+    torch._assert_async((var > 0).all(),
+                        "var must be > 0 everywhere (it is a noise variance), got a value <= 0")
+    if bias is not None:
+        torch._assert_async(~(torch.isnan(bias) | (bias == math.inf)).any(),
+                            "bias contains NaN or +Inf; only finite values and -inf are allowed")
+        torch._assert_async(~(bias == -math.inf).all(dim=-1).any(),
+                            "bias masks out every point (all -inf) in at least one problem")
+
+
 def canonicalize(
     x: torch.Tensor,
     points: torch.Tensor,
@@ -184,21 +218,12 @@ def canonicalize(
         shapes.append(("bias", lead(bias)))
     batch_shape = _broadcast(shapes)
 
-    if check_inputs:
-        _check_finite("x", x)
-        _check_finite("points", points)
-        _check_finite("alpha", alpha_t)
-        _check_finite("var", var_t)
-        if _extremes(var_t)[0] <= 0:
-            raise ValueError(
-                "var must be > 0 everywhere (it is a noise variance), got a value <= 0")
-        if bias is not None:
-            hi = _extremes(bias)[1]
-            if math.isnan(hi) or hi == math.inf:
-                raise ValueError(
-                    "bias contains NaN or +Inf; only finite values and -inf are allowed")
-            if bool((bias == -math.inf).all(dim=-1).any()):
-                raise ValueError("bias masks out every point (all -inf) in at least one problem")
+    if check_inputs and x.device.type != "meta":  # meta tensors carry no values
+        values = [("x", x), ("points", points), ("alpha", alpha_t), ("var", var_t)]
+        if torch.compiler.is_compiling():
+            _assert_values_traced(values, var_t, bias)
+        else:
+            _check_values(values, var_t, bias)
 
     points_shared = math.prod(points.shape[:-2]) == 1
     bias_shared = bias is None or math.prod(lead(bias)) == 1
@@ -242,5 +267,11 @@ def check_knn_inputs(queries: torch.Tensor, points: torch.Tensor, k: int) -> Non
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1 or k > points.shape[-2]:
         raise ValueError(f"k must satisfy 1 <= k <= N = {points.shape[-2]}, got k = {k}")
-    _check_finite("queries", queries)
-    _check_finite("points", points)
+    if queries.device.type == "meta":
+        return
+    values = [("queries", queries), ("points", points)]
+    if torch.compiler.is_compiling():
+        _assert_finite_traced(values)
+    else:
+        for name, t in values:
+            _check_finite(name, t)

@@ -159,6 +159,18 @@ def _backward(ctx, grad_mean, grad_lse, *_grads_of_saved):
 _softmax_mean_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "diffmem.softmax_mean has no second derivative: its backward is a fused kernel whose "
+        "own derivative is not implemented, so gradients of its gradients (double backward, "
+        "e.g. a gradient penalty or a Hessian-vector product) cannot be formed; first-order "
+        "gradients, also with create_graph=True for other parts of the graph, are supported")
+
+
+_softmax_mean_backward_op.register_autograd(_no_double_backward,
+                                            setup_context=lambda ctx, inputs, output: None)
+
+
 def softmax_mean(
     x: torch.Tensor,
     points: torch.Tensor,

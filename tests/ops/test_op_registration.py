@@ -64,3 +64,39 @@ def test_torch_compile_forward_and_backward(backend):
     assert abs(value - ref_value) <= 1e-4 * max(1.0, abs(ref_value))
     for got, want in zip(grads, ref_grads):
         assert rel_fro(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_keeps_the_input_checks(backend):
+    """With check_inputs=True the checks are traced into the graph (no graph break under
+    fullgraph=True) and still reject bad values, with the eager messages."""
+    x, y, alpha, var = vp_case(B=4, N=6, d=3, seed=6)
+    compiled = torch.compile(
+        lambda x, y: diffmem.softmax_mean(x, y, alpha, var, backend=backend),
+        backend="aot_eager", fullgraph=True)
+    assert rel_fro(compiled(x, y), diffmem.softmax_mean(x, y, alpha, var, backend=backend)) == 0
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="x contains NaN or Inf"):
+        compiled(bad, y)
+    knn = torch.compile(lambda q, y: diffmem.knn(q, y, 2, backend=backend), backend="aot_eager",
+                        fullgraph=True)
+    with pytest.raises(RuntimeError, match="queries contains NaN or Inf"):
+        knn(bad, y)
+
+
+def test_meta_tensors_give_shapes():
+    x, y = torch.empty(2, 5, 3, device="meta"), torch.empty(7, 3, device="meta")
+    mean, lse = diffmem.softmax_mean(x, y, 0.9, torch.ones(2, 5, device="meta"),
+                                     return_lse=True)
+    assert mean.shape == (2, 5, 3) and lse.shape == (2, 5) and mean.device.type == "meta"
+    dist, idx = diffmem.knn(x, y, k=3)
+    assert dist.shape == idx.shape == (2, 5, 3)
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(4, 3, requires_grad=True)
+    mean = diffmem.softmax_mean(x, torch.randn(6, 3), 0.9, 0.5)
+    (g,) = torch.autograd.grad(mean.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        g.sum().backward()
