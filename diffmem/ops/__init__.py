@@ -2,6 +2,8 @@
 
 from ._backends import backends
 from .knn import knn
+from .merge import merge_knn, merge_nearest, merge_softmax_means
 from .softmax_mean import softmax_mean
 
-__all__ = ["backends", "knn", "softmax_mean"]
+__all__ = ["backends", "knn", "merge_knn", "merge_nearest", "merge_softmax_means",
+           "softmax_mean"]
