@@ -1,7 +1,7 @@
 """diffmem: fast exact denoisers and experiments on memorization in diffusion models.
 
-The kernel layer (``softmax_mean``, ``knn`` and the exact merges of partial
-results) and the laboratory of the paper "On the Edge of
+The kernel layer (``softmax_mean``, ``knn``, the exact merges of partial results and
+``distributed`` for points sharded over processes) and the laboratory of the paper "On the Edge of
 Memorization in Diffusion Models": processes, denoisers, losses, samplers, metrics, theory,
 data and training. See the README for the full API.
 """
@@ -39,6 +39,7 @@ from .diffusion import (
 from .metrics import learned_means_metrics, memorization_ratio
 from .ops import (
     backends,
+    distributed,
     knn,
     merge_knn,
     merge_nearest,
@@ -54,7 +55,7 @@ __all__ = [
     "LearnableColoredTemplates", "LearnableGMM", "LearnableLowRankGMM", "LowRankGMM",
     "PartialMemorizingDenoiser", "Process", "ReferenceOptimizer", "SplitLearnableGMM",
     "TemplateData", "TrainedGMM", "VE", "VP", "__version__", "backends", "convert", "ddim_sample",
-    "ddpm_sample", "dsm_loss", "euler_ode_sample", "knn", "learned_means_metrics",
+    "ddpm_sample", "distributed", "dsm_loss", "euler_ode_sample", "knn", "learned_means_metrics",
     "loss_per_t", "loss_scale", "make_gmm_data", "make_template_data", "memorization_ratio",
     "merge_knn", "merge_nearest", "merge_softmax_means", "softmax_mean",
     "theory", "time_grid", "time_weights", "train_gmm_models", "training_loss", "wsd_schedule",
