@@ -189,7 +189,8 @@ def _masked_rows(bias):
 def _anchor(tensors) -> torch.Tensor | None:
     """0 that depends on every tensor requiring grad: keeps an empty shard's (unused) inputs
     in the graph, so that they get zero gradients and the backward's all_reduce runs there."""
-    terms = [t.sum() * 0 for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+    terms = [t.reshape(-1)[:0].sum() for t in tensors
+             if isinstance(t, torch.Tensor) and t.requires_grad]  # exactly 0, even for -inf
     return sum(terms) if terms else None
 
 
