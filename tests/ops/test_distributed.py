@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,10 @@ def run_group(scenario: str, world: int, tmp_path: Path):
                                str(tmp_path / "store"), str(out)],
                               stdout=logs[r], stderr=subprocess.STDOUT, env=env)
              for r in range(world)]
+    deadline = time.monotonic() + HARD_LIMIT_S
     try:
         for p in procs:
-            p.wait(timeout=HARD_LIMIT_S)
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
     finally:
