@@ -203,3 +203,30 @@ def correct_forward(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit
         lse64[:, sl] = lse64[:, sl] + torch.log(z)
         corrected[:, sl] = new
     return mean64.to(mean.dtype), lse64.to(mean.dtype), lse64, corrected
+
+
+def lse_offset(x, points, alpha, var, bias, top_idx, top_logit):
+    """float64 (G, B): what moves lse to its absolute value.
+
+    The correction makes the listed logits exact relative to the largest one, whose own
+    value keeps its float32 error; a shift common to all logits cancels in the mean but not in
+    lse, whose absolute error it is (|lse| eps sqrt(d), ~1e-3 at |lse| ~ 1e4). The largest
+    listed logit recomputed in float64 minus its reported value is that shift; lse plus it is
+    exact to the accuracy of the weights (which is what merging partial results needs).
+    Zero where a query has no listed point. Not differentiated (a constant for autograd: the
+    gradient of lse is the kernels').
+    """
+    with torch.no_grad():
+        return _lse_offset(x, points, alpha, var, bias, top_idx, top_logit)
+
+
+def _lse_offset(x, points, alpha, var, bias, top_idx, top_logit):
+    best_logit, best = top_logit.max(-1, keepdim=True)
+    idx = torch.gather(top_idx, -1, best)
+    G, B = idx.shape[:2]
+    shift = torch.zeros((G, B), dtype=torch.float64, device=x.device)
+    for sl in _query_chunks(G, B, 1, x.shape[-1]):
+        ex, _ = _exact_block(x[:, sl], points, alpha[:, sl], var[:, sl], bias, idx[:, sl])
+        shift[:, sl] = (ex - best_logit[:, sl])[..., 0]
+    valid = (idx[..., 0] >= 0) & torch.isfinite(best_logit[..., 0])
+    return shift.masked_fill(~valid, 0.0)

@@ -201,7 +201,8 @@ def _local_softmax_mean(x, points, alpha, var, bias, precision, backend, return_
         rows, safe_bias = _masked_rows(bias)
         extra = {"return_nearest": True} if return_nearest else {}
         out = _softmax_mean(x, points, alpha, var, safe_bias, backend=backend,
-                            precision=precision, return_lse=True, **extra)
+                            precision=precision, return_lse=True, lse_dtype=torch.float64,
+                            **extra)
         mean, lse, *nearest = out
         if rows is not None:
             lse = lse.masked_fill(rows, -math.inf)

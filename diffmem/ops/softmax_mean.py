@@ -142,7 +142,10 @@ def _setup_context(ctx, inputs, output):
     ctx.backend, ctx.precision = backend, precision
 
 
-def _backward(ctx, grad_mean, grad_lse, *_grads_of_saved):
+def _backward(ctx, grad_mean, grad_lse, grad_lse64, *_grads_of_plan):
+    if grad_lse64 is not None:  # lse returned in float64 (softmax_mean's lse_dtype)
+        extra = grad_lse64.to(ctx.saved_tensors[0].dtype)
+        grad_lse = extra if grad_lse is None else grad_lse + extra
     x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, centre = (
         ctx.saved_tensors)
     needs = list(ctx.needs_input_grad[:5])
@@ -182,6 +185,7 @@ def softmax_mean(
     precision: str = "exact",
     return_lse: bool = False,
     return_nearest: bool = False,
+    lse_dtype: torch.dtype | None = None,
     check_inputs: bool = True,
 ):
     """Softmax-weighted mean of points for each query, never forming the B x N weights.
@@ -201,6 +205,8 @@ def softmax_mean(
         return_nearest: also return, per query, the index (..., B) int64 of the point with the
             largest logit (ties to the lower index) and its softmax weight (..., B), from the
             same pass (not differentiable). Runs the exact kernels whatever ``precision`` says.
+        lse_dtype: None (x's dtype) or torch.float64: lse as the kernels form it, before its
+            rounding to float32 (for merging partial results, see merge_softmax_means).
         check_inputs: scan inputs for NaN/Inf, var <= 0 and fully masked bias (O((B+N)d)).
 
     Returns:
@@ -211,19 +217,28 @@ def softmax_mean(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     c = canonicalize(x, points, alpha, var, bias, check_inputs=check_inputs)
+    if lse_dtype not in (None, x.dtype, torch.float64):
+        raise ValueError(f"lse_dtype must be None, x's dtype or torch.float64, got {lse_dtype}")
     _backends.check_name(backend)  # resolved inside the op (see _backends.resolve)
     B, d = x.shape[-2], x.shape[-1]
     if B == 0:
         mean = c.x.new_zeros((*c.batch_shape, 0, d))
-        lse = c.x.new_zeros((*c.batch_shape, 0))
-        idx, weight = lse.long(), lse.clone()
+        lse = c.x.new_zeros((*c.batch_shape, 0), dtype=lse_dtype)
+        idx, weight = lse.long(), lse.to(x.dtype)
     else:
         # the top lists of the exact kernels give the nearest point
         kernel_precision = "exact" if return_nearest else precision
         mean, lse, lse64, top_idx, top_logit, *_ = _softmax_mean_op(
             c.x, c.points, c.alpha, c.var, c.bias, backend, kernel_precision, return_nearest)
         mean = mean.reshape(*c.batch_shape, B, d)
-        lse = lse.reshape(*c.batch_shape, B)
+        wide = lse_dtype == torch.float64
+        if (return_lse or wide) and top_idx.shape[-1] > 0:  # exact mode's top lists
+            shift = _exact.lse_offset(c.x, c.points, c.alpha, c.var, c.bias, top_idx,
+                                      top_logit)
+            lse64 = lse64 + shift
+            lse = lse + shift.to(lse.dtype)
+            top_logit = top_logit + shift[..., None]
+        lse = (lse64 if wide else lse).reshape(*c.batch_shape, B)
         if return_nearest:
             idx, weight = nearest_point(top_idx, top_logit, lse64)
             idx = idx.reshape(*c.batch_shape, B)

@@ -5,7 +5,8 @@ Each class below is one line: a function of (gen, d, N, B) giving float64 points
 drawn per case: d log-uniform over 1 .. 16384, N over 1 .. 3000, B over 1 .. 70 (both the
 few-query and the tile kernels), shrunk to each backend's size budget (the Triton interpreter
 and the CUDA host emulator are slow). The bound is the README's: mean 1e-5 (relative Frobenius
-over the batch), lse 1e-4 (|error| / max(1, |lse|)); gradients of all five inputs 3e-5.
+over the batch), lse 1e-4 (|error| / max(1, |lse|); 1e-6 when returned in float64); gradients
+of all five inputs 3e-5.
 """
 
 from __future__ import annotations
@@ -145,6 +146,23 @@ def test_exact_forward_within_bound(backend, name):
         em, el = rel_fro(mean, want_mean), lse_err(lse, want_lse)
         assert em <= MEAN_TOL and el <= LSE_TOL, (
             f"seed {seed}: {_describe(x, y, alpha, var)}: mean {em:.2e}, lse {el:.2e}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_exact_lse_in_float64_is_absolute(backend, name):
+    """lse_dtype=torch.float64: lse to 1e-6 of max(1, |lse|), not just its float32 rounding
+    (partial results over parts of the points merge through it)."""
+    budget, n = _budget(backend)
+    for seed in _seeds(name, backend, max(1, n // 2), salt=3):
+        x, y, alpha, var, bias = draw_case(name, seed, budget)
+        _, lse = diffmem.softmax_mean(x, y, alpha, var, bias, backend=backend, return_lse=True,
+                                      lse_dtype=torch.float64)
+        _, want = diffmem.softmax_mean(
+            x.double(), y.double(), alpha.double(), var.double(),
+            None if bias is None else bias.double(), backend="reference", return_lse=True)
+        assert lse.dtype == torch.float64
+        assert lse_err(lse, want) <= 1e-6, f"seed {seed}: {_describe(x, y, alpha, var)}"
 
 
 def _leaves(*tensors):

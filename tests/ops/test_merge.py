@@ -65,6 +65,27 @@ def test_merged_means_equal_unsplit(P, dtype, tol):
     assert rel_fro(mean, op_mean) <= 2 * tol and lse_err(lse, op_lse) <= 2 * tol
 
 
+@pytest.mark.parametrize("P", [2, 4, 8])
+@pytest.mark.parametrize("t", [0.5, 0.9])
+def test_float32_parts_with_float64_lse_merge_at_large_d(P, t):
+    """Held-out queries at d = 3072 (|lse| ~ 1e3 .. 1e4): each part's lse in float64
+    (lse_dtype), which is absolute to ~1e-7, keeps the merged mean at the unsplit op's accuracy
+    (a float32 lse alone, rounded by |lse| x 6e-8, would move the parts' weights by ~1e-4)."""
+    gen = torch.Generator().manual_seed(P)
+    N, d, B = 2000, 3072, 6
+    y = torch.randn(N, d, generator=gen)
+    alpha = (1 - t * t) ** 0.5
+    x = alpha * torch.randn(B, d, generator=gen) + t * torch.randn(B, d, generator=gen)
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    outs = [diffmem.softmax_mean(x, p, alpha, t * t, backend=BACKEND, return_lse=True,
+                                 lse_dtype=torch.float64) for p in y.chunk(P)]
+    mean, lse = diffmem.merge_softmax_means([m for m, _ in outs], [v for _, v in outs])
+    ref_mean, ref_lse = diffmem.softmax_mean(x.double(), y.double(), alpha, t * t,
+                                             backend="reference", return_lse=True)
+    assert lse.dtype == torch.float64
+    assert rel_fro(mean, ref_mean) <= 1e-6 and lse_err(lse, ref_lse) <= 1e-6
+
+
 @pytest.mark.parametrize("P", [2, 3, 5, 7])
 def test_fully_masked_part_contributes_nothing(P):
     """A part whose points are all masked (bias = -inf) has lse = -inf and a NaN mean."""
