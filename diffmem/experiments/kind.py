@@ -28,6 +28,11 @@ class ExperimentKind:
         trained model: metrics JSON-ready with "size", "memorization_ratio" and "variance";
         artifacts {name: tensor} saved beside them (names listed in ``artifacts``).
     describe_data(config, data): the "data" entry of results.json.
+    model_shapes(config, data, M): {field: shape} of every tensor of a trained model of size M
+        (a saved model is reused on resume only with these shapes).
+    memory(config): estimated bytes of the run's dominant arrays: {"training": one training
+        call, "evaluation": one loss evaluation or sampling batch, "kept": what the run holds
+        throughout (data, models, loss histories)}; see budget.py.
     artifacts: the artifact names evaluate returns; a model's evaluation counts as done on
         resume only when they were saved.
     theory_note: None when the closed-form (GMM theory) crossovers apply, else why not (they
@@ -44,6 +49,8 @@ class ExperimentKind:
     batched: bool
     evaluate: Callable
     describe_data: Callable
+    model_shapes: Callable
+    memory: Callable
     artifacts: tuple[str, ...] = ()
     theory_note: str | None = None
     plots: Callable | None = None
