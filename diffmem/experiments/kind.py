@@ -15,7 +15,8 @@ class ExperimentKind:
     """The data-dependent steps of the phase-transition experiment.
 
     name: the value of ExperimentConfig.data that selects this kind.
-    data_type: the data set's class; ``data_type.load(path)`` and ``data.save(path)`` (.npz).
+    data_type: the data set's class (an NpzRecord): ``data.to_bytes()`` is its .npz file,
+        ``data_type.load(path or bytes)`` reads it back.
     make_data(config): the data set of a configuration (train (N, ...), val, ground_truth()).
     evaluate_baselines(data, ts, *, sizes, draws, seed, progress): per-t losses of the ground
         truth, memorizing and partially memorizing (each M in sizes) denoisers, as
