@@ -163,7 +163,7 @@ class Manifest:
                 raise Unverified(name, "is missing", missing=True)
             return None
         if not hashes:
-            raise Unverified(name, f"was not written by this run (not in {MANIFEST})")
+            raise Unverified(name, f"is not recorded in {MANIFEST}")
         try:
             data = path.read_bytes()
         except OSError as e:
