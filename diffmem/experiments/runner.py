@@ -181,19 +181,24 @@ def record_training(timings: Timings, label: str, seconds: float, steps: int,
                    "train_seconds_total": seconds})
 
 
-def _train(run: Run, group: list[int], label: str, what: str, ck: dict) -> dict:
-    """run.kind.train on group; a saved state that does not fit it (BadTrainingState) is
-    dropped with a warning and the training starts from its first step."""
+def _train(run: Run, group: list[int], label: str, what: str, ck: dict) -> tuple[dict, int]:
+    """(run.kind.train on group, the step it started at); a saved state that does not fit the
+    training (BadTrainingState) is dropped with a warning and the training starts from its
+    first step."""
     task = lambda: run.progress.task(f"{label} training {what}", zero_based=True)  # noqa: E731
+    state = ck["resume_state"]
+    start = state["step"] if state is not None else 0
+    if start:
+        run.progress.note(f"{label}: {what} resumes at step {start}")
     try:
-        return run.kind.train(run.config, run.data, group, progress=task(), **ck)
+        return run.kind.train(run.config, run.data, group, progress=task(), **ck), start
     except BadTrainingState as e:
-        if ck["resume_state"] is None:
+        if state is None:
             raise
         run.progress.warn(f"{STATE_FILE}: {e}; {what} trains again from its first step")
         run.manifest.remove(STATE_FILE)
         return run.kind.train(run.config, run.data, group, progress=task(),
-                              **{**ck, "resume_state": None})
+                              **{**ck, "resume_state": None}), 0
 
 
 def train_sizes(run: Run, sizes: list[int], label: str) -> None:
@@ -208,14 +213,9 @@ def train_sizes(run: Run, sizes: list[int], label: str) -> None:
     progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws"
                   + ("" if run.kind.batched else ", one after another") + ")")
     for group in groups:
-        ck = checkpointing(run, group)
-        state = ck["resume_state"]
-        start = state["step"] if state is not None else 0
         what = f"M={group[0]}" if len(group) == 1 else f"{len(group)} models"
-        if start:
-            progress.note(f"{label}: {what} resumes at step {start}")
         t0 = time.perf_counter()
-        trained = _train(run, group, label, what, ck)
+        trained, start = _train(run, group, label, what, checkpointing(run, group))
         seconds = time.perf_counter() - t0
         run.models.update(trained)
         run.manifest.write(reuse.MODELS, models_bytes(run.models))
