@@ -1,5 +1,5 @@
 """The tiny phase-transition configuration the experiment tests share (a run takes about a
-second), its command-line form, and helpers to run the command and compare result files."""
+second), its command-line form, and functions that run the command and compare result files."""
 
 from __future__ import annotations
 
