@@ -17,8 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .experiments.args import OneLineParser, build_parsers, config_from_args
-from .experiments.config import ConfigError
+from .experiments.args import (
+    OneLineParser,
+    build_parsers,
+    check_threads,
+    config_from_args,
+    out_folder,
+)
+from .experiments.config import ConfigError, make_config
+from .training import TrainingDiverged
 
 EXPERIMENTS = ("phase-transition", "sweep", "crossover")
 
@@ -28,23 +35,31 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
+def _diverged(e: TrainingDiverged, args: argparse.Namespace) -> str:
+    """The divergence message with the options that control it and their values."""
+    preset = make_config(args.preset, data=args.data)
+    lr = args.peak_lr if args.peak_lr is not None else preset.peak_lr
+    clip = args.clip if args.clip is not None else preset.clip
+    return f"{e}: --peak-lr (now {lr:g}) or --clip (now {clip:g})"
+
+
 def run_experiment(command: str, args: argparse.Namespace) -> int:
-    """Run a parsed experiment command; ConfigError becomes exit code 2 (one line on stderr)."""
-    threads = getattr(args, "threads", 1)
-    if threads < 0:
-        return _fail(command, f"--threads must be >= 0, got {threads}")
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+    """Run a parsed experiment command. One line on stderr and a non-zero exit code for what
+    stops it: ConfigError (bad settings or run folder, a folder in use, a run too large for
+    memory) 2, a diverging training 1, running out of memory anyway 1, an interrupt 130."""
     try:
+        threads = check_threads(getattr(args, "threads", 1))
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
         if command == "phase-transition":
             from .experiments.runner import run_phase_transition
 
             config = config_from_args(args)
-            out = args.out or f"runs/phase-transition-{config.tag()}"
+            out = out_folder(args, f"runs/phase-transition-{config.tag()}")
             run_phase_transition(config, out, resume=args.resume, quiet=args.quiet,
                                  plots=not args.no_plots)
-            print(f"results: {out}/results.json")
+            print(f"results: {out / 'results.json'}")
             return 0
         if command == "sweep":
             from .experiments.sweep import run_sweep
@@ -56,6 +71,12 @@ def run_experiment(command: str, args: argparse.Namespace) -> int:
             return run_crossover(args)
     except ConfigError as e:
         return _fail(command, str(e))
+    except TrainingDiverged as e:
+        _fail(command, _diverged(e, args))
+        return 1
+    except MemoryError:
+        _fail(command, "out of memory: lower --dim, --samples, --draws or --eval-draws")
+        return 1
     except KeyboardInterrupt:
         print(f"diffmem {command}: interrupted; continue with --resume", file=sys.stderr)
         return 130

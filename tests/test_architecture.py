@@ -3,8 +3,8 @@ including imports inside functions), and layers only look down:
 
     cli                     the ``diffmem`` command
     experiments, tools      the paper's experiments; bench and demo
-    lab                     data, denoisers, diffusion, metrics, theory, training (and the
-                            package root, which re-exports the lab and the ops)
+    lab                     data, denoisers, diffusion, files, metrics, theory, training (and
+                            the package root, which re-exports the lab and the ops)
     ops                     the op layer: knows nothing of the others
 
 The lab reaches the ops through their public modules only (no ``diffmem.ops._*``).
@@ -20,7 +20,7 @@ import pytest
 import diffmem
 
 PACKAGE = Path(diffmem.__file__).resolve().parent
-LAB = {"data", "denoisers", "diffusion", "metrics", "theory", "training"}
+LAB = {"data", "denoisers", "diffusion", "files", "metrics", "theory", "training"}
 
 
 def module_names(root: Path = PACKAGE) -> dict[str, Path]:

@@ -18,6 +18,8 @@ from ..denoisers.templates import ColoredTemplates
 from ..diffusion.processes import VP, Process
 from ._record import NpzRecord, int_at_least
 
+DIGITS = 1797  # images in scikit-learn's bundled digits, the default templates
+
 
 @dataclass
 class TemplateData(NpzRecord):
@@ -62,7 +64,7 @@ def digit_templates(components: int, size: int = 15, seed: int = 1) -> torch.Ten
     except ImportError as err:
         raise ImportError("digit templates need scikit-learn: pip install 'diffmem[templates]' "
                           "(or pass your own templates)") from err
-    images = torch.from_numpy(load_digits().images)                      # (1797, 8, 8), 0..16
+    images = torch.from_numpy(load_digits().images)                      # (DIGITS, 8, 8), 0..16
     int_at_least(components, "components", 1)
     if components > images.shape[0]:
         raise ValueError(f"components must be <= {images.shape[0]} digits, got {components}")

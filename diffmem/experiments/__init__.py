@@ -14,7 +14,11 @@
 - evaluate.py     measurements the kinds share: seeded losses, averages, the memorization ratio
 - predictions.py  coded / instance-wise / measured crossover
 - transition.py   the delta rule and the refinement sizes
-- results.py      run-folder files: atomic JSON, environment info
+- results.py      run-folder files: atomic JSON, environment info, the writable folder
+- manifest.py     manifest.json: settings, version and SHA-256 of every file a run writes
+- reuse.py        what --resume takes from a run folder, each file verified first
+- lock.py         one run per folder (an OS file lock that dies with its process)
+- budget.py       a run's memory, estimated and checked before it starts
 - plots.py        PNG figures (matplotlib, optional)
 - progress.py     progress lines on stderr
 

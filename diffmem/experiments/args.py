@@ -9,8 +9,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from .config import GRIDS, PRESETS, ExperimentConfig, make_config
+from .config import GRIDS, PRESETS, ConfigError, ExperimentConfig, make_config
 
 _D = ExperimentConfig()
 
@@ -119,6 +121,25 @@ def config_from_args(args, **fixed) -> ExperimentConfig:
     return make_config(args.preset, **values)
 
 
+def out_folder(args, default: str) -> Path:
+    """The output folder of parsed options: --out, or default when it is not given;
+    ConfigError if --out is given empty."""
+    if args.out is None:
+        return Path(default)
+    if not args.out.strip():
+        raise ConfigError("--out must name a folder, got an empty string")
+    return Path(args.out)
+
+
+def check_threads(threads: int) -> int:
+    """threads if it lies in [0, the CPUs of this machine]; ConfigError otherwise."""
+    cpus = os.cpu_count() or 1
+    if not 0 <= threads <= cpus:
+        raise ConfigError(f"--threads must be in [0, {cpus}] (0: torch's default, at most the "
+                          f"{cpus} CPUs of this machine), got {threads}")
+    return threads
+
+
 def build_parsers(sub) -> None:
     """Add the three experiment subcommands to an argparse subparsers object."""
     pt = sub.add_parser("phase-transition", help="the paper's experiment on one configuration",
@@ -156,4 +177,5 @@ def build_parsers(sub) -> None:
                     help="time weighting of the losses (default x0-uniform)")
 
 
-__all__ = ["OneLineParser", "add_common", "add_training", "build_parsers", "config_from_args"]
+__all__ = ["OneLineParser", "add_common", "add_training", "build_parsers", "check_threads",
+           "config_from_args", "out_folder"]

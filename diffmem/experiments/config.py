@@ -7,13 +7,16 @@
   clip 1e9, 50 eval samples).
 - ``GRIDS``: the default (d, K, N) grid of the sweep for each data kind.
 - ``make_config(preset, **overrides)``: a validated config; bad values raise ConfigError with a
-  one-line message (the CLI turns it into exit code 2).
+  one-line message (the CLI turns it into exit code 2). Every number must lie in its sane range
+  (``validate``); sizes are kept sorted, so their order never makes two configs differ.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+
+from ..data.templates import DIGITS
 
 
 class ConfigError(ValueError):
@@ -89,7 +92,7 @@ class ExperimentConfig:
     def from_dict(cls, d: dict) -> ExperimentConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        kw["sizes"] = tuple(kw.get("sizes", ()))
+        kw["sizes"] = tuple(sorted(kw.get("sizes", ())))
         kw["plot_t_indices"] = tuple(kw.get("plot_t_indices", (16,)))
         return cls(**kw)
 
@@ -119,9 +122,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+MAX_SEED = 2 ** 62      # torch generators take 64 bits; the data add offsets to the seed
+MAX_STEPS = 10 ** 9
+MAX_LR = 10.0           # Adam moves each parameter by about lr per step
+VARIANCES = (1e-6, 1e6)  # data variance: float32 samples stay distinct, squares finite
+INIT_VARIANCES = (1e-30, 1e6)  # initial variance: its float32 std stays nonzero
+
+
+def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+    if not ok or (maximum is not None and value > maximum):
+        what = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{name} must be an integer {what}, got {value!r}")
 
 
 def _num(name: str, value, low: float, high: float = math.inf, open_low: bool = False) -> None:
@@ -129,25 +141,33 @@ def _num(name: str, value, low: float, high: float = math.inf, open_low: bool = 
           and (value > low if open_low else value >= low) and value <= high)
     if not ok:
         bracket = "(" if open_low else "["
-        raise ConfigError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+        raise ConfigError(f"{name} must be a number in {bracket}{low:g}, {high:g}], "
+                          f"got {value!r}")
 
 
 def validate(c: ExperimentConfig) -> ExperimentConfig:
-    """Check every field; raise ConfigError (one line) on the first problem."""
+    """Check every field against its range; raise ConfigError (one line) on the first problem.
+    Returns c with its sizes sorted. Sizes that would not fit in memory are refused later, by
+    budget.check_memory, which knows the machine."""
     if c.data not in ("gmm", "templates"):
         raise ConfigError(f"data must be 'gmm' or 'templates', got {c.data!r}")
     for name, lo in (("dim", 1), ("components", 1), ("samples", 2), ("val_samples", 1),
-                     ("eval_samples", 1), ("seed", 0), ("steps", 1), ("warmup", 0),
-                     ("draws", 1), ("eval_draws", 1), ("baseline_step", 0), ("baseline_points", 0),
+                     ("eval_samples", 1), ("steps", 1), ("warmup", 0), ("draws", 1),
+                     ("eval_draws", 1), ("baseline_step", 0), ("baseline_points", 0),
                      ("coverage", 1)):
         _int(name, getattr(c, name), lo)
+    _int("seed", c.seed, 0, MAX_SEED)
+    _int("steps", c.steps, 1, MAX_STEPS)
     if c.warmup > c.steps:
         raise ConfigError(f"warmup ({c.warmup}) must not exceed steps ({c.steps})")
-    _num("variance", c.variance, 0, open_low=True)
+    if c.data == "templates" and c.components > DIGITS:
+        raise ConfigError(f"components must be at most {DIGITS} for --data templates (the "
+                          f"bundled digits), got {c.components}")
+    _num("variance", c.variance, *VARIANCES)
     for name in ("init_lr", "final_lr"):
-        _num(name, getattr(c, name), 0)
-    _num("peak_lr", c.peak_lr, 0, open_low=True)
-    _num("init_var", c.init_var, 0, open_low=True)
+        _num(name, getattr(c, name), 0, MAX_LR)
+    _num("peak_lr", c.peak_lr, 0, MAX_LR, open_low=True)
+    _num("init_var", c.init_var, *INIT_VARIANCES)
     _num("clip", c.clip, 0, open_low=True)
     _num("ema", c.ema, 0, 0.999999)
     _num("delta", c.delta, 0, 0.5, open_low=True)
@@ -165,13 +185,16 @@ def validate(c: ExperimentConfig) -> ExperimentConfig:
                           f"range(N/10, N+1, N/10); pass --sizes otherwise")
     if c.baseline_step > c.samples:
         raise ConfigError(f"baseline_step ({c.baseline_step}) must not exceed N ({c.samples})")
+    if c.baseline_points > c.samples:
+        raise ConfigError(f"baseline_points ({c.baseline_points}) must not exceed N "
+                          f"({c.samples})")
     for j in c.plot_t_indices:
         _int("plot_t_indices[i]", j, 0)
         if j >= 26:
             raise ConfigError(f"plot t indices must be < 26 (the grid size), got {j}")
     if c.preset not in PRESETS:
         raise ConfigError(f"unknown preset {c.preset!r}; choose from {sorted(PRESETS)}")
-    return c
+    return replace(c, sizes=tuple(sorted(c.sizes)))
 
 
 def make_config(preset: str = "default", **overrides) -> ExperimentConfig:
@@ -199,5 +222,5 @@ def make_config(preset: str = "default", **overrides) -> ExperimentConfig:
     return validate(c)
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "GRIDS", "PRESETS", "TEMPLATE_PRESETS", "make_config",
-           "validate"]
+__all__ = ["ConfigError", "ExperimentConfig", "GRIDS", "INIT_VARIANCES", "MAX_LR", "MAX_SEED",
+           "MAX_STEPS", "PRESETS", "TEMPLATE_PRESETS", "VARIANCES", "make_config", "validate"]

@@ -10,14 +10,15 @@ out/crossover.json and prints a table.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from ..diffusion.processes import time_grid
+from .args import out_folder
+from .budget import check_memory
 from .config import ConfigError, make_config
 from .predictions import predict
-from .results import check_writable, environment, write_json
+from .results import environment, writable_folder, write_json
 from .runner import kind_for
 
 
@@ -37,14 +38,10 @@ def run_crossover(args) -> int:
     if config.data == "templates" and args.no_measured:
         raise ConfigError("--no-measured leaves nothing to predict for --data templates: its only "
                           "crossover is the measured one (coded and instance-wise are GMM theory)")
-    out = Path(args.out or f"runs/crossover-{config.tag()}")
-    try:
-        check_writable(out)
-    except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out)!r}: "
-                          f"{e.strerror or e}") from None
-    t0 = time.perf_counter()
     kind = kind_for(config)
+    check_memory(config, kind, training=False)
+    out = writable_folder(out_folder(args, f"runs/crossover-{config.tag()}"))
+    t0 = time.perf_counter()
     data = kind.make_data(config)
     ts = time_grid(dtype=torch.float64)
     pred = predict(data, ts, seed=config.seed, measured=not args.no_measured,

@@ -19,6 +19,8 @@ from ..diffusion.samplers import ddim_sample
 from ..metrics import memorization_ratio
 from ..ops import knn
 
+LOSS_ROWS = 65536  # rows (samples x draws) per model call of loss_per_t (its default batch)
+
 
 def sub_seed(seed: int, *parts) -> int:
     """A 63-bit seed determined by seed and the labels in parts."""
@@ -56,7 +58,8 @@ def average_baselines(baselines: dict, ts) -> dict:
 
 def measure_losses(model, data, ts, draws, seed, *label) -> list[float]:
     """loss_per_t of model on data (EPS units, (T,) as a list), noise seeded by (seed, label)."""
-    return loss_per_t(model, data, ts, draws=draws, generator=generator(seed, *label)).tolist()
+    return loss_per_t(model, data, ts, draws=draws, generator=generator(seed, *label),
+                      batch=LOSS_ROWS).tolist()
 
 
 def sample_ratio(denoiser_x0, train, x_init, ts, threshold: float) -> dict:
@@ -76,5 +79,5 @@ def final_training_loss(losses: torch.Tensor) -> float:
     return float(tail.double().mean())
 
 
-__all__ = ["average_baselines", "averages", "final_training_loss", "generator", "measure_losses",
-           "sample_ratio", "sub_seed", "to_x0_units"]
+__all__ = ["LOSS_ROWS", "average_baselines", "averages", "final_training_loss", "generator",
+           "measure_losses", "sample_ratio", "sub_seed", "to_x0_units"]

@@ -11,7 +11,14 @@ from ..denoisers.partial import PartialMemorizingDenoiser
 from ..diffusion.processes import VP
 from ..metrics import learned_means_metrics
 from ..training import TrainedGMM, train_gmm_models
-from .evaluate import averages, final_training_loss, generator, measure_losses, sample_ratio
+from .evaluate import (
+    LOSS_ROWS,
+    averages,
+    final_training_loss,
+    generator,
+    measure_losses,
+    sample_ratio,
+)
 from .kind import ExperimentKind
 
 
@@ -87,10 +94,30 @@ def describe_data(config, data) -> dict:
             "val_samples": config.val_samples, "variance": float(data.variance)}
 
 
+def model_shapes(config, data, M: int) -> dict:
+    """Shapes of a TrainedGMM of size M: means (M, d), losses (steps,)."""
+    return {"means": (M, data.train.shape[1]), "losses": (config.steps,)}
+
+
+def memory(config) -> dict:
+    """Estimated bytes (float32) of the run's dominant arrays (see ExperimentKind.memory):
+    a batched training step holds about 12 arrays of models x N x draws x d (measured: 8-11),
+    a loss evaluation about 10 of its rows (at most LOSS_ROWS) x d."""
+    d, N, V = config.dim, config.samples, config.val_samples
+    initial = len(config.train_sizes())
+    refined = min(N, 2 * config.coverage + 1) if config.refine else 0
+    batch = max(initial, refined)  # models trained in one call
+    rows = max(min(max(N, V) * config.eval_draws, LOSS_ROWS), config.eval_samples)
+    return {"training": 4 * (12 * batch * N * config.draws * d + batch * config.steps),
+            "evaluation": 4 * 10 * rows * d,
+            "kept": 4 * ((N + V + config.components) * d
+                         + (initial + refined) * (config.steps + N * d))}
+
+
 KIND = ExperimentKind(
     name="gmm", data_type=GMMData, make_data=make_data, evaluate_baselines=evaluate_baselines,
     model_type=TrainedGMM, train=train, batched=True, evaluate=evaluate_trained,
-    describe_data=describe_data)
+    describe_data=describe_data, model_shapes=model_shapes, memory=memory)
 
 __all__ = ["KIND", "describe_data", "evaluate_baselines", "evaluate_trained", "make_data",
-           "train"]
+           "memory", "model_shapes", "train"]

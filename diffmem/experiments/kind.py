@@ -15,7 +15,8 @@ class ExperimentKind:
     """The data-dependent steps of the phase-transition experiment.
 
     name: the value of ExperimentConfig.data that selects this kind.
-    data_type: the data set's class; ``data_type.load(path)`` and ``data.save(path)`` (.npz).
+    data_type: the data set's class (an NpzRecord): ``data.to_bytes()`` is its .npz file,
+        ``data_type.load(path or bytes)`` reads it back.
     make_data(config): the data set of a configuration (train (N, ...), val, ground_truth()).
     evaluate_baselines(data, ts, *, sizes, draws, seed, progress): per-t losses of the ground
         truth, memorizing and partially memorizing (each M in sizes) denoisers, as
@@ -28,6 +29,11 @@ class ExperimentKind:
         trained model: metrics JSON-ready with "size", "memorization_ratio" and "variance";
         artifacts {name: tensor} saved beside them (names listed in ``artifacts``).
     describe_data(config, data): the "data" entry of results.json.
+    model_shapes(config, data, M): {field: shape} of every tensor of a trained model of size M
+        (a saved model is reused on resume only with these shapes).
+    memory(config): estimated bytes of the run's dominant arrays: {"training": one training
+        call, "evaluation": one loss evaluation or sampling batch, "kept": what the run holds
+        throughout (data, models, loss histories)}; see budget.py.
     artifacts: the artifact names evaluate returns; a model's evaluation counts as done on
         resume only when they were saved.
     theory_note: None when the closed-form (GMM theory) crossovers apply, else why not (they
@@ -44,6 +50,8 @@ class ExperimentKind:
     batched: bool
     evaluate: Callable
     describe_data: Callable
+    model_shapes: Callable
+    memory: Callable
     artifacts: tuple[str, ...] = ()
     theory_note: str | None = None
     plots: Callable | None = None

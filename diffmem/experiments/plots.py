@@ -1,9 +1,12 @@
-"""PNG figures of a phase-transition run (SPEC I) and of a sweep; matplotlib is imported lazily,
-and every function returns [] when it is not installed."""
+"""PNG figures of a phase-transition run (SPEC I) and of a sweep, each written atomically
+(diffmem.files); matplotlib is imported lazily, and every function returns [] when it is not
+installed."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..files import atomic_write
 
 
 def _pyplot():
@@ -29,7 +32,7 @@ def _vlines(ax, results):
 
 def _save(fig, path, made):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     made.append(str(path))
 
 

@@ -14,7 +14,8 @@ def fmt_seconds(s: float) -> str:
 class Progress:
     """Prints '[label] k/n  elapsed  eta' to a stream at most every `every` seconds.
 
-    quiet=True prints nothing. note() prints a line unconditionally.
+    quiet=True prints nothing but warnings. note() prints a line unconditionally, warn() even
+    when quiet.
     """
 
     def __init__(self, quiet: bool = False, every: float = 5.0, stream=None):
@@ -27,6 +28,11 @@ class Progress:
         if not self.quiet:
             print(f"[{fmt_seconds(time.perf_counter() - self.t0)}] {text}", file=self.stream,
                   flush=True)
+
+    def warn(self, text: str) -> None:
+        """A line that is printed even when quiet: something was not as expected."""
+        print(f"[{fmt_seconds(time.perf_counter() - self.t0)}] warning: {text}", file=self.stream,
+              flush=True)
 
     def task(self, label: str, zero_based: bool = False):
         """A callback (k, n, *_) for a sub-task: k finished units of n (k + 1 if zero_based,

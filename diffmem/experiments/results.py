@@ -1,7 +1,9 @@
-"""Run folders: atomic JSON writes, environment info, a writability check.
+"""Run folders: JSON contents and atomic JSON writes, environment info, a writable folder.
 
 Layout of a run folder (runner.py):
-    config.json            the ExperimentConfig (checked on --resume)
+    manifest.json          the settings, the diffmem version and the SHA-256 of every file
+                           below but the lock and the plots (manifest.py; checked on --resume)
+    .diffmem.lock          held by the run in progress (lock.py)
     data.npz               the data set (GMMData / TemplateData .save)
     baselines.json         per-t baseline losses (written once)
     models.npz             trained models of every finished size (diffmem.training.store:
@@ -28,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..training.store import atomic_write
+from ..files import atomic_write
+from .config import ConfigError
 
 
 def _clean(obj):
@@ -49,13 +52,14 @@ def _clean(obj):
     return obj
 
 
-def write_json(path, obj) -> None:
-    """Write obj as JSON atomically (temp file in the same folder + os.replace)."""
-    def write(f):
-        json.dump(_clean(obj), f, indent=1, sort_keys=True, allow_nan=False)
-        f.write("\n")
+def json_bytes(obj) -> bytes:
+    """obj as indented JSON with sorted keys (NaN/inf as null; see _clean)."""
+    return (json.dumps(_clean(obj), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
-    atomic_write(path, write)
+
+def write_json(path, obj) -> None:
+    """Write json_bytes(obj) atomically (diffmem.files.atomic_write)."""
+    atomic_write(path, json_bytes(obj))
 
 
 def read_json(path):
@@ -72,14 +76,19 @@ def environment() -> dict:
             "device": "cpu", "threads": torch.get_num_threads()}
 
 
-def check_writable(folder) -> Path:
-    """Create folder if needed and check a file can be written there; OSError otherwise."""
+def writable_folder(folder) -> Path:
+    """folder, created if needed, after checking a file can be written there; ConfigError (one
+    line) otherwise."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
-    os.close(fd)
-    os.unlink(tmp)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {str(folder)!r}: "
+                          f"{e.strerror or e}") from None
     return folder
 
 
-__all__ = ["check_writable", "environment", "read_json", "write_json"]
+__all__ = ["environment", "json_bytes", "read_json", "writable_folder", "write_json"]

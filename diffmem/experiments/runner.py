@@ -10,28 +10,35 @@ templates.py); everything else is here, once.
 Every stage is checkpointed in the run folder (see results.py), so resume=True recomputes
 nothing that finished; a killed run loses at most the stage in progress: one model's
 evaluation, or the training steps since the last training checkpoint (every
-CHECKPOINT_SECONDS of wall time, or CHECKPOINT_STEPS steps if set).
+CHECKPOINT_SECONDS of wall time, or CHECKPOINT_STEPS steps if set). Every file goes through
+the folder's manifest (manifest.py), and a resumed run reuses only what verifies (reuse.py);
+the folder is locked for the whole run (lock.py), and a run that would not fit in memory
+stops before it starts (budget.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..diffusion.processes import time_grid
-from ..training.checkpoint import load_state, remove_state, save_state
-from ..training.store import load_models, save_models
-from . import gmm, templates
+from ..files import npy_bytes
+from ..training.checkpoint import STATE_FILE, BadTrainingState, pack_state
+from ..training.store import models_bytes
+from . import gmm, reuse, templates
+from .budget import check_memory
 from .config import ConfigError, ExperimentConfig
 from .evaluate import average_baselines, generator, to_x0_units
 from .kind import ExperimentKind
+from .lock import folder_lock
+from .manifest import Manifest
 from .predictions import predict
 from .progress import Progress
-from .results import check_writable, environment, read_json, write_json
+from .results import environment, json_bytes, writable_folder
 from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
 
 SCHEMA = "diffmem.phase_transition/1"
@@ -52,44 +59,28 @@ def kind_for(config: ExperimentConfig) -> ExperimentKind:
 # Start of a run
 
 
-def _prepare_folder(config: ExperimentConfig, out: Path, resume: bool) -> None:
-    try:
-        check_writable(out)
-    except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out)!r}: "
-                          f"{e.strerror or e}") from None
-    cfg_path = out / "config.json"
-    if cfg_path.exists():
-        if not resume:
-            raise ConfigError(f"{str(out)!r} already holds a run; pass --resume to continue it "
-                              f"or choose another --out")
-        saved = ExperimentConfig.from_dict(read_json(cfg_path))
-        if saved != config:
-            diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-            raise ConfigError(f"--resume: settings differ from the run in {str(out)!r}: {diff}")
-    else:
-        write_json(cfg_path, config.to_dict())
-
-
 class Timings:
     """Wall times per stage, persisted in timings.json so resumed runs keep earlier ones."""
 
-    def __init__(self, path: Path, resume: bool):
-        self.path = path
-        self.values = read_json(path) if resume and path.exists() else {}
+    def __init__(self, manifest: Manifest, values: dict):
+        self.manifest, self.values = manifest, dict(values)
 
-    def add(self, key: str, seconds: float) -> None:
-        self.values[key] = self.values.get(key, 0.0) + seconds
-        write_json(self.path, self.values)
+    def add(self, **seconds: float) -> None:
+        """Add seconds (or counts) to the named stages; one write of timings.json."""
+        for key, value in seconds.items():
+            self.values[key] = self.values.get(key, 0.0) + value
+        self.manifest.write(reuse.TIMINGS, json_bytes(self.values))
 
 
 @dataclass
 class Run:
-    """One run in progress: its settings, folder and everything measured so far."""
+    """One run in progress: its settings, folder (and its manifest) and everything measured so
+    far."""
 
     config: ExperimentConfig
     kind: ExperimentKind
     out: Path
+    manifest: Manifest
     resume: bool
     hook: object
     progress: Progress
@@ -108,50 +99,49 @@ class Run:
             self.hook(name, value)
 
 
-def load_or_make_data(kind: ExperimentKind, config, out: Path, resume: bool):
-    """out/data.npz when resuming and it exists, else kind.make_data(config), saved there."""
-    path = Path(out) / "data.npz"
-    if resume and path.exists():
-        return kind.data_type.load(path)
-    data = kind.make_data(config)
-    data.save(path)
-    return data
-
-
 def cached_baselines(run: Run) -> dict:
-    """Baseline losses from out/baselines.json when resuming, else measured and saved there."""
+    """Baseline losses from baselines.json when resuming and it verifies, else measured and
+    saved there."""
     config, progress = run.config, run.progress
-    base_path = run.out / "baselines.json"
-    if run.resume and base_path.exists():
-        return read_json(base_path)
+    if run.resume:
+        found = reuse.baselines(run.manifest, config, progress.warn)
+        if found is not None:
+            return found
     t0 = time.perf_counter()
     progress.note(f"baselines: ground truth, memorizing, {len(config.baseline_sizes())} "
                   f"partially memorizing sizes")
     baselines = run.kind.evaluate_baselines(run.data, run.ts, sizes=config.baseline_sizes(),
                                             draws=config.eval_draws, seed=config.seed,
                                             progress=progress.task("baselines"))
-    write_json(base_path, baselines)
-    run.timings.add("baselines", time.perf_counter() - t0)
-    return baselines
+    run.manifest.write(reuse.BASELINES, json_bytes(baselines))
+    run.timings.add(baselines=time.perf_counter() - t0)
+    return json.loads(json_bytes(baselines))  # as a resumed run reads it
 
 
 def begin_run(config: ExperimentConfig, out, resume: bool, quiet: bool, hook=None) -> Run:
-    """The start of a run: folder, progress, timings, data, the t grid, the (cached) baselines,
-    the predicted crossovers, the DDIM starting noise, and on resume the saved models and
-    evaluations."""
+    """The start of a run in folder out (existing, writable, and locked by the caller): the
+    manifest, progress, timings, data, the t grid, the (cached) baselines, the predicted
+    crossovers, the DDIM starting noise, and on resume the saved models and evaluations, each
+    verified (reuse.py)."""
     kind, out = kind_for(config), Path(out)
     progress = Progress(quiet)
-    _prepare_folder(config, out, resume)
-    run = Run(config, kind, out, resume, hook, progress, Timings(out / "timings.json", resume),
+    manifest = Manifest.start(out, config, resume)
+    warn = progress.warn
+    run = Run(config, kind, out, manifest, resume, hook, progress,
+              Timings(manifest, reuse.timings(manifest, warn) if resume else {}),
               time.perf_counter())
     progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
-    run.data = load_or_make_data(kind, config, out, resume)
+    if resume:
+        run.data = reuse.data(manifest, kind, config, warn)
+    else:
+        run.data = kind.make_data(config)
+        manifest.write(reuse.DATA, run.data.to_bytes())
     run.ts = time_grid(dtype=torch.float64)
     run.baselines = cached_baselines(run)
     t0 = time.perf_counter()
     run.predictions = predict(run.data, run.ts, seed=config.seed, baselines=run.baselines,
                               theory_note=kind.theory_note)
-    run.timings.add("predictions", time.perf_counter() - t0)
+    run.timings.add(predictions=time.perf_counter() - t0)
     progress.note("predicted M*/N (x0-uniform): coded {coded:.3f}, instance-wise "
                   "{instancewise:.3f}, measured {measured:.3f}".format(
                       **{k: (run.predictions[k] if run.predictions[k] is not None else float("nan"))
@@ -160,41 +150,25 @@ def begin_run(config: ExperimentConfig, out, resume: bool, quiet: bool, hook=Non
     run.x_init = torch.randn(config.eval_samples, *train.shape[1:],
                              generator=generator(config.seed, "x_init"), dtype=train.dtype)
     if resume:
-        run.models = load_models(out / "models.npz", kind.model_type)
-        run.evals = load_evals(run)
+        run.models = reuse.models(manifest, kind, config, run.data, warn)
+        run.evals = reuse.evaluations(manifest, kind, run.models, warn)
     return run
-
-
-def load_evals(run: Run) -> dict:
-    """The saved evaluations of saved models whose artifacts were saved too."""
-    evals, folder = {}, run.out / "models"
-    if folder.is_dir():
-        for p in folder.glob("M*.json"):
-            r = read_json(p)
-            M = int(r["size"])
-            if M in run.models and all((folder / f"M{M}_{a}.npy").exists()
-                                       for a in run.kind.artifacts):
-                evals[M] = r
-    return evals
 
 
 # ---------------------------------------------------------------------------------------------
 # Training and evaluating sizes
 
 
-def checkpointing(out: Path, sizes: list[int], resume: bool, hook) -> dict:
-    """Keyword arguments that make a training call on `sizes` resumable in run folder out:
+def checkpointing(run: Run, sizes: list[int]) -> dict:
+    """Keyword arguments that make a training call on `sizes` resumable in the run folder:
     checkpoint (writes train_state.npz, then hook("checkpoint", step)), checkpoint_every,
-    checkpoint_seconds and resume_state (the saved state of these sizes when resuming, else
-    None; a checkpoint of other sizes is stale and ignored)."""
-    state = load_state(out) if resume else None
-    if state is not None and state.get("sizes") != list(sizes):
-        state = None
+    checkpoint_seconds and resume_state (the saved state of these sizes when resuming and it
+    verifies, else None; a checkpoint of other sizes is stale and ignored)."""
+    state = reuse.training_state(run.manifest, sizes, run.progress.warn) if run.resume else None
 
     def checkpoint(s):
-        save_state(out, s)
-        if hook is not None:
-            hook("checkpoint", s["step"])
+        run.manifest.write(STATE_FILE, pack_state(s))
+        run.event("checkpoint", s["step"])
 
     return {"checkpoint": checkpoint, "checkpoint_every": CHECKPOINT_STEPS,
             "checkpoint_seconds": CHECKPOINT_SECONDS, "resume_state": state}
@@ -203,9 +177,28 @@ def checkpointing(out: Path, sizes: list[int], resume: bool, hook) -> dict:
 def record_training(timings: Timings, label: str, seconds: float, steps: int,
                     models: int) -> None:
     """Add one training call to the timings: its wall time and steps x models it ran."""
-    timings.add(f"{label}_train", seconds)
-    timings.add("train_steps_x_models", steps * models)
-    timings.add("train_seconds_total", seconds)
+    timings.add(**{f"{label}_train": seconds, "train_steps_x_models": steps * models,
+                   "train_seconds_total": seconds})
+
+
+def _train(run: Run, group: list[int], label: str, what: str, ck: dict) -> tuple[dict, int]:
+    """(run.kind.train on group, the step it started at); a saved state that does not fit the
+    training (BadTrainingState) is dropped with a warning and the training starts from its
+    first step."""
+    task = lambda: run.progress.task(f"{label} training {what}", zero_based=True)  # noqa: E731
+    state = ck["resume_state"]
+    start = state["step"] if state is not None else 0
+    if start:
+        run.progress.note(f"{label}: {what} resumes at step {start}")
+    try:
+        return run.kind.train(run.config, run.data, group, progress=task(), **ck), start
+    except BadTrainingState as e:
+        if state is None:
+            raise
+        run.progress.warn(f"{STATE_FILE}: {e}; {what} trains again from its first step")
+        run.manifest.remove(STATE_FILE)
+        return run.kind.train(run.config, run.data, group, progress=task(),
+                              **{**ck, "resume_state": None}), 0
 
 
 def train_sizes(run: Run, sizes: list[int], label: str) -> None:
@@ -220,20 +213,13 @@ def train_sizes(run: Run, sizes: list[int], label: str) -> None:
     progress.note(f"{label}: training sizes {todo} ({config.steps} steps, {config.draws} draws"
                   + ("" if run.kind.batched else ", one after another") + ")")
     for group in groups:
-        ck = checkpointing(run.out, group, run.resume, run.hook)
-        state = ck["resume_state"]
-        start = state["step"] if state is not None else 0
         what = f"M={group[0]}" if len(group) == 1 else f"{len(group)} models"
-        if start:
-            progress.note(f"{label}: {what} resumes at step {start}")
         t0 = time.perf_counter()
-        trained = run.kind.train(config, run.data, group,
-                                 progress=progress.task(f"{label} training {what}",
-                                                        zero_based=True), **ck)
+        trained, start = _train(run, group, label, what, checkpointing(run, group))
         seconds = time.perf_counter() - t0
         run.models.update(trained)
-        save_models(run.out / "models.npz", run.models)
-        remove_state(run.out)
+        run.manifest.write(reuse.MODELS, models_bytes(run.models))
+        run.manifest.remove(STATE_FILE)
         record_training(run.timings, label, seconds, config.steps - start, len(group))
         for M in group:
             run.event("saved", M)
@@ -242,7 +228,7 @@ def train_sizes(run: Run, sizes: list[int], label: str) -> None:
 def evaluate_sizes(run: Run) -> None:
     """Evaluate every model not yet evaluated; save models/M<M>.json (and its artifacts) each.
     Event: "evaluated" M."""
-    config, out = run.config, run.out
+    config = run.config
     todo = sorted(m for m in run.models if m not in run.evals)
     task = run.progress.task(f"evaluating {len(todo)} models")
     for i, M in enumerate(todo):
@@ -250,12 +236,13 @@ def evaluate_sizes(run: Run) -> None:
         metrics, artifacts = run.kind.evaluate(run.models[M], run.data, run.ts, x_init=run.x_init,
                                                draws=config.eval_draws, seed=config.seed,
                                                threshold=config.threshold)
-        (out / "models").mkdir(exist_ok=True)
-        for name, value in artifacts.items():
-            np.save(out / "models" / f"M{M}_{name}.npy", value.numpy(), allow_pickle=False)
-        write_json(out / "models" / f"M{M}.json", metrics)
-        run.evals[M] = metrics
-        run.timings.add("evaluate_models", time.perf_counter() - t0)
+        record, *names = reuse.evaluation_files(run.kind, M)
+        for name, artifact in zip(names, run.kind.artifacts):
+            run.manifest.write(name, npy_bytes(artifacts[artifact].numpy()))
+        content = json_bytes(metrics)
+        run.manifest.write(record, content)
+        run.evals[M] = json.loads(content)  # as a resumed run reads it
+        run.timings.add(evaluate_models=time.perf_counter() - t0)
         task(i + 1, len(todo))
         run.event("evaluated", M)
 
@@ -308,7 +295,7 @@ def run_two_phases(run: Run) -> dict:
                   "initial_end": end, "refined_sizes": []}
     progress.note("memorization ratio: " + ", ".join(f"M={m}: {r:.2f}" for m, r in
                                                      zip(initial, ratios)))
-    write_json(run.out / "results.json", assemble(run, transition))
+    run.manifest.write("results.json", json_bytes(assemble(run, transition)))
     if config.refine:
         new = [m for m in refinement_sizes(start, end, config.coverage) if m not in initial]
         transition["refined_sizes"] = new
@@ -319,7 +306,7 @@ def run_two_phases(run: Run) -> dict:
             evaluate_sizes(run)
     results = assemble(run, transition)
     results["timings"]["last_invocation_seconds"] = time.perf_counter() - run.t_start
-    write_json(run.out / "results.json", results)
+    run.manifest.write("results.json", json_bytes(results))
     tr = results["transition"]
     progress.note(f"transition: start M={tr['start']} ({tr['start_fraction']:.2f} N), end "
                   f"M={tr['end']} ({tr['end_fraction']:.2f} N), rho=0.5 at "
@@ -332,17 +319,26 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     """Run (or resume) the experiment for config in folder out; returns the results dict that is
     also written to out/results.json. hook(event, value), if given, is called after each
     checkpoint ("checkpoint" training step, "saved" M: a model trained and saved, "trained"
-    phase index, "evaluated" M) -- tests use it to simulate a kill."""
-    run = begin_run(config, out, resume, quiet, hook)
-    results = run_two_phases(run)
-    if plots:
-        from .plots import plot_run
+    phase index, "evaluated" M) -- tests use it to simulate a kill.
 
-        made = plot_run(results, run.out / "plots")
-        if run.kind.plots is not None:
-            made += run.kind.plots(results, run.out)
-        run.progress.note(f"plots: {len(made)} files in {run.out / 'plots'}" if made else
-                          "plots skipped (matplotlib is not installed)")
+    Before anything is written: ConfigError if the run would not fit in memory or out is not
+    writable; FolderInUse if another process runs in out. A training that diverges raises
+    TrainingDiverged."""
+    kind = kind_for(config)
+    check_memory(config, kind)
+    out = writable_folder(out)
+    with folder_lock(out):
+        run = begin_run(config, out, resume, quiet, hook)
+        results = run_two_phases(run)
+        if plots:
+            from .plots import plot_run
+
+            made = plot_run(results, run.out / "plots")
+            if run.kind.plots is not None:
+                made += run.kind.plots(results, run.out)
+            run.progress.note(f"plots: {len(made)} files in {run.out / 'plots'}" if made else
+                              "plots skipped (matplotlib is not installed)")
+        run.manifest.save()
     return results
 
 

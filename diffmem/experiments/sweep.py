@@ -13,10 +13,11 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from .args import config_from_args
+from .args import config_from_args, out_folder
+from .budget import check_memory
 from .config import GRIDS, ConfigError
-from .results import check_writable, read_json, write_json
-from .runner import run_phase_transition
+from .results import read_json, writable_folder, write_json
+from .runner import kind_for, run_phase_transition
 
 
 def configurations(dims, components, samples) -> list[tuple[int, int, int]]:
@@ -69,15 +70,12 @@ def run_sweep(args) -> int:
                 raise ConfigError(f"--{name} values must be positive, got {values}")
             grid[name] = values
     configs = configurations(grid["dims"], grid["components"], grid["samples"])
-    # validate every configuration before running any
+    # validate every configuration (and its memory) before running any
     built = [config_from_args(args, dim=d, components=k, samples=n) for d, k, n in configs]
+    for config in built:
+        check_memory(config, kind_for(config))
     kind = "" if args.data == "gmm" else f"{args.data}-"
-    root = Path(args.out or f"runs/sweep-{kind}{built[0].preset}-s{built[0].seed}")
-    try:
-        check_writable(root)
-    except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(root)!r}: "
-                          f"{e.strerror or e}") from None
+    root = writable_folder(out_folder(args, f"runs/sweep-{kind}{built[0].preset}-s{built[0].seed}"))
     i, n = args.shard
     mine = [c for j, c in enumerate(built) if j % n == i]
     for j, config in enumerate(mine):

@@ -23,7 +23,7 @@ from ..diffusion.processes import VP
 from ..diffusion.samplers import ddim_sample
 from ..metrics import learned_means_metrics, memorization_ratio, nearest_two
 from ..training import TrainedTemplates, train_template_model
-from .evaluate import averages, final_training_loss, generator, measure_losses
+from .evaluate import LOSS_ROWS, averages, final_training_loss, generator, measure_losses
 from .kind import ExperimentKind
 
 SHOWN_SAMPLES = 9  # generated samples kept per M for the sample grid (SPEC I)
@@ -100,6 +100,28 @@ def describe_data(config, data) -> dict:
             "variance": float(data.color_var)}
 
 
+def model_shapes(config, data, M: int) -> dict:
+    """Shapes of a TrainedTemplates of size M: templates (M, H, W), color_means (M, C), losses
+    (steps,)."""
+    C = data.color_means.shape[1]
+    return {"templates": (M, *data.templates.shape[1:]), "color_means": (M, C),
+            "losses": (config.steps,)}
+
+
+def memory(config) -> dict:
+    """Estimated bytes (float32) of the run's dominant arrays (see ExperimentKind.memory). The
+    per-component Woodbury terms make them grow with the components: a training step of a
+    size-M model holds about 16 + 3 M arrays of N x draws x d (measured: 16 + 2.6 M), a loss
+    evaluation about 16 + M of its rows (at most LOSS_ROWS) x d; M up to N."""
+    d, N, V = 3 * config.dim ** 2, config.samples, config.val_samples
+    M = max(N, config.components)
+    rows = max(min(max(N, V) * config.eval_draws, LOSS_ROWS), config.eval_samples)
+    models = len(config.train_sizes()) + (min(N, 2 * config.coverage + 1) if config.refine else 0)
+    return {"training": 4 * (16 + 3 * M) * N * config.draws * d,
+            "evaluation": 4 * (16 + M) * rows * d,
+            "kept": 4 * (N + V) * d + models * (8 * config.steps + 4 * N * d)}
+
+
 def plot_samples_grid(results: dict, out) -> list[str]:
     """plots/generated_samples.png from the saved samples of every model."""
     from .plots import plot_samples
@@ -113,8 +135,9 @@ def plot_samples_grid(results: dict, out) -> list[str]:
 KIND = ExperimentKind(
     name="templates", data_type=TemplateData, make_data=make_data,
     evaluate_baselines=evaluate_baselines, model_type=TrainedTemplates, train=train,
-    batched=False, evaluate=evaluate_model, describe_data=describe_data, artifacts=("samples",),
-    theory_note=THEORY_NOTE, plots=plot_samples_grid)
+    batched=False, evaluate=evaluate_model, describe_data=describe_data,
+    model_shapes=model_shapes, memory=memory, artifacts=("samples",), theory_note=THEORY_NOTE,
+    plots=plot_samples_grid)
 
 __all__ = ["KIND", "SHOWN_SAMPLES", "THEORY_NOTE", "describe_data", "evaluate_baselines",
-           "evaluate_model", "make_data", "train"]
+           "evaluate_model", "make_data", "memory", "model_shapes", "train"]

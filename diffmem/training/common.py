@@ -1,10 +1,13 @@
-"""What the training loops share: argument checks and the per-model seed."""
+"""What the training loops share: argument checks, the per-model seed and the divergence
+check."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections.abc import Sequence
+
+import torch
 
 
 def check_int(value, name: str, minimum: int = 0) -> int:
@@ -44,4 +47,33 @@ def model_seed(seed: int, M: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-__all__ = ["check_int", "check_number", "check_sizes", "model_seed"]
+class TrainingDiverged(RuntimeError):
+    """A training loss or parameter became NaN or infinite; step (1-based), size M and loss
+    say where."""
+
+    def __init__(self, step: int, steps: int, size: int, loss: float):
+        self.step, self.steps, self.size, self.loss = step, steps, size, loss
+        what = (f"loss {loss:g}" if not math.isfinite(loss) else
+                f"non-finite parameters (loss {loss:g})")
+        super().__init__(f"training diverged at step {step} of {steps}: the model of size "
+                         f"M={size} reached {what}; lower the peak learning rate or the gradient "
+                         f"clipping norm")
+
+
+def check_finite(step: int, steps: int, sizes: Sequence[int], losses: torch.Tensor,
+                 params) -> None:
+    """Raise TrainingDiverged if losses (one per size, this step's) or any of params (tensors
+    with a leading model dimension of len(sizes), or shared by one model) is not finite.
+    Reads only: the run's numbers do not change."""
+    losses = losses.detach().reshape(-1)
+    bad = ~torch.isfinite(losses)
+    for p in params:
+        finite = torch.isfinite(p.detach())
+        bad = bad | ~(finite.reshape(len(sizes), -1).all(1) if len(sizes) > 1 else finite.all())
+    if bool(bad.any()):
+        g = int(bad.nonzero()[0, 0]) if bad.numel() > 1 else 0
+        raise TrainingDiverged(step, steps, sizes[g], float(losses[g if losses.numel() > 1 else 0]))
+
+
+__all__ = ["TrainingDiverged", "check_finite", "check_int", "check_number", "check_sizes",
+           "model_seed"]

@@ -18,7 +18,7 @@ from ..denoisers.gmm import IsotropicGMM
 from ..denoisers.learnable import INIT_STRATEGIES, LearnableGMM, initialize
 from ..diffusion.processes import VP, Process, time_grid
 from .checkpoint import Checkpointer, load_training_state, training_state
-from .common import check_int, check_sizes, model_seed
+from .common import check_finite, check_int, check_sizes, model_seed
 from .optim import ReferenceOptimizer, wsd_schedule
 
 
@@ -107,6 +107,8 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
     Checkpointer); state (see training_state) holds tensors and plain scalars only. Passing it
     back as resume_state (same data and settings) continues the run: the result equals an
     uninterrupted one, since the per-step draws come from the restored generators.
+
+    A NaN or infinite loss or parameter stops the run with TrainingDiverged (step, size, loss).
     """
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or not data.is_floating_point():
         raise ValueError("data must be a floating-point (N, d) tensor")
@@ -164,6 +166,7 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
         losses = eps_losses(model, data, grid[idx.to(data.device)], noise)
         losses.sum().backward()
         opt.step()
+        check_finite(k + 1, steps, sizes, losses, params.values())
         history[:, k] = losses.detach()
         if progress is not None:
             progress(k, steps, losses.detach())

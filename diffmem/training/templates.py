@@ -18,7 +18,7 @@ from ..denoisers.templates import ColoredTemplates, LearnableColoredTemplates
 from ..diffusion.loss import dsm_loss
 from ..diffusion.processes import time_grid
 from .checkpoint import Checkpointer, load_training_state, training_state
-from .common import check_int, check_sizes, model_seed
+from .common import check_finite, check_int, check_sizes, model_seed
 from .optim import ReferenceOptimizer, wsd_schedule
 
 
@@ -63,7 +63,8 @@ def train_template_model(data, M: int, *, steps: int, warmup: int, init_lr: floa
 
     checkpoint / checkpoint_every / checkpoint_seconds / resume_state as in train_gmm_models
     (sizes [M]; tensors templates (M, H, W), color_means (M, C), color_std (), losses (step,)):
-    a run resumed from a checkpoint ends exactly as an uninterrupted one."""
+    a run resumed from a checkpoint ends exactly as an uninterrupted one. A NaN or infinite
+    loss or parameter stops it with TrainingDiverged."""
     M = check_int(M, "M", 1)
     steps, warmup = check_int(steps, "steps", 1), check_int(warmup, "warmup")
     draws = check_int(draws, "draws", 1)
@@ -92,6 +93,7 @@ def train_template_model(data, M: int, *, steps: int, warmup: int, init_lr: floa
         opt.zero_grad()
         loss.backward()
         opt.step()
+        check_finite(k + 1, steps, [M], loss, params.values())
         losses[k] = float(loss.detach())
         if progress is not None:
             progress(k, steps, losses[k])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import TINY, TINY_ARGS
 
 from diffmem import EmpiricalDenoiser, make_gmm_data, time_grid
 from diffmem.cli import main
@@ -27,11 +28,6 @@ from diffmem.experiments.transition import (
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 
-TINY = dict(dim=4, components=2, samples=20, val_samples=10, eval_samples=10, steps=20, warmup=2,
-            draws=2, eval_draws=4, baseline_step=10, peak_lr=1e-2)
-TINY_ARGS = ["--dim", "4", "--components", "2", "--samples", "20", "--val-samples", "10",
-             "--eval-samples", "10", "--steps", "20", "--warmup", "2", "--draws", "2",
-             "--eval-draws", "4", "--baseline-step", "10", "--peak-lr", "1e-2", "--quiet"]
 
 TOP_KEYS = {"schema", "config", "environment", "grid", "x0_scale", "data", "baselines",
             "baseline_averages", "trained", "sizes", "fractions", "memorization_ratio",

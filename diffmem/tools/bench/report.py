@@ -4,13 +4,13 @@ and every row in a CSV file."""
 from __future__ import annotations
 
 import csv
-import os
+import io
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ...files import atomic_write
 from .timing import Device, Row
 
 
@@ -61,38 +61,32 @@ def _print_speedups(rows: list[Row], out):
 
 
 def write_csv(path: Path, rows: list[Row], dev: Device, sigmas):
-    """Write all rows to path atomically (temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write all rows to path atomically (diffmem.files.atomic_write)."""
     ms = lambda s: None if s is None else round(s * 1e3, 4)  # noqa: E731
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            err_fields = [f"err_sigma{s:g}_{k}" for s in sigmas for k in ("median", "max")]
-            fields = ["device", "B", "N", "d", "method", "kind", "pass", "status", "median_ms",
-                      "min_ms", "reps", "gflops", "ratio_best", "ratio_floor",
-                      "ratio_naive_direct", "fwd_ms", "bwd_over_fwd", *err_fields,
-                      "peak_extra_mb", "threads", "torch", "memory_measured_by"]
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in rows:
-                errs = {f"err_sigma{s:g}_{k}": r.err.get(s, (None, None))[i]
-                        for s in sigmas for i, k in enumerate(("median", "max"))}
-                w.writerow({
-                    "device": dev.name, "B": r.B, "N": r.N, "d": r.d, "method": r.method,
-                    "kind": r.kind, "pass": "fwd+bwd" if r.backward else "fwd",
-                    "status": r.status, "median_ms": ms(r.median_s), "min_ms": ms(r.min_s),
-                    "reps": r.reps, "gflops": r.gflops, "ratio_best": r.ratio_best,
-                    "ratio_floor": r.ratio_floor, "ratio_naive_direct": r.ratio_direct,
-                    "fwd_ms": ms(r.fwd_s), "bwd_over_fwd": r.bwd_over_fwd,
-                    **errs,
-                    "peak_extra_mb": None if r.peak_bytes is None else r.peak_bytes / 2**20,
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "memory_measured_by": dev.memory_how,
-                })
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    text = io.StringIO(newline="")
+    err_fields = [f"err_sigma{s:g}_{k}" for s in sigmas for k in ("median", "max")]
+    fields = ["device", "B", "N", "d", "method", "kind", "pass", "status", "median_ms",
+              "min_ms", "reps", "gflops", "ratio_best", "ratio_floor",
+              "ratio_naive_direct", "fwd_ms", "bwd_over_fwd", *err_fields,
+              "peak_extra_mb", "threads", "torch", "memory_measured_by"]
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        errs = {f"err_sigma{s:g}_{k}": r.err.get(s, (None, None))[i]
+                for s in sigmas for i, k in enumerate(("median", "max"))}
+        w.writerow({
+            "device": dev.name, "B": r.B, "N": r.N, "d": r.d, "method": r.method,
+            "kind": r.kind, "pass": "fwd+bwd" if r.backward else "fwd",
+            "status": r.status, "median_ms": ms(r.median_s), "min_ms": ms(r.min_s),
+            "reps": r.reps, "gflops": r.gflops, "ratio_best": r.ratio_best,
+            "ratio_floor": r.ratio_floor, "ratio_naive_direct": r.ratio_direct,
+            "fwd_ms": ms(r.fwd_s), "bwd_over_fwd": r.bwd_over_fwd,
+            **errs,
+            "peak_extra_mb": None if r.peak_bytes is None else r.peak_bytes / 2**20,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "memory_measured_by": dev.memory_how,
+        })
+    atomic_write(path, text.getvalue().encode())
 
 
 __all__ = ["print_table", "write_csv"]
