@@ -1,6 +1,7 @@
 """``diffmem bench --datasets``: softmax_mean at data-set sizes (CIFAR-10-like N = 50,000,
 d = 3072, and one query over 200,000 points) with the points stored as float32, bfloat16 and
-uint8, against the machine's memory bandwidth measured in the same run (a STREAM-like copy).
+uint8, against the machine's memory bandwidth measured in the same run (a STREAM-like copy);
+then the op sharded over 2 gloo ranks against one process (sharded.py).
 
 Per case: the median time of the exact forward, its GFLOP/s (4 B N d), the rate at which it
 reads the points (N d bytes-per-value / time) and that rate over the copy's bandwidth.
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ... import __version__
+from ...files import atomic_write
 from ...ops import softmax_mean
+from . import sharded
 
 DATASET_SIZES = [(16, 50000, 3072), (256, 50000, 3072), (1, 200000, 3072)]
 POINT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
@@ -90,15 +91,14 @@ def run_case(B, N, d, dtype, device, copy_gbps, budget=1.5, min_reps=3) -> Case:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=1).encode())
 
 
-def run(device: str, sizes, out: Path, quick: bool = False) -> list[Case]:
+def run(device: str, sizes, out: Path, quick: bool = False,
+        distributed: bool = True) -> list[Case]:
     """Measure the copy bandwidth, then every (size, points dtype); print a table; write JSON
-    (after every case, atomically)."""
+    (after every case, atomically); then (cpu) time the op on 2 gloo ranks against one process
+    (sharded.py)."""
     budget, reps = (0.3, 1) if quick else (1.5, 3)
     copy_gbps = copy_bandwidth(device, 0.25 if quick else 1.0, budget)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -119,6 +119,10 @@ def run(device: str, sizes, out: Path, quick: bool = False) -> list[Case]:
                               "version": __version__, "copy_gbps": copy_gbps,
                               "cases": [asdict(k) for k in cases]})
     print(f"\nwrote {out}")
+    if device == "cpu" and distributed:
+        print("\nthe same op sharded over 2 gloo ranks (diffmem.distributed), float32 points:",
+              flush=True)
+        sharded.main(["--quick"] if quick else [])
     return cases
 
 
