@@ -90,7 +90,8 @@ BACKENDS: dict[str, BackendSpec] = {
     "triton": BackendSpec("triton", "diffmem.ops._triton", _triton_status, _triton_devices,
                           (torch.float32,), _COMPACT),
     # the CUDA module is loaded on first use; its host-emulator build runs on CPU tensors
-    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda.status, _cuda.devices, (torch.float32,)),
+    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda.status, _cuda.devices, (torch.float32,),
+                        _COMPACT),
 }
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
