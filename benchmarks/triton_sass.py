@@ -12,8 +12,10 @@ kernel (fewer shuffles and spills in the same loop) when no GPU is at hand, and 
 
 --compile-all compiles every kernel at every configuration its plans can launch (both
 precisions, with and without bias, one and several feature chunks, each feature chunk size, the
-autotuner's candidates and the few-query blocks) and exits non-zero if any fails: a GPU
-compilation check for machines without a GPU.
+autotuner's candidates and the few-query blocks) with float32 points, and each kernel family at
+a few configurations with points stored as uint8, float16 and bfloat16 (the points' pointer
+type is a specialization: every load converts to float32), and exits non-zero if any fails: a
+GPU compilation check for machines without a GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from diffmem.ops import _exact
-from diffmem.ops._triton import _backward, _config, _forward
+from diffmem.ops._triton import _backward, _config, _forward, _knn
 
 KEY_OPS = ["FFMA", "FADD", "FMUL", "SHFL", "STL", "LDL", "LDS", "LDG", "HMMA", "HGMMA"]
 
@@ -67,16 +69,21 @@ KERNELS = {
 }
 
 # Pointer arguments that are not float32 (the others are).
-POINTER_TYPES = {"expand_ptr": "*u8", "m_ptr": "*fp64", "lse_ptr": "*fp64", "top_v_ptr": "*fp64",
-                 "top_i_ptr": "*i32"}
+POINTER_TYPES = {"expand_ptr": "*u8", "m_ptr": "*fp64", "m_out_ptr": "*fp64", "lse_ptr": "*fp64",
+                 "top_v_ptr": "*fp64", "top_i_ptr": "*i32", "idx_ptr": "*i64"}
+# Storage dtypes of the points besides float32 (diffmem/ops/_canonical.py COMPACT_POINT_DTYPES),
+# as pointer types.
+COMPACT_POINTS = ("*u8", "*fp16", "*bf16")
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int):
-    """Ahead-of-time compile: pointers (*_ptr) as fp32 pointers unless POINTER_TYPES says
-    otherwise, other arguments as i32."""
+def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int,
+                   pointers: dict | None = None):
+    """Ahead-of-time compile: pointers (*_ptr) as fp32 pointers unless pointers or
+    POINTER_TYPES say otherwise, other arguments as i32."""
     params = list(inspect.signature(fn.fn).parameters)
+    types = {**POINTER_TYPES, **(pointers or {})}
     signature = {p: "constexpr" if p in constexprs
-                 else POINTER_TYPES.get(p, "*fp32") if p.endswith("_ptr") else "i32"
+                 else types.get(p, "*fp32") if p.endswith("_ptr") else "i32"
                  for p in params}
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(params.index(k),): v for k, v in constexprs.items()})
@@ -103,8 +110,60 @@ def sass_counts(cubin: bytes) -> tuple[str, collections.Counter]:
 
 
 def launch_configurations():
+    """(kernel name, function, constexprs, num_warps, num_stages, pointer types) for everything
+    the plans can launch with float32 points (see diffmem/ops/_triton/_config.py), then
+    compact_configurations()."""
+    for config in float32_configurations():
+        yield (*config, {})
+    yield from compact_configurations()
+
+
+def _knn_blocks(bd: int) -> dict:
+    """The knn kernel's blocks on a GPU (diffmem/ops/_triton/_knn.py)."""
+    return dict(BB=32, BN=min(128, max(16, 256 // bd)))
+
+
+def compact_configurations():
+    """Each kernel family with points stored as uint8, float16 and bfloat16, at one or two
+    configurations the plans launch (bias, the largest feature chunk of the gradient kernels,
+    one chunk and several). The centre rows are the points themselves where exact logits are
+    computed (their first row) and float32 (the points' mean) for "fast"."""
+    grads = [(_backward._stats_kernel, "stats", dict(HAS_GM=True)),
+             (_backward._query_kernel, "query",
+              dict(HAS_GM=True, NEED_DX=True, NEED_DALPHA=True, NEED_DVAR=True)),
+             (_backward._point_kernel, "point", dict(HAS_GM=True, NEED_DY=True, NEED_DBIAS=True))]
+    for ptype in COMPACT_POINTS:
+        exact_ptrs = {"y_ptr": ptype, "c_ptr": ptype}
+        fast_ptrs = {"y_ptr": ptype}
+        for num_d in (1, 3):
+            single = num_d == 1
+            common = dict(HAS_BIAS=True, DOT=_config.FAST_DOT, NUM_D=num_d, FINAL=single)
+            cfg = _config.autotune_configs(False, 16, single, budget=32)[0]
+            yield ("forward", _forward._forward_kernel,
+                   dict(common, FAST=False, BD=16, **EXACT_TOP, **cfg.kwargs), cfg.num_warps,
+                   cfg.num_stages, exact_ptrs)
+            cfg = _config.autotune_configs(True, 32, single)[0]
+            yield ("forward-fast", _forward._forward_kernel,
+                   dict(common, FAST=True, BD=32, **NO_TOP, **cfg.kwargs), cfg.num_warps,
+                   cfg.num_stages, fast_ptrs)
+        yield ("forward-few", _forward._forward_kernel,
+               dict(HAS_BIAS=True, FAST=False, DOT=_config.FAST_DOT, NUM_D=3, BD=16, FINAL=False,
+                    BB=2, BN=128, **EXACT_TOP), 4, 1, exact_ptrs)
+        yield ("merge", _forward._merge_kernel, dict(NUM_D=3, BD=16, BB=32), 4, 1,
+               {"c_ptr": ptype})
+        for fast, ptrs, top in ((False, exact_ptrs, GRAD_TOP), (True, fast_ptrs, NO_TOP)):
+            cfg = _config.autotune_configs(False, 16, True, budget=32)[0]
+            for fn, name, extra in grads:
+                yield (name, fn, dict(HAS_BIAS=True, FAST=fast, DOT=_config.FAST_DOT, NUM_D=1,
+                                      BD=16, FORMS=top["FORMS"], TOP_K=top["TOP_K"], **extra,
+                                      **cfg.kwargs), cfg.num_warps, cfg.num_stages, ptrs)
+        yield ("knn", _knn._knn_kernel, dict(K=2, KP=2, SQRT=True, NUM_D=3, BD=16,
+                                             **_knn_blocks(16)), 4, 2, {"p_ptr": ptype})
+
+
+def float32_configurations():
     """(kernel name, function, constexprs, num_warps, num_stages) for everything the plans can
-    launch: see diffmem/ops/_triton/_config.py."""
+    launch with float32 points."""
     grads = {
         "stats": (_backward._stats_kernel, dict(HAS_GM=True)),
         "query": (_backward._query_kernel,
@@ -138,18 +197,27 @@ def launch_configurations():
                 bn = min(128, 64 * 128 // (bb * bd))
                 yield ("forward-few", _forward._forward_kernel,
                        dict(common, FINAL=single, **top, BB=bb, BN=bn), 4, 2 if single else 1)
+    # the merge of split partial results, and knn (blocks fixed by its feature chunk)
+    for bd, num_d in ((16, 1), (64, 3)):
+        yield ("merge", _forward._merge_kernel, dict(NUM_D=num_d, BD=bd, BB=16 if bd >= 64 else 32),
+               4, 1)
+    for bd, k in ((1, 1), (4, 3), (16, 2)):
+        for sqrt in (False, True):
+            yield ("knn", _knn._knn_kernel, dict(K=k, KP=triton.next_power_of_2(k), SQRT=sqrt,
+                                                 NUM_D=1 if bd < 16 else 3, BD=bd,
+                                                 **_knn_blocks(bd)), 4, 2)
 
 
 def compile_all(arch: int) -> int:
     failures = 0
     count = 0
-    for name, fn, constexprs, warps, stages in launch_configurations():
+    for name, fn, constexprs, warps, stages, pointers in launch_configurations():
         count += 1
         try:
-            compile_kernel(fn, constexprs, warps, stages, arch)
+            compile_kernel(fn, constexprs, warps, stages, arch, pointers)
         except Exception as exc:  # report every failing configuration, then fail
             failures += 1
-            print(f"FAILED {name} warps={warps} stages={stages} {constexprs}: "
+            print(f"FAILED {name} warps={warps} stages={stages} {pointers} {constexprs}: "
                   f"{type(exc).__name__}: {str(exc)[:300]}")
     print(f"compiled {count} Triton kernel configurations for sm_{arch}: {failures} failed")
     return 1 if failures else 0

@@ -134,10 +134,12 @@ DM_GLOBAL void kappa_kernel(Problem p, const float* DM_RESTRICT gm, const int64_
   const int64_t g = e / p.B, n = ref[e];
   float q = 0.f;
   if (n >= 0) {
-    const float* y = p.y + g * p.gs_y + n * p.d;
     const float* c = p.c + g * p.gs_c;
     const float* gr = gm + e * p.d;
-    for (int64_t k = 0; k < p.d; ++k) q = fmaf(gr[k], y[k] - c[k], q);
+    with_points(p, g, [&](auto y_g) {
+      const auto* y = y_g + n * p.d;
+      for (int64_t k = 0; k < p.d; ++k) q = fmaf(gr[k], to_float(y[k]) - c[k], q);
+    });
   }
   kappa[e] = q;
 }
@@ -231,7 +233,6 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
   const bool single = p.d <= kChunk;
   const float* x_g = p.x + g * p.gs_x;
-  const float* y_g = p.y + g * p.gs_y;
   const float* gm_g = in.gm ? in.gm + g * p.B * p.d : nullptr;
   const int64_t row0 = (pc.split * p.G + g) * p.B + b0;
   const int64_t valid_b = p.B - b0 < kTile ? p.B - b0 : kTile;
@@ -263,7 +264,9 @@ DM_GLOBAL DM_TILE_KERNEL void query_kernel(Problem p, RowInputs in, float* DM_RE
     for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
       DM_SYNC();  // pt complete; the previous chunk's reads of yr done
       if (!single) {
-        load_chunk(nullptr, false, s.ls.yr, false, y_g, n0, p.N, k0, p.d, nullptr, nullptr);
+        with_points(p, g, [&](auto y_g) {
+          load_chunk(nullptr, false, s.ls.yr, false, y_g, n0, p.N, k0, p.d, nullptr, nullptr);
+        });
         DM_SYNC();
       }
       Tile4 xv;
@@ -330,7 +333,6 @@ DM_GLOBAL DM_TILE_KERNEL void point_kernel(Problem p, RowInputs in, float* DM_RE
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
   const bool single = p.d <= kChunk;
   const float* x_g = p.x + g * p.gs_x;
-  const float* y_g = p.y + g * p.gs_y;
   const float* gm_g = in.gm ? in.gm + g * p.B * p.d : nullptr;
   const int64_t row0 = (pc.split * p.G + g) * p.N + n0;
   const int64_t valid_n = p.N - n0 < kTile ? p.N - n0 : kTile;
@@ -357,7 +359,7 @@ DM_GLOBAL DM_TILE_KERNEL void point_kernel(Problem p, RowInputs in, float* DM_RE
       if (gm_g) load_chunk(nullptr, false, gr, false, gm_g, b0, p.B, k0, p.d, nullptr, nullptr);
       DM_SYNC();
       Tile4 yv;
-      load_block(y_g, n0, p.N, k0, p.d, yv);
+      with_points(p, g, [&](auto y_g) { load_block(y_g, n0, p.N, k0, p.d, yv); });
       Tile4 sdy;
       sdy.fill(0.f);
       for (int b = 0; b < valid_b; ++b) {

@@ -89,7 +89,6 @@ DM_GLOBAL DM_FEW_KERNEL(few_min_blocks(kQ, kF)) void few_forward_kernel(Problem 
   const int nq = static_cast<int>(p.B - b0 < kQ ? p.B - b0 : kQ);
   const int64_t d = p.d;
   const float* x_g = p.x + g * p.gs_x;
-  const float* y_g = p.y + g * p.gs_y;
   const float* c_g = p.c + g * p.gs_c;
   const float* bias_g = p.bias ? p.bias + g * p.gs_bias : nullptr;
   // Features lane + gs * j for j < nf are inside the row.
@@ -144,9 +143,14 @@ DM_GLOBAL DM_FEW_KERNEL(few_min_blocks(kQ, kF)) void few_forward_kernel(Problem 
     for (int u = 0; u < kU; ++u) {
       n[u] = base + u * ngroups + grp;
       ok[u] = n[u] < n_end;
-      DM_UNROLL
-      for (int j = 0; j < kF; ++j) yv[u][j] = (ok[u] && j < nf) ? y_g[n[u] * d + lane + gs * j] : 0.f;
     }
+    with_points(p, g, [&](auto y_g) {  // points.cuh: one branch per step on the storage type
+      DM_UNROLL
+      for (int u = 0; u < kU; ++u)
+        DM_UNROLL
+        for (int j = 0; j < kF; ++j)
+          yv[u][j] = (ok[u] && j < nf) ? to_float(y_g[n[u] * d + lane + gs * j]) : 0.f;
+    });
     // Per thread, one float32 chain per (query, point): the shifted squared distance
     // sum_k fma(diff, diff, -var) with diff = fma(-alpha, y, x) (direct) or x'.(y - c)
     // (expansion); then |y - c|^2 in float64 per point (only when some query expands).

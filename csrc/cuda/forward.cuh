@@ -150,7 +150,9 @@ DM_GLOBAL DM_TILE_KERNEL void forward_kernel(Problem p, float* DM_RESTRICT acc, 
     for (int64_t k0 = 0; k0 < p.d; k0 += kChunk) {
       if (!single) {
         DM_SYNC();
-        load_chunk(nullptr, false, ls.yr, true, p.y + g * p.gs_y, n0, p.N, k0, p.d, c_g, nullptr);
+        with_points(p, g, [&](auto y_g) {
+          load_chunk(nullptr, false, ls.yr, true, y_g, n0, p.N, k0, p.d, c_g, nullptr);
+        });
         DM_SYNC();
       }
       Tile4 sum;

@@ -4,15 +4,21 @@
 
 namespace dmc {
 
+// Storage types of the points (diffmem/ops/_canonical.py COMPACT_POINT_DTYPES): float32, or
+// uint8 codes, float16 or bfloat16 values, each converted exactly to float32 as it is read
+// (points.cuh), so the kernels compute as on the points converted to float32.
+enum PointType : int { kPointF32 = 0, kPointU8 = 1, kPointF16 = 2, kPointBF16 = 3 };
+
 // One softmax-mean problem in the canonical layout: G groups, each with B queries (B, d) and
 // N points (N, d); per-query alpha, var (B,); optional per-point bias (N,); centre row c (d,);
 // optional per-query logit form expand (B,), 1 for exact mode's expansion form around c (null:
-// every query takes the direct form; see exact.cuh). Group strides are in elements, 0 when a
-// tensor is shared by all groups.
+// every query takes the direct form; see exact.cuh). The points y are stored as y_type (the
+// others are float32, c included). Group strides are in elements of each tensor's own type, 0
+// when a tensor is shared by all groups.
 struct Problem {
   int64_t G, B, N, d;
   const float* x;
-  const float* y;
+  const void* y;  // PointType y_type; read through points.cuh
   const float* alpha;
   const float* var;
   const float* bias;  // null when absent
@@ -20,6 +26,7 @@ struct Problem {
   const unsigned char* expand;  // null when absent
   int64_t gs_x, gs_y, gs_alpha, gs_var, gs_bias, gs_c, gs_expand;
   int fast;
+  int y_type;
 };
 
 // Per-query inputs of the backward, dense (G, B): shifted lse (float32, the fast kernels; float64

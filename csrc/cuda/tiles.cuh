@@ -22,6 +22,7 @@
 
 #include "device.cuh"
 #include "exact.cuh"
+#include "points.cuh"
 #include "problem.h"
 
 namespace dmc {
@@ -60,12 +61,14 @@ DM_DEVICE TileRange split_tiles(int64_t len, int64_t split, int64_t s) {
 }
 
 // Load rows [row0, row0 + 64) x features [k0, k0 + 64) of a (rows, d) matrix into shared
-// memory, zero outside the matrix. kmaj (feature-major: element (k, r)) and rmaj (row-major:
-// element (r, k)) may be null. Before storing, a value v becomes v - scale[r] * shift[k] for the
-// copies whose flag is set (scale null = 1): centring points (shift = c) or queries (scale =
-// alpha). Each thread moves groups of 4 consecutive features of one row.
+// memory as float32 (src: float32, or points in a storage type, see points.cuh), zero outside
+// the matrix. kmaj (feature-major: element (k, r)) and rmaj (row-major: element (r, k)) may be
+// null. Before storing, a value v becomes v - scale[r] * shift[k] for the copies whose flag is
+// set (scale null = 1): centring points (shift = c) or queries (scale = alpha). Each thread
+// moves groups of 4 consecutive features of one row.
+template <class T>
 DM_DEVICE void load_chunk(float* kmaj, bool kmaj_shifted, float* rmaj, bool rmaj_shifted,
-                          const float* DM_RESTRICT src, int64_t row0, int64_t rows, int64_t k0,
+                          const T* DM_RESTRICT src, int64_t row0, int64_t rows, int64_t k0,
                           int64_t d, const float* shift, const float* scale) {
   for (int e = DM_THREAD_X; e < kTile * (kChunk / 4); e += kThreads) {
     const int k4 = (e % (kChunk / 4)) * 4, r = e / (kChunk / 4);
@@ -75,7 +78,7 @@ DM_DEVICE void load_chunk(float* kmaj, bool kmaj_shifted, float* rmaj, bool rmaj
       const int64_t gk = k0 + k4 + q;
       v[q] = vs[q] = 0.f;
       if (gr < rows && gk < d) {
-        v[q] = vs[q] = src[gr * d + gk];
+        v[q] = vs[q] = to_float(src[gr * d + gk]);
         if (shift) vs[q] = fmaf(scale ? -scale[r] : -1.f, shift[gk], v[q]);
       }
     }
@@ -217,14 +220,15 @@ DM_DEVICE void row_params(const float* alpha, const float* var, float (&a)[4], f
 }
 
 // The thread's 4 x 4 block (rows row0 + ty * 4 + i, features k0 + tx * 4 + j) of a (rows, d)
-// matrix in global memory, zero outside it.
-DM_DEVICE void load_block(const float* src, int64_t row0, int64_t rows, int64_t k0, int64_t d,
+// matrix in global memory (float32, or points in a storage type), zero outside it.
+template <class T>
+DM_DEVICE void load_block(const T* src, int64_t row0, int64_t rows, int64_t k0, int64_t d,
                           Tile4& out) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) {
       const int64_t r = row0 + ty * 4 + i, k = k0 + tx * 4 + j;
-      out.v[i][j] = (r < rows && k < d) ? src[r * d + k] : 0.f;
+      out.v[i][j] = (r < rows && k < d) ? to_float(src[r * d + k]) : 0.f;
     }
 }
 
@@ -272,7 +276,6 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
                           LogitTile<kFast>& logit, Tile4& q, bool raw = false,
                           Tile4* dist = nullptr) {
   const int tx = DM_THREAD_X % kSide, ty = DM_THREAD_X / kSide;
-  const float* y_g = p.y + g * p.gs_y;
   const float* c_g = p.c + g * p.gs_c;
   float a[4], v[4];
   row_params(ls.alpha, ls.var, a, v);
@@ -293,8 +296,10 @@ DM_DEVICE void logit_tile(const Problem& p, int64_t g, int64_t b0, int64_t n0, c
     const int kc = static_cast<int>(p.d - k0 < kChunk ? p.d - k0 : kChunk);
     DM_SYNC();  // the previous chunk (or the caller's use of the tiles) is finished
     if (!x_resident) load_query_chunk(ls, p, g, b0, k0, kFast, kMixed);
-    load_chunk(ls.ys, kFast, ls.yr, yr_centred, y_g, n0, p.N, k0, p.d,
-               (kFast || yr_centred) ? c_g : nullptr, nullptr);
+    with_points(p, g, [&](auto y_g) {
+      load_chunk(ls.ys, kFast, ls.yr, yr_centred, y_g, n0, p.N, k0, p.d,
+                 (kFast || yr_centred) ? c_g : nullptr, nullptr);
+    });
     if (kWithQ) load_chunk(ls.gs, false, nullptr, false, gm_g, b0, p.B, k0, p.d, nullptr, nullptr);
     if (kWithQ || kMixed)
       for (int k = DM_THREAD_X; k < kChunk; k += kThreads) ls.cs[k] = k0 + k < p.d ? c_g[k0 + k] : 0.f;

@@ -88,9 +88,10 @@ BACKENDS: dict[str, BackendSpec] = {
     "cpu": BackendSpec("cpu", "diffmem.ops._cpu", cpu_extension_status, _cpu_only, _F32_F64,
                        _COMPACT),
     "triton": BackendSpec("triton", "diffmem.ops._triton", _triton_status, _triton_devices,
-                          (torch.float32,)),
+                          (torch.float32,), _COMPACT),
     # the CUDA module is loaded on first use; its host-emulator build runs on CPU tensors
-    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda.status, _cuda.devices, (torch.float32,)),
+    "cuda": BackendSpec("cuda", "diffmem.ops._cuda", _cuda.status, _cuda.devices, (torch.float32,),
+                        _COMPACT),
 }
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}

@@ -1,11 +1,14 @@
 """CUDA backend: the kernels of ``diffmem._cuda`` (csrc/cuda), called on raw device pointers.
 
 Same contract as ``_reference.py`` over the canonical layout of ``_canonical.py``; float32
-only. The algorithms are the Triton backend's (exact: fp32 direct differences with explicit
-FMA and chained sums; fast: the expansion around the points' mean, in fp32 FMA on the CUDA
-cores), in hand-written 64 x 64 tiles; see csrc/cuda/tiles.cuh. The kernels run on the current
-stream of the tensors' device. A build with DIFFMEM_CUDA_EMULATE=ON runs the same kernel source
-on CPU tensors in a host emulator (slow; used to test the kernels without a GPU).
+only, except that points may be stored as uint8, float16 or bfloat16 (the kernels convert each
+value to float32 as they read it, csrc/cuda/points.cuh: the results are those of the points
+converted to float32, bit for bit). The algorithms are the Triton backend's (exact: fp32 direct
+differences with explicit FMA and chained sums; fast: the expansion around the points' mean, in
+fp32 FMA on the CUDA cores), in hand-written 64 x 64 tiles; see csrc/cuda/tiles.cuh. The
+kernels run on the current stream of the tensors' device. A build with DIFFMEM_CUDA_EMULATE=ON
+runs the same kernel source on CPU tensors in a host emulator (slow; used to test the kernels
+without a GPU).
 
 Exact mode follows the plan of ``_exact.py`` (EXACT_PLAN): every kernel that computes exact
 logits (the exact tiles, the few-query kernel, the exact backward) takes each query's form from
@@ -37,6 +40,7 @@ from ._extension import cuda_reason
 from ._gpu_common import (
     centred_shift,
     check_float32,
+    first_rows,
     group_stride,
     groupwise,
     logit_shift,
@@ -134,6 +138,10 @@ def _launch_context(t: torch.Tensor):
         yield torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _problem(fast, x, points, alpha, var, bias, c, expand) -> tuple:
     """The leading arguments of every kernel entry point (see csrc/cuda/module.cpp)."""
     G, B, d = x.shape
@@ -141,7 +149,7 @@ def _problem(fast, x, points, alpha, var, bias, c, expand) -> tuple:
     args = [PRECISION_CODES["fast" if fast else "exact"], G, B, N, d]
     for t in (x, points, alpha, var, bias, c, expand):
         args += [ptr(t), group_stride(t)]
-    return tuple(args)
+    return (*args, _dtype_name(points))
 
 
 def _blocks(rows: int) -> int:
@@ -166,8 +174,9 @@ def _prepare(x, points, alpha, var, bias, precision, plan=None):
     """Checks the inputs and returns a namespace: the kernels' leading arguments (problem, with
     group-contiguous inputs, the centre rows and the plan's forms), the tensors behind them, the
     dropped per-query constant (shift, float64 (G, B)), the sizes G, B, N, d, the device and x.
-    plan: exact mode's plan (precision "exact" only), or None (every query in the direct form)."""
-    check_float32(x, points, alpha, var, bias, backend="cuda")
+    plan: exact mode's plan (precision "exact" only), or None (every query in the direct form).
+    points: float32 or stored as uint8, float16 or bfloat16; the centre rows are float32."""
+    check_float32(x, alpha, var, bias, backend="cuda", points=points)
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     fast = precision == "fast"
     G, B, d = x.shape
@@ -186,7 +195,7 @@ def _prepare(x, points, alpha, var, bias, precision, plan=None):
                              f"for {G} groups of {B} queries in d = {d}")
         shift = exact_shift(x, alpha, var, c, expand)
     else:
-        c = points
+        c = first_rows(points)
         shift = exact_shift(x, alpha, var, None, None)
     # problem holds raw pointers: `tensors` keeps what they point to (copies made by groupwise,
     # the centre rows, the forms) alive until the kernels have been launched.
@@ -336,9 +345,10 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
 
 
 def knn(queries, points, k):
-    """Distances (G, B, k) ascending and int64 indices (G, B, k); ties to the lower index."""
+    """Distances (G, B, k) ascending and int64 indices (G, B, k); ties to the lower index.
+    Points float32 or stored as uint8, float16 or bfloat16."""
     ext = _ext()
-    check_float32(queries, points, backend="cuda")
+    check_float32(queries, backend="cuda", points=points)
     max_k = _module()[2]["knn_max_k"]
     if k > max_k:
         raise ValueError(f"the cuda backend's knn supports k <= {max_k}, got k = {k}")
@@ -351,5 +361,6 @@ def knn(queries, points, k):
     idx = new_output((split, G, B, k), torch.int64, dev)
     with _launch_context(queries) as stream:
         ext.knn(G, B, N, d, k, ptr(queries), group_stride(queries), ptr(points),
-                group_stride(points), split, split == 1, ptr(dist), ptr(idx), stream)
+                group_stride(points), _dtype_name(points), split, split == 1, ptr(dist),
+                ptr(idx), stream)
     return merge_knn_partials(dist, idx, k)

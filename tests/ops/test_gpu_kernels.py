@@ -476,6 +476,64 @@ def test_knn_paths(kern, plan):
     assert bool((dist == 0).all())
 
 
+def _stored(args, dtype):
+    """A case with its points in a storage dtype (a shared group dimension kept shared) and the
+    same points in float32: uint8 codes 20 y + 128 (queries and variances scaled to match), or y
+    rounded to float16 / bfloat16."""
+    x, y, alpha, var, bias = args
+    shared = y.shape[0] > 1 and y.stride(0) == 0
+    rows = y[:1] if shared else y
+    if dtype == torch.uint8:
+        rows = (20 * rows + 128).round().clamp(0, 255).to(dtype)
+        x, var = 20 * x + 128 * alpha[..., None], 400 * var
+    else:
+        rows = rows.to(dtype)
+    share = (lambda t: t.expand(y.shape)) if shared else (lambda t: t)  # noqa: E731
+    return [x, share(rows), alpha, var, bias], [x, share(rows.float()), alpha, var, bias]
+
+
+def _outputs_equal(got, want):
+    for a, b in zip(got, want):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert a is None and b is None
+
+
+# (plan, points dtype, shared points): each plan once, each dtype at least once (the emulations
+# are slow; tests/ops/test_compact_points.py covers every dtype with the default plans).
+COMPACT_CASES = [("default", torch.uint8, False), ("split_n", torch.float16, True),
+                 ("split_d", torch.bfloat16, False), ("split_n_d", torch.uint8, True)]
+
+
+@pytest.mark.parametrize("case", COMPACT_CASES,
+                         ids=lambda c: f"{c[0]}-{str(c[1]).removeprefix('torch.')}"
+                                       f"{'-shared' if c[2] else ''}")
+def test_compact_points_equal_float32_points(kern, case):
+    """Points stored as uint8, float16 or bfloat16 on every kernel path (few-query and tile
+    forwards, splits and their merges, chunked features, both precisions, with exact mode's
+    plan and without one, the backward, knn) give the bits of the same points in float32."""
+    plan, dtype, shared = case
+    args = make_case(G=2, B=5, N=40, d=67, t=0.2, offset=3.0, shared=shared, bias="masked",
+                     dup=True, seed=21)
+    stored, converted = _stored(args, dtype)
+    assert stored[1].dtype == dtype and (stored[1].stride(0) == 0) == shared
+    G, B, d = args[0].shape
+    gm, gl = output_grads(G, B, d)
+    needs = (True, True, True, True, True)
+    for precision, planned in [("exact", True), ("exact", False), ("fast", False)]:
+        results = []
+        for case in (stored, converted):
+            plan_ = exact_plan(kern, case) if planned else None
+            with kern.force(PLANS[plan]):
+                mean, lse, lse64, extra = run_forward(kern, case, precision, plan_)
+                grads = kern.backward(*case, mean, lse64, gm, gl, needs, precision, *extra)
+            results.append([mean, lse, lse64, *extra[1:], *grads])
+        _outputs_equal(*results)
+    with kern.force(PLANS[plan]):
+        _outputs_equal(kern.knn(stored[0], stored[1], 3), kern.knn(converted[0], converted[1], 3))
+
+
 def test_triton_plans_and_autotune_configs():
     """Interpreter: one fixed config, no split. GPU candidates: at most two, within budget."""
     _config = _triton_config()

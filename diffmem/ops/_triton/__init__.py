@@ -1,6 +1,8 @@
 """Triton backend: fused softmax-weighted mean (forward and backward) and exact knn on GPU.
 
-Same contract as ``_reference.py`` over the canonical layout of ``_canonical.py``; float32 only.
+Same contract as ``_reference.py`` over the canonical layout of ``_canonical.py``; float32 only,
+except that points may be stored as uint8, float16 or bfloat16 (each load converts them to
+float32: the results are those of the points converted to float32, bit for bit).
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow; used by the tests).
 Kernel families: _forward.py, _backward.py, _knn.py; launch plans and autotuning: _config.py.
 

@@ -27,6 +27,7 @@ import triton.language as tl
 from .._gpu_common import reduce_partials
 from . import _config
 from ._common import (
+    as_float32,
     centred_grad_dot,
     centred_shift,
     check_float32,
@@ -191,8 +192,8 @@ def _query_kernel(
             mask_k = offs_k < d
             mq = mask_b[:, None] & mask_k[None, :]
             xk = tl.load(x_g + rows_b[:, None] + offs_k[None, :], mask=mq, other=0.0)
-            yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            yk = as_float32(tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                                    mask=mask_n[:, None] & mask_k[None, :], other=0.0))
             # Feature-major (BD, BB, BN) tiles: sums over features stay within threads.
             yt = tl.trans(yk)
             diff = tl.fma(-alpha[None, :, None], yt[:, None, :], tl.trans(xk)[:, :, None])
@@ -290,7 +291,8 @@ def _point_kernel(
                 mq = mask_b[:, None] & mask_k[None, :]
                 mp = mask_n[:, None] & mask_k[None, :]
                 xk = tl.load(x_g + rows_b[:, None] + offs_k[None, :], mask=mq, other=0.0)
-                yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :], mask=mp, other=0.0)
+                yk = as_float32(tl.load(y_g + rows_n[:, None] + offs_k[None, :], mask=mp,
+                                        other=0.0))
                 diff = tl.fma(-alpha[:, None, None], yk[None, :, :], xk[:, None, :])
                 terms = coef[:, :, None] * diff
                 if HAS_GM:
@@ -335,7 +337,8 @@ def _partials(split, shape, like):
 
 def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, needs,
              precision="exact", plan=None, top_idx=None, top_logit=None):
-    """(dx, dpoints, dalpha, dvar, dbias) in canonical shapes; None where needs[i] is False.
+    """(dx, dpoints, dalpha, dvar, dbias) in canonical shapes, float32; None where needs[i] is
+    False. Points may be stored as uint8, float16 or bfloat16 (read as float32 by the kernels).
 
     lse64: the forward's lse (G, B), preferably its float64 one. ``mean`` is not used: the
     kernels recompute what they need from the weights (see the module docstring).
@@ -343,7 +346,7 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     and the forward's corrected top logits (None: every query in the direct form, no override).
     "fast" recomputes its expansion logits and takes neither.
     """
-    check_float32(x, points, alpha, var, bias)
+    check_float32(x, alpha, var, bias, points=points)
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
     N = points.shape[1]
@@ -354,7 +357,8 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         return tuple(new_output(s, x.dtype, x.device).zero_() if need else None
                      for s, need in zip(shapes, needs))
     gm = None if grad_mean is None else grad_mean.contiguous()
-    # Centre: the expansion centre for "fast", else each group's first point (as the forward).
+    # Centre: the expansion centre for "fast", else each group's first point (as the forward,
+    # in the points' storage dtype).
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
     ex = exact_inputs(x, alpha, var, None if fast else plan)
     K = 0 if top_idx is None or fast else top_idx.shape[-1]
@@ -380,8 +384,10 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
     eq_p = _partials(launch.split, (G, B), x)
     kernel, meta = _launcher(_stats_kernel, launch, fast)
     grid = lambda META: (G * launch.split * triton.cdiv(B, META["BB"]),)  # noqa: E731
-    kernel[grid](*args_in, lse_s, gm_arg, z_p, eq_p, G, B, N, d, *strides, launch.split,
-                 NUM_D=launch.num_d, BD=launch.block_d, **common, **meta)
+    _config.run_kernel(kernel, grid, (*args_in, lse_s, gm_arg, z_p, eq_p, G, B, N, d, *strides,
+                                      launch.split),
+                       dict(NUM_D=launch.num_d, BD=launch.block_d, **common, **meta),
+                       tuned_on=(d, launch.split))
     z = reduce_partials(z_p)
     r = -reduce_partials(eq_p) / z
     if grad_lse is not None:
@@ -397,9 +403,11 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         dv_p = _partials(S, shapes[3], x) if needs[3] else x
         kernel, meta = _launcher(_query_kernel, launch, fast)
         grid = lambda META: (G * S * triton.cdiv(B, META["BB"]),)  # noqa: E731
-        kernel[grid](*args_in, *rows, dx_p, da_p, dv_p, G, B, N, d, *strides, S,
-                     NEED_DX=needs[0], NEED_DALPHA=needs[2], NEED_DVAR=needs[3],
-                     NUM_D=launch.num_d, BD=launch.block_d, **common, **meta)
+        _config.run_kernel(kernel, grid, (*args_in, *rows, dx_p, da_p, dv_p, G, B, N, d, *strides,
+                                          S),
+                           dict(NEED_DX=needs[0], NEED_DALPHA=needs[2], NEED_DVAR=needs[3],
+                                NUM_D=launch.num_d, BD=launch.block_d, **common, **meta),
+                           tuned_on=(d, S))
         dx = reduce_partials(dx_p) if needs[0] else None
         dalpha = reduce_partials(da_p) if needs[2] else None
         dvar = reduce_partials(dv_p) if needs[3] else None
@@ -411,9 +419,10 @@ def backward(x, points, alpha, var, bias, mean, lse64, grad_mean, grad_lse, need
         db_p = _partials(S, shapes[4], x) if needs[4] else x
         kernel, meta = _launcher(_point_kernel, launch, fast)
         grid = lambda META: (G * S * triton.cdiv(N, META["BN"]),)  # noqa: E731
-        kernel[grid](*args_in, *rows, dy_p, db_p, G, B, N, d, *strides, S,
-                     NEED_DY=needs[1], NEED_DBIAS=needs[4],
-                     NUM_D=launch.num_d, BD=launch.block_d, **common, **meta)
+        _config.run_kernel(kernel, grid, (*args_in, *rows, dy_p, db_p, G, B, N, d, *strides, S),
+                           dict(NEED_DY=needs[1], NEED_DBIAS=needs[4],
+                                NUM_D=launch.num_d, BD=launch.block_d, **common, **meta),
+                           tuned_on=(d, S))
         dpoints = reduce_partials(dy_p) if needs[1] else None
         dbias = reduce_partials(db_p) if needs[4] else None
 

@@ -13,6 +13,10 @@ added into float64 (exact_logits):
     expansion  alpha / var x'.(y - c) - alpha^2 / (2 var) |y - c|^2  =  logit + |x'|^2 / (2 var),
                x' = x - alpha c around the plan's centre c (queries far from the points).
 Fast logits drop the per-query constant ||x - alpha c||^2 / (2 var) (see centred_shift).
+
+Points (and the centre rows taken from them) may be stored as uint8, float16 or bfloat16: every
+load of them goes through as_float32, so the kernels compute exactly as on the points converted
+to float32 (each of these values is a float32) while reading only the stored bytes.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from .._gpu_common import centred_shift, group_stride, groupwise  # noqa: F401  
 from .._gpu_common import check_float32 as _check_float32
 
 
-def check_float32(*tensors) -> None:
-    _check_float32(*tensors, backend="triton")
+def check_float32(*tensors, points=None) -> None:
+    """float32 tensors; points (optional) float32 or a compact storage dtype."""
+    _check_float32(*tensors, backend="triton", points=points)
 
 
 @dataclass
@@ -101,6 +106,16 @@ GROUP_D = tl.constexpr(8)
 
 
 @triton.jit
+def as_float32(v):
+    """Loaded point values as float32, exactly: float32 as is, uint8 codes and float16 by
+    conversion, bfloat16 widened bit by bit (its bits are the top half of the float32's)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def program_coords(n_blocks, SPLIT):
     """(block, split, group) of this program in a grid of G * SPLIT * n_blocks programs.
 
@@ -134,9 +149,9 @@ def fast_logits(x_g, y_g, c_g, rows_b, mask_b, rows_n, mask_n, alpha, var, d,
             mask_k = offs_k < d
             xk = tl.load(x_g + rows_b[:, None] + offs_k[None, :],
                          mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-            yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+            yk = as_float32(tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                                    mask=mask_n[:, None] & mask_k[None, :], other=0.0))
+            ck = as_float32(tl.load(c_g + offs_k, mask=mask_k, other=0.0))
             xc = tl.fma(-alpha[:, None], ck[None, :], xk)
             yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
             part += tl.dot(xc, tl.trans(yc), input_precision=DOT)
@@ -162,9 +177,9 @@ def centred_grad_dot(g_g, c_g, y_g, rows_b, mask_b, rows_n, mask_n, d,
         mask_k = offs_k < d
         gk = tl.load(g_g + rows_b[:, None] + offs_k[None, :],
                      mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
-        yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
-                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        ck = as_float32(tl.load(c_g + offs_k, mask=mask_k, other=0.0))
+        yk = as_float32(tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                                mask=mask_n[:, None] & mask_k[None, :], other=0.0))
         yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
         # feature-major (BD, BB, BN), as in exact_logits: the sum stays within threads
         acc += tl.sum(tl.trans(gk)[:, :, None] * tl.trans(yc)[:, None, :], axis=0)
@@ -222,7 +237,7 @@ def exact_logits(xq_g, y_g, ctr_g, bias_g, rows_b, mask_b, offs_n, mask_n, alpha
         xt = tl.trans(tl.load(xq_g + rows_b[:, None] + offs_k[None, :],
                               mask=mask_b[:, None] & mask_k[None, :], other=0.0))
         mask_y = mask_n[:, None] & mask_k[None, :]
-        yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :], mask=mask_y, other=0.0)
+        yk = as_float32(tl.load(y_g + rows_n[:, None] + offs_k[None, :], mask=mask_y, other=0.0))
         sk = tl.where(mask_k[:, None], s_u[None, :], 0.0)[:, :, None]
         if FORMS == DIRECT:
             u = tl.fma(-alpha[None, :, None], tl.trans(yk)[:, None, :], xt[:, :, None])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.runtime import Autotuner
 
 from .. import _host
 from .._gpu_common import work_split
@@ -123,6 +124,32 @@ def plan(kind: str, G: int, B: int, N: int, d: int, fast: bool, device: torch.de
             "num_stages": 1,
         }
     return Plan(block_d=bd, num_d=num_d, split=split, blocks=blocks)
+
+
+# The configuration the autotuner chose first for each kernel and launch key (see run_kernel).
+_chosen: dict = {}
+
+
+def run_kernel(kernel, grid, args: tuple, constexprs: dict, tuned_on: tuple) -> None:
+    """kernel[grid](*args, **constexprs) for a kernel with fixed blocks (in constexprs) or an
+    autotuned one (triton.autotune).
+
+    tuned_on: the values of the autotuner's key arguments that are not constexprs. Triton's
+    autotuner also keys on every argument's dtype; here the configuration it chose first for a
+    launch key (tuned_on and the constexprs) serves every later launch with that key, whatever
+    the dtypes. Point tiles of another size round differently, so this is what keeps points
+    stored as uint8, float16 or bfloat16 giving the bits of the same points in float32.
+    """
+    if not isinstance(kernel, Autotuner):
+        kernel[grid](*args, **constexprs)
+        return
+    key = (id(kernel), tuned_on, tuple(sorted(constexprs.items())))
+    chosen = _chosen.get(key)
+    if chosen is None:
+        kernel[grid](*args, **constexprs)
+        _chosen[key] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **constexprs, **chosen.all_kwargs())
 
 
 def autotune_configs(fast: bool, block_d: int, single_d: bool,

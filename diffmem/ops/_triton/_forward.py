@@ -24,6 +24,7 @@ import triton.language as tl
 from . import _config
 from ._common import (
     EXPANSION,
+    as_float32,
     centred_shift,
     check_float32,
     exact_inputs,
@@ -125,11 +126,11 @@ def _forward_kernel(
         for kc in range(NUM_D):
             offs_k = kc * BD + tl.arange(0, BD)
             mask_k = offs_k < d
-            yk = tl.load(y_g + rows_n[:, None] + offs_k[None, :],
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            yk = as_float32(tl.load(y_g + rows_n[:, None] + offs_k[None, :],
+                                    mask=mask_n[:, None] & mask_k[None, :], other=0.0))
             # Centred points keep acc small (mean = c + acc / l): fp32 sums of y ~ 1000 would
             # cost several ulps of the mean, which the backward turns into gradient error.
-            ck = tl.load(c_g + offs_k, mask=mask_k, other=0.0)
+            ck = as_float32(tl.load(c_g + offs_k, mask=mask_k, other=0.0))
             yc = tl.where(mask_n[:, None], yk - ck[None, :], 0.0)
             if FAST:
                 contrib = tl.dot(p, yc, input_precision=DOT)
@@ -162,7 +163,8 @@ def _forward_kernel(
         offs_k = tl.arange(0, BD)
         mask = mask_b[:, None] & (offs_k < d)[None, :]
         if FINAL:
-            out = acc / l[:, None] + tl.load(c_g + offs_k, mask=offs_k < d, other=0.0)[None, :]
+            out = acc / l[:, None] \
+                + as_float32(tl.load(c_g + offs_k, mask=offs_k < d, other=0.0))[None, :]
             tl.store(acc_rows + offs_k[None, :], out, mask=mask)
         else:
             tl.store(acc_rows + offs_k[None, :], acc, mask=mask)
@@ -173,7 +175,8 @@ def _forward_kernel(
             ptrs = acc_rows + offs_k[None, :]
             mask = mask_b[:, None] & mask_k[None, :]
             out = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg") / l[:, None]
-            tl.store(ptrs, out + tl.load(c_g + offs_k, mask=mask_k, other=0.0)[None, :], mask=mask)
+            ck = as_float32(tl.load(c_g + offs_k, mask=mask_k, other=0.0))
+            tl.store(ptrs, out + ck[None, :], mask=mask)
 
 
 @triton.jit
@@ -222,7 +225,7 @@ def _merge_kernel(
             part = tl.load(acc_ptr + (s * stride_s + row)[:, None] * d + offs_k[None, :],
                            mask=mask, other=0.0)
             acc += part * tl.exp((m_s - m_safe).to(tl.float32))[:, None]
-        out = acc / l[:, None] + tl.load(c_g + offs_k, mask=mask_k, other=0.0)[None, :]
+        out = acc / l[:, None] + as_float32(tl.load(c_g + offs_k, mask=mask_k, other=0.0))[None, :]
         tl.store(mean_ptr + row[:, None] * d + offs_k[None, :], out, mask=mask)
 
 
@@ -251,13 +254,14 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=F
     """nearest without a plan is not served here (the op plans every call that asks for it).
 
     (mean (G, B, d), lse (G, B), lse64 (G, B, float64), top_idx (G, B, K) int64,
-    top_logit (G, B, K) float64) for float32 canonical inputs.
+    top_logit (G, B, K) float64) for float32 canonical inputs; points float32 or stored as
+    uint8, float16 or bfloat16 (converted as the kernels read them).
 
     plan: the exact-mode plan (_exact.ExactPlan) or None (every query in the direct form, K = 0).
     The top K logits (true frame, as lse64) come from the kernels that compute exact logits;
     fast tiles report none (K = 0).
     """
-    check_float32(x, points, alpha, var, bias)
+    check_float32(x, alpha, var, bias, points=points)
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
     N = points.shape[1]
@@ -272,7 +276,8 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=F
     top_v = new_output((S, G, B, K), torch.float64, x.device)
     top_i = new_output((S, G, B, K), torch.int32, x.device)
     # Centre of the accumulator: the points' mean (fast, also the expansion centre) or simply
-    # each group's first point (exact; any point of the data is close enough).
+    # each group's first point (exact; any point of the data is close enough; read in the
+    # points' storage dtype).
     c, kq = centred_shift(x, points, alpha, var) if fast else (points, None)
     final = S == 1
     if final:
@@ -285,7 +290,7 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=F
     form_set = forms(ex)
     kernel, meta = _launcher(launch, fast, bool(form_set & EXPANSION.value))
     grid = lambda META: (G * S * triton.cdiv(B, META["BB"]),)  # noqa: E731
-    kernel[grid](
+    args = (
         x, points, alpha, var, x if bias is None else bias, c,
         ex.xq, ex.centre, ex.expand,
         acc, m_part, l_part, top_v if K else m_part, top_i if K else m_part,
@@ -293,11 +298,11 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=F
         group_stride(x), group_stride(points), group_stride(alpha), group_stride(var),
         group_stride(bias), group_stride(c), group_stride(ex.xq), group_stride(ex.centre),
         S,
-        HAS_BIAS=bias is not None, FAST=fast, FINAL=final,
-        FORMS=form_set, TOP_K=K, KP=triton.next_power_of_2(max(1, K)),
-        NUM_D=launch.num_d, BD=launch.block_d, DOT=_config.FAST_DOT,
-        **meta,
     )
+    constexprs = dict(HAS_BIAS=bias is not None, FAST=fast, FINAL=final,
+                      FORMS=form_set, TOP_K=K, KP=triton.next_power_of_2(max(1, K)),
+                      NUM_D=launch.num_d, BD=launch.block_d, DOT=_config.FAST_DOT, **meta)
+    _config.run_kernel(kernel, grid, args, constexprs, tuned_on=(d, S))
     if not final:
         bb = 16 if launch.block_d >= 64 else 32
         _merge_kernel[(G * triton.cdiv(B, bb),)](

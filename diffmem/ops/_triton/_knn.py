@@ -15,7 +15,14 @@ import triton.language as tl
 
 from .._gpu_common import merge_knn_partials
 from . import _config
-from ._common import check_float32, group_stride, groupwise, new_output, program_coords
+from ._common import (
+    as_float32,
+    check_float32,
+    group_stride,
+    groupwise,
+    new_output,
+    program_coords,
+)
 
 
 @triton.jit
@@ -51,8 +58,8 @@ def _knn_kernel(
             mask_k = offs_k < d
             qk = tl.load(q_g + rows_b[:, None] + offs_k[None, :],
                          mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-            pk = tl.load(p_g + rows_n[:, None] + offs_k[None, :],
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            pk = as_float32(tl.load(p_g + rows_n[:, None] + offs_k[None, :],
+                                    mask=mask_n[:, None] & mask_k[None, :], other=0.0))
             diff = qk[:, None, :] - pk[None, :, :]
             dist += tl.sum(diff * diff, axis=2)
         dist = tl.where(mask_n[None, :], dist, float("inf"))
@@ -85,8 +92,9 @@ def _knn_kernel(
 
 
 def knn(queries, points, k):
-    """Distances (G, B, k) ascending and int64 indices (G, B, k); ties to the lower index."""
-    check_float32(queries, points)
+    """Distances (G, B, k) ascending and int64 indices (G, B, k); ties to the lower index.
+    Points float32 or stored as uint8, float16 or bfloat16."""
+    check_float32(queries, points=points)
     queries, points = groupwise(queries), groupwise(points)
     G, B, d = queries.shape
     N = points.shape[1]
