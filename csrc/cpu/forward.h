@@ -85,10 +85,10 @@ inline double frame_shift(const float* xr, float alpha, float var, const double*
 
 // Thread-local workspace of a planned exact forward item (queries reordered: direct first).
 struct PlanWork {
-  Buf b_ord, b_al, b_va, b_yTc, b_ynd, b_acc, b_m, b_l, b_tv, b_ti;
+  Buf b_ord, b_al, b_va, b_yTc, b_ynd, b_acc, b_m, b_l, b_tv, b_ti, b_seen;
   int* ord;
   float *al, *va, *yTc;
-  double *ynd, *acc, *m, *l, *tv;
+  double *ynd, *acc, *m, *l, *tv, *seen;
   int64_t* ti;
   void init(int dp, int qcmax, int K) {
     ord = b_ord.get<int>(qcmax);
@@ -99,12 +99,31 @@ struct PlanWork {
     acc = b_acc.get<double>((size_t)qcmax * dp);
     m = b_m.get<double>(qcmax);
     l = b_l.get<double>(qcmax);
+    seen = b_seen.get<double>(qcmax);
     tv = b_tv.get<double>((size_t)qcmax * (K > 0 ? K : 1));
     ti = b_ti.get<int64_t>((size_t)qcmax * (K > 0 ? K : 1));
   }
 };
 
 // ---------------------------------------------------------------------------------------------
+// The largest logit per query seen by the work items finished so far (G x B, internal frame),
+// shared by the splits of the points: a split lists only points within kTopGap of it, so the
+// splits after the first skip most of the listing work of their first tiles.  Which points a
+// split lists then depends on timing, but the merge keeps only those within kTopGap of the
+// final maximum, which every split lists whatever it has seen: the result does not.
+struct SeenMax {
+  double* v;
+  void load(int64_t base, const int* ord, int nq, double* out) const {
+#pragma omp critical(diffmem_seen_max)
+    for (int q = 0; q < nq; ++q) out[q] = v[base + ord[q]];
+  }
+  void raise(int64_t base, const int* ord, int nq, const double* m) const {
+#pragma omp critical(diffmem_seen_max)
+    for (int q = 0; q < nq; ++q)
+      if (m[q] > v[base + ord[q]]) v[base + ord[q]] = m[q];
+  }
+};
+
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
 // online-softmax state (m, l, acc) of these queries, and with a plan (exact mode) their K
 // largest logits so far (tv, ti; internal frame).
@@ -115,7 +134,7 @@ struct PlanWork {
 template <bool FAST>
 void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb, int64_t te,
               const double* c, const float* cf, double* mo, double* lo, double* acc,
-              double* tvo, int64_t* tio, Work& w, PlanWork& pw) {
+              double* tvo, int64_t* tio, const SeenMax& seen, Work& w, PlanWork& pw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N;
   const int K = FAST ? 0 : a.top_k;
@@ -150,6 +169,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
     pw.l[q] = 0.0;
     if (K) topk_clear(pw.tv + q * K, pw.ti + q * K, K);
   }
+  if (K) seen.load(g * a.B + q0, ord, nq, pw.seen);
   std::memset(pw.acc, 0, sizeof(double) * nq * dp);
   const bool dbl = d > DB;
   for (int64_t t = tb; t < te; ++t) {
@@ -206,7 +226,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       if (K) {  // the K largest logits (internal frame) among those within kTopGap of the max
         double* tv = pw.tv + q * K;
         int64_t* ti = pw.ti + q * K;
-        const double floor = mnew - kTopGap;
+        const double floor = (mnew > pw.seen[q] ? mnew : pw.seen[q]) - kTopGap;
         if (mt > tv[K - 1] && mt > floor) {
           if (!dq) {
             for (int v = 0; v < NV; ++v) offer_lanes(tv, ti, K, floor, lg[v], i0 + v * W, n - v * W);
@@ -245,6 +265,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
     }
     tile_wsum(w.P, w.yR, nq, dp, n, pw.acc, w.sc);
   }
+  if (K) seen.raise(g * a.B + q0, ord, nq, pw.m);
   // back to the callers' query order
   for (int q = 0; q < nq; ++q) {
     const int o = ord[q];
@@ -270,7 +291,7 @@ void forward_impl(const Problem<float>& a) {
   const int64_t qcs = cdiv(B, nqc);
   // split the points too when there are few (group, query chunk) items, for load balance
   int64_t S = 1;
-  if (G * nqc < 4 * T) S = imax(1, imin(imin(cdiv(4 * T, G * nqc), ntiles / 4), 64));
+  if (G * nqc < 2 * T) S = imax(1, imin(imin(cdiv(2 * T, G * nqc), ntiles / 4), 64));
   Buf bc, bm, bl, bacc, bpc, btv, bti;
   // centre: the group centroid (fast) or the plan's centre (exact; used by expansion queries)
   const double* c = FAST ? centres(a, bc) : nullptr;
@@ -289,6 +310,9 @@ void forward_impl(const Problem<float>& a) {
   double* pacc = bacc.get<double>((size_t)S * G * B * dp);
   double* ptv = btv.get<double>((size_t)S * G * B * imax(1, K));
   int64_t* pti = bti.get<int64_t>((size_t)S * G * B * imax(1, K));
+  Buf bseen;
+  const SeenMax seen{K ? bseen.get<double>((size_t)G * B) : nullptr};
+  for (int64_t i = 0; K && i < G * B; ++i) seen.v[i] = -kInfD;
   const int64_t nitems = G * nqc * S;
 #pragma omp parallel num_threads(T)
   {
@@ -307,7 +331,7 @@ void forward_impl(const Problem<float>& a) {
       const int64_t tb = s * ntiles / S, te = (s + 1) * ntiles / S;
       const int64_t base = (s * G + g) * B + q0;
       fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, cfl(g), pm + base, pl + base,
-                     pacc + base * dp, ptv + base * K, pti + base * K, w, pw);
+                     pacc + base * dp, ptv + base * K, pti + base * K, seen, w, pw);
     }
     // merge the splits and finish: mean = acc/l (+ c), lse = m + log l + const
 #pragma omp for schedule(static)
@@ -340,6 +364,8 @@ void forward_impl(const Problem<float>& a) {
             const int64_t o = (s * G * B + gb) * K + k;
             if (pti[o] >= 0) topk_offer(tv, ti, K, ptv[o], pti[o]);
           }
+        for (int k = 1; k < K; ++k)  // only points within kTopGap of the maximum (see SeenMax)
+          if (ti[k] >= 0 && !(tv[k] > tv[0] - kTopGap)) { tv[k] = -kInfD; ti[k] = -1; }
         if (K > 1 && ti[1] >= 0 && tv[1] > tv[0] - kTopGap) {
           const PointRows pts = point_rows(a, g);
           const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -187,9 +188,17 @@ def main(scenario, rank, world, store, out):
         np.savez(Path(out) / f"rank{rank}.npz",
                  **{k: v.detach().cpu().numpy() for k, v in arrays.items()})
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(errors))
+        # every rank done before any tears the group down (gloo aborts a rank whose peer
+        # closes the connection while it is still in flight)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    # After collectives that raised (bad_use), gloo may leave a worker thread behind whose
+    # destructor aborts the interpreter's teardown; the results are written, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
