@@ -78,8 +78,11 @@ def test_two_processes_on_one_folder_and_a_killed_holder(tmp_path, capsys, clean
     process is killed (SIGKILL, mid-training) the lock is gone and --resume finishes the run
     with the results of an uninterrupted one."""
     folder = tmp_path / "run"
+    # cwd: `python -c` puts the working directory first on the path, and a checkout's diffmem/
+    # (no compiled module) must not shadow the installed package
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), json.dumps(TINY)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=tmp_path)
     try:
         assert child.stdout.readline() == "running\n"
         code, _, err = cli(capsys, "phase-transition", *TINY_ARGS, "--resume", "--out", folder)

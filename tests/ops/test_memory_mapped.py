@@ -42,7 +42,9 @@ _CHILD = textwrap.dedent("""
             warnings.simplefilter("always")
             mean, idx, weight = diffmem.softmax_mean(x, points, 0.9, 0.01, return_nearest=True)
             dist, kidx = diffmem.knn(x, points, k=2)
-        out[path] = dict(grew=rss_anon() - before, bytes=points.numel() * points.element_size(),
+        out[path] = dict(grew=rss_anon() - before,
+                         backend=diffmem.backends()["cpu"]["available"],
+                         bytes=points.numel() * points.element_size(),
                          warnings=[str(w.message) for w in caught], idx=idx.tolist(),
                          kidx=kidx[:, 0].tolist(), finite=bool(torch.isfinite(mean).all()))
     print(json.dumps(out))
@@ -70,8 +72,10 @@ def test_memory_mapped_points_are_not_copied(tmp_path):
         path = tmp_path / f"points_{np.dtype(dtype).name}.npy"
         _write(path, dtype, -(-2 * GIB // (D * np.dtype(dtype).itemsize)), seed)
         paths.append(str(path))
+    # run from tmp_path: `python -c` puts the working directory first on the path, and the
+    # checkout's diffmem/ (no compiled module) must not shadow the installed package
     result = subprocess.run([sys.executable, "-c", _CHILD, *paths], capture_output=True,
-                            text=True, timeout=600, check=False)
+                            text=True, timeout=600, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for path, r in report.items():
@@ -79,5 +83,6 @@ def test_memory_mapped_points_are_not_copied(tmp_path):
         assert r["grew"] < 0.1 * r["bytes"], f"{path}: anonymous memory grew by {r['grew']}"
         assert r["warnings"] == [], r["warnings"]
         assert r["finite"]
+        assert r["backend"], "the child process did not load the cpu backend"
         # the queries are scaled copies of the first three points
         assert r["idx"] == [0, 1, 2] and r["kidx"] == [0, 1, 2]
