@@ -49,24 +49,26 @@ def check_affine(data: torch.Tensor, scale, offset) -> tuple[float | None, torch
 
 def stored_posterior(x: torch.Tensor, points: torch.Tensor, alpha, var, *, scale=None,
                      offset=None, bias=None, backend="auto", precision="exact",
-                     return_nearest=False):
-    """(mean (B, D), lse (B,)[, nearest_idx, nearest_weight]) of the softmax over the values
-    scale * points + offset (see the module doc) for queries x (B, D); alpha, var as in
-    softmax_mean."""
-    if scale is None and offset is None:
-        return softmax_mean(x, points, alpha, var, bias, backend=backend, precision=precision,
-                            return_lse=True, return_nearest=return_nearest)
+                     return_lse=True, return_nearest=False):
+    """(mean (B, D), lse (B,) or None without return_lse[, nearest_idx, nearest_weight]) of the
+    softmax over the values scale * points + offset (see the module doc) for queries x (B, D);
+    alpha, var as in softmax_mean."""
     s = 1.0 if scale is None else scale
-    a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha), dtype=x.dtype,
-                                                                   device=x.device)
-    xq = x
-    if offset is not None:
-        a64 = a.double()
-        shift = (a64[..., None] if a64.dim() else a64) * offset
-        xq = (x.double() - shift).to(x.dtype)
-    out = softmax_mean(xq, points, a * s, var, bias, backend=backend, precision=precision,
-                       return_lse=True, return_nearest=return_nearest)
-    mean = out[0] * s
+    a, xq = alpha, x
+    if scale is not None or offset is not None:
+        a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(
+            float(alpha), dtype=x.dtype, device=x.device)
+        if offset is not None:
+            a64 = a.double()
+            shift = (a64[..., None] if a64.dim() else a64) * offset
+            xq = (x.double() - shift).to(x.dtype)
+        a = a * s
+    out = softmax_mean(xq, points, a, var, bias, backend=backend, precision=precision,
+                       return_lse=return_lse, return_nearest=return_nearest)
+    out = (out,) if isinstance(out, torch.Tensor) else out
+    if not return_lse:  # the lse slot stays, empty
+        out = (out[0], None, *out[1:])
+    mean = out[0] if scale is None else out[0] * s
     if offset is not None:
         mean = mean + offset.to(mean.dtype)
     return (mean, *out[1:])

@@ -37,15 +37,15 @@ class EmpiricalDenoiser(Denoiser):
         return self.data.reshape(self.data.shape[0], -1)
 
     def _posterior(self, x: torch.Tensor, t: Time, points: torch.Tensor, bias=None,
-                   return_nearest: bool = False):
+                   return_lse: bool = True, return_nearest: bool = False):
         alpha = as_param(self.process.alpha(t), x)
         var = as_param(self.process.sigma(t), x) ** 2
         return stored_posterior(x, points, alpha, var, scale=self.scale, offset=self.offset,
                                 bias=bias, backend=self.backend, precision=self.precision,
-                                return_nearest=return_nearest)
+                                return_lse=return_lse, return_nearest=return_nearest)
 
     def x0(self, x, t):
-        return self._posterior(x, t, self.points)[0]
+        return self._posterior(x, t, self.points, return_lse=False)[0]
 
     def nearest(self, x_t: torch.Tensor, t: Time) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query (B, *data_shape): the index (B,) of the training point with the largest
@@ -53,7 +53,8 @@ class EmpiricalDenoiser(Denoiser):
         pass as the denoiser's mean."""
         check_time(t, x_t.shape[0])
         x = x_t.reshape(x_t.shape[0], -1)
-        _, _, idx, weight = self._posterior(x, as_param(t, x), self.points, return_nearest=True)
+        _, _, idx, weight = self._posterior(x, as_param(t, x), self.points, return_lse=False,
+                                            return_nearest=True)
         return idx, weight
 
     def log_prob(self, x_t, t):

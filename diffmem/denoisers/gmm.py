@@ -38,17 +38,18 @@ class IsotropicGMM(Denoiser):
         self.register_buffer("priors", priors.to(means.dtype))
         self.backend, self.precision = backend, precision
 
-    def _posterior(self, x: torch.Tensor, t: Time):
+    def _posterior(self, x: torch.Tensor, t: Time, return_lse: bool = True):
         alpha = as_param(self.process.alpha(t), x)
         sigma2 = as_param(self.process.sigma(t), x) ** 2
         s = alpha * alpha * self.variance.to(x.dtype) + sigma2
-        mu_bar, lse = softmax_mean(x, self.means.to(x.dtype), alpha, s,
-                                   self.priors.log().to(x.dtype), backend=self.backend,
-                                   precision=self.precision, return_lse=True)
+        out = softmax_mean(x, self.means.to(x.dtype), alpha, s, self.priors.log().to(x.dtype),
+                           backend=self.backend, precision=self.precision,
+                           return_lse=return_lse)
+        mu_bar, lse = out if return_lse else (out, None)
         return alpha, sigma2, s, mu_bar, lse
 
     def x0(self, x, t):
-        alpha, sigma2, s, mu_bar, _ = self._posterior(x, t)
+        alpha, sigma2, s, mu_bar, _ = self._posterior(x, t, return_lse=False)
         per_query = isinstance(s, torch.Tensor) and s.dim() == 1
         col = (lambda v: v[:, None]) if per_query else (lambda v: v)
         return col(alpha * self.variance.to(x.dtype) / s) * x + col(sigma2 / s) * mu_bar
