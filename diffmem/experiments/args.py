@@ -77,7 +77,9 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
 def add_training(p: argparse.ArgumentParser) -> None:
     """Training and evaluation hyperparameters (SPEC F.5, G); unset ones come from the preset."""
-    t = p.add_argument_group("training (defaults from --preset; shown: the default preset)")
+    t = p.add_argument_group("training (defaults from --preset; shown: the default preset, "
+                                 "whose steps, draws, warmup and eval-draws scale with N above "
+                                 "N = 200: N = 1000 takes 3000 steps of 1 draw)")
     t.add_argument("--steps", type=int,
                    help=f"optimizer steps, full batch (default {_D.steps}; paper 50000)")
     t.add_argument("--warmup", type=int, help=f"warmup steps (default {_D.warmup}; paper 5000)")

