@@ -200,7 +200,7 @@ def load_folder_set(path, rows: Rows = _all_rows) -> ImageSet:
                 pixels = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ImageSetError(f"{f}: cannot be decoded ({e})") from None
-        codes[i] = torch.from_numpy(pixels.reshape(-1))
+        codes.numpy()[i] = pixels.reshape(-1)
     return ImageSet(codes, len(files), start, shape, 2 / 255, -1.0, str(folder))
 
 
