@@ -91,10 +91,13 @@ def load_digits_set(rows: Rows = _all_rows) -> ImageSet:
     return ImageSet(codes, images.shape[0], start, (8, 8, 1), 2 / 16, -1.0, "digits")
 
 
-def _finite_rows(array, where: str) -> None:
+def _finite_rows(array, where: str, start: int) -> None:
+    """ImageSetError naming the first row (global index: start + local) with NaN or inf."""
     for i in range(0, array.shape[0], _CHUNK):
-        if not np.isfinite(array[i:i + _CHUNK]).all():
-            raise ImageSetError(f"{where}: holds NaN or infinite values (rows from {i})")
+        ok = np.isfinite(array[i:i + _CHUNK]).reshape(min(_CHUNK, array.shape[0] - i), -1)
+        if not ok.all():
+            row = start + i + int(np.argmin(ok.all(axis=1)))
+            raise ImageSetError(f"{where}: holds NaN or infinite values (first in row {row})")
 
 
 def _open_array(path: Path, key: str | None):
@@ -147,7 +150,7 @@ def load_array_set(path, key: str | None = None, rows: Rows = _all_rows) -> Imag
     if array.dtype == np.uint8:
         scale, offset = 2 / 255, -1.0
     else:
-        _finite_rows(part, where)
+        _finite_rows(part, where, start)
         scale = offset = None
         if part.dtype == np.float64:
             part = part.astype(np.float32)

@@ -14,7 +14,8 @@ points and the index of the nearest (diffmem.knn on the stored codes), the memor
 denoiser's own points (none can), and the op's nearest point: ``return_nearest`` in the last
 DDIM step (the denoiser's call at the second-to-last time of the grid, whose mean makes the
 final sample), i.e. the training point that step copies and its softmax weight, from the same
-pass as the mean. Also the median wall time of a denoiser call (one sampling step).
+pass as the mean. Also the median wall time of a denoiser call (one sampling step; on rank 0,
+and per rank) and its median process CPU time (all threads; steadier on a shared machine).
 
 Processes (processes.py): under torchrun the samples are split over the ranks and gathered
 (every rank holds the data), or with --shard-points each rank loads only its rows of the data
@@ -151,14 +152,16 @@ class _Traced:
     def __init__(self, fn, nearest: bool, procs: Processes, tick):
         self.fn, self.nearest, self.procs, self.tick = fn, nearest, procs, tick
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.idx = self.weight = None
 
     def __call__(self, x, t):
         self.procs.sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self.fn(x, t)
         self.procs.sync()
         self.seconds.append(time.perf_counter() - t0)
+        self.cpu_seconds.append(time.process_time() - c0)
         if self.nearest:
             out, self.idx, self.weight = out
         self.tick(len(self.seconds))
@@ -242,7 +245,8 @@ def run_stage(ctx: Context, spec: Spec) -> dict | None:
     else:
         idx = torch.full((n,), -1, dtype=torch.int64)
         weight = torch.full((n,), math.nan, dtype=torch.float64)
-    step = torch.tensor([float(np.median(traced.seconds))], dtype=torch.float64)
+    step = torch.tensor([float(np.median(traced.seconds)), float(np.median(traced.cpu_seconds))],
+                        dtype=torch.float64)[None]
     if procs.distributed:
         step = procs.gather_rows(step)
     if procs.distributed and not ctx.shard_points:
@@ -264,7 +268,8 @@ def run_stage(ctx: Context, spec: Spec) -> dict | None:
     return {"samples": samples.float().cpu().numpy(), "d1": dist[:, 0].cpu().numpy(),
             "d2": dist[:, 1].cpu().numpy(), "knn_idx": nn[:, 0].cpu().numpy(),
             "op_idx": idx.numpy(), "op_weight": weight.numpy(),
-            "nearest_images": nearest_images.numpy(), "step_seconds": step.cpu().numpy(),
+            "nearest_images": nearest_images.numpy(), "step_seconds": step[:, 0].numpy(),
+            "step_cpu_seconds": step[:, 1].numpy(),
             "wall_seconds": np.float64(time.perf_counter() - t0)}
 
 
@@ -296,6 +301,7 @@ def summarize(spec: Spec, arrays: dict, config: MemorizeConfig, total: int) -> d
            "median_d1_over_d2": float(np.median(arrays["d1"] / arrays["d2"])),
            "seconds_per_step": float(arrays["step_seconds"][0]),
            "seconds_per_step_ranks": arrays["step_seconds"].tolist(),
+           "cpu_seconds_per_step": float(arrays["step_cpu_seconds"][0]),
            "stage_seconds": float(arrays["wall_seconds"]),
            "samples_file": spec.stage}
     if spec.kind != "generalizing":
@@ -315,6 +321,9 @@ def _check_stage(arrays: dict, config: MemorizeConfig, dim: int) -> None:
     for key, shape in want.items():
         if key not in arrays or arrays[key].shape != shape:
             raise ValueError(f"{key} is missing or not of shape {shape}")
+    for key in ("nearest_images", "step_seconds", "step_cpu_seconds", "wall_seconds"):
+        if key not in arrays:
+            raise ValueError(f"{key} is missing")
     if not np.isfinite(arrays["samples"]).all():
         raise ValueError("its samples are not finite")
 
