@@ -177,7 +177,7 @@ def add_memorize_parser(sub) -> None:
     s.add_argument("--shard-points", action="store_true",
                    help="under torchrun: split the data set over the processes (each loads its "
                         "rows only) instead of the samples")
-    add_common_output(p, threads_default=0)
+    add_common_output(p)
     add_runtime_options(p)
 
 
