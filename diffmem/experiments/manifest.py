@@ -27,9 +27,10 @@ from .results import json_bytes
 MANIFEST = "manifest.json"
 FORMAT = "diffmem.run/1"
 # what a run writes; one of these without a manifest is a run folder whose files cannot be
-# verified (config.json: the settings file of run folders before manifests)
+# verified (config.json: the settings file of run folders before manifests; stages: the
+# samples of diffmem memorize)
 RUN_FILES = ("data.npz", "baselines.json", "models.npz", "train_state.npz", "timings.json",
-             "results.json", "config.json", "models")
+             "results.json", "config.json", "models", "stages")
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
