@@ -353,8 +353,9 @@ def _data_record(d: ImageSet) -> dict:
             "offset": d.offset}
 
 
-def _plot(results: dict, stages: dict, specs: list[Spec], data: ImageSet, folder: Path,
+def _plot(stages: dict, specs: list[Spec], data: ImageSet, folder: Path,
           progress: Progress) -> list[str]:
+    """plots/samples.png for image data of 1 or 3 channels (a note otherwise)."""
     if data.shape is None or data.shape[2] not in (1, 3):
         progress.note("no sample grid: the data are not images of 1 or 3 channels")
         return []
@@ -460,7 +461,7 @@ def _run(config: MemorizeConfig, runtime: Runtime, procs: Processes, args) -> in
                           for s in specs}}
         results["plots"] = [] if args.no_plots else [
             str(Path(p).relative_to(out)) for p in
-            _plot(results, stages, specs, data, out, progress)]
+            _plot(stages, specs, data, out, progress)]
         manifest.write("results.json", json_bytes(results))
     for name, r in results["denoisers"].items():
         progress.note(f"{name}: memorization ratio {r['memorization_ratio']:.2f}, "
