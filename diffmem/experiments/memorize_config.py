@@ -165,7 +165,8 @@ def add_memorize_parser(sub) -> None:
                         "affine map for the whole set")
     s = p.add_argument_group("sampling")
     s.add_argument("--fractions", type=_fractions, metavar="F,F,...",
-                   help="M/N of the partially memorizing denoisers (default 0.1,0.5)")
+                   help="M/N of the partially memorizing denoisers (default 0.1,0.5; '' for "
+                        "none)")
     s.add_argument("--num-samples", type=int,
                    help=f"DDIM samples per denoiser (default {_D.num_samples})")
     s.add_argument("--steps", type=int, help=f"DDIM steps (default {_D.steps})")
@@ -176,7 +177,7 @@ def add_memorize_parser(sub) -> None:
     s.add_argument("--seed", type=int, help=f"seed of data, subsets and noise (default {_D.seed})")
     s.add_argument("--shard-points", action="store_true",
                    help="under torchrun: split the data set over the processes (each loads its "
-                        "rows only) instead of the samples")
+                        "rows only) instead of the samples (a single process ignores it)")
     add_common_output(p)
     add_runtime_options(p)
 
