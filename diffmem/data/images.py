@@ -57,8 +57,9 @@ class ImageSet:
     def dim(self) -> int:
         return self.codes.shape[1]
 
-    def values(self, rows: slice = slice(None)) -> torch.Tensor:
-        """Float64 values of some local rows (a copy of those rows only)."""
+    def values(self, rows=slice(None)) -> torch.Tensor:
+        """Float64 values of some local rows (a slice or an index tensor; a copy of those rows
+        only)."""
         v = self.codes[rows].double()
         return v if self.scale is None else v * self.scale + self.offset
 

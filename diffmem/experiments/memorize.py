@@ -181,11 +181,6 @@ class Context:
     progress: Progress
 
 
-def _stored_values(codes: torch.Tensor, data: ImageSet) -> torch.Tensor:
-    v = codes.double()
-    return v if data.scale is None else v * data.scale + data.offset
-
-
 def _knn_stored(ctx: Context, samples: torch.Tensor):
     """Distances (n, 2) (float64) and indices (n, 2) of each sample's two nearest training
     points, read as stored: for codes, knn of (x - offset) / scale, distances times scale."""
@@ -259,8 +254,7 @@ def run_stage(ctx: Context, spec: Spec) -> dict | None:
     local = shown - ctx.data.start
     mine = (local >= 0) & (local < ctx.data.codes.shape[0])
     nearest_images = torch.zeros(shown.shape[0], ctx.data.dim, dtype=torch.float64)
-    nearest_images[mine] = _stored_values(ctx.data.codes[local[mine].to(ctx.data.codes.device)],
-                                          ctx.data).cpu()
+    nearest_images[mine] = ctx.data.values(local[mine].to(ctx.data.codes.device)).cpu()
     if ctx.shard_points:
         nearest_images = procs.sum(nearest_images)
     if not procs.main:
