@@ -5,6 +5,8 @@
     diffmem phase-transition  the paper's experiment on one configuration
     diffmem sweep             the phase transition over the (d, K, N) grid, or a subset
     diffmem crossover         theory-only predictions of the crossover M*/N (seconds)
+    diffmem memorize          memorizing, partially memorizing and generalizing denoisers
+                              sampled on a real data set (default: scikit-learn's digits)
     diffmem demo              the op on a memorization-style problem: accuracy of each backend and
                               precision against float64 across noise levels, then a quick benchmark
     diffmem bench ...         the comparison benchmark (see ``diffmem bench --help``)
@@ -25,9 +27,10 @@ from .experiments.args import (
     out_folder,
 )
 from .experiments.config import ConfigError, make_config
+from .experiments.memorize_config import add_memorize_parser
 from .training import TrainingDiverged
 
-EXPERIMENTS = ("phase-transition", "sweep", "crossover")
+EXPERIMENTS = ("phase-transition", "sweep", "crossover", "memorize")
 
 
 def _fail(command: str, message: str) -> int:
@@ -69,6 +72,10 @@ def run_experiment(command: str, args: argparse.Namespace) -> int:
             from .experiments.crossover import run_crossover
 
             return run_crossover(args)
+        if command == "memorize":
+            from .experiments.memorize import run_memorize
+
+            return run_memorize(args)
     except ConfigError as e:
         return _fail(command, str(e))
     except TrainingDiverged as e:
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     build_parsers(sub)
+    add_memorize_parser(sub)
     demo = sub.add_parser("demo", help="accuracy across noise levels and a quick benchmark")
     demo.add_argument("--full", action="store_true",
                       help="run the full benchmark, not the quick one")

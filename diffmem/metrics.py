@@ -52,8 +52,14 @@ def memorization_ratio(samples: torch.Tensor, data: torch.Tensor,
         raise ValueError("samples must hold at least one sample")
     if p.shape[0] < 2:
         raise ValueError(f"data must hold at least two points, got {p.shape[0]}")
-    d = knn(q, p, 2)[0]
-    return float((d[:, 0] < threshold * d[:, 1]).double().mean())
+    return float(memorized(knn(q, p, 2)[0], threshold).double().mean())
+
+
+def memorized(distances: torch.Tensor, threshold: float = 1 / 3) -> torch.Tensor:
+    """Which samples are copies: d1 < threshold * d2 (strict), from the distances (n, 2) of each
+    sample to its two nearest data points (as diffmem.knn gives them). Bool (n,)."""
+    threshold = _check_threshold(threshold)
+    return distances[:, 0] < threshold * distances[:, 1]
 
 
 def _percentiles(values: torch.Tensor, percentiles) -> list[float]:
@@ -109,4 +115,5 @@ def per_t_losses(model, data: torch.Tensor, ts, **kwargs) -> torch.Tensor:
     return loss_per_t(model, data, ts, **kwargs)
 
 
-__all__ = ["learned_means_metrics", "memorization_ratio", "nearest_two", "per_t_losses"]
+__all__ = ["learned_means_metrics", "memorization_ratio", "memorized", "nearest_two",
+           "per_t_losses"]

@@ -49,10 +49,11 @@ def check_affine(data: torch.Tensor, scale, offset) -> tuple[float | None, torch
 
 def stored_posterior(x: torch.Tensor, points: torch.Tensor, alpha, var, *, scale=None,
                      offset=None, bias=None, backend="auto", precision="exact",
-                     return_lse=True, return_nearest=False):
+                     return_lse=True, return_nearest=False, op=softmax_mean):
     """(mean (B, D), lse (B,) or None without return_lse[, nearest_idx, nearest_weight]) of the
     softmax over the values scale * points + offset (see the module doc) for queries x (B, D);
-    alpha, var as in softmax_mean."""
+    alpha, var as in softmax_mean; op: softmax_mean or a function with its signature
+    (diffmem.distributed.softmax_mean for points sharded over processes)."""
     s = 1.0 if scale is None else scale
     a, xq = alpha, x
     if scale is not None or offset is not None:
@@ -63,8 +64,8 @@ def stored_posterior(x: torch.Tensor, points: torch.Tensor, alpha, var, *, scale
             shift = (a64[..., None] if a64.dim() else a64) * offset
             xq = (x.double() - shift).to(x.dtype)
         a = a * s
-    out = softmax_mean(xq, points, a, var, bias, backend=backend, precision=precision,
-                       return_lse=return_lse, return_nearest=return_nearest)
+    out = op(xq, points, a, var, bias, backend=backend, precision=precision,
+             return_lse=return_lse, return_nearest=return_nearest)
     out = (out,) if isinstance(out, torch.Tensor) else out
     if not return_lse:  # the lse slot stays, empty
         out = (out[0], None, *out[1:])

@@ -1,4 +1,4 @@
-"""The paper's experiments (``diffmem phase-transition | sweep | crossover``).
+"""The paper's experiments (``diffmem phase-transition | sweep | crossover | memorize``).
 
 - config.py       ExperimentConfig, presets ("default", "paper"), sweep grids, validation
                   (ConfigError)
@@ -19,6 +19,11 @@
 - reuse.py        what --resume takes from a run folder, each file verified first
 - lock.py         one run per folder (an OS file lock that dies with its process)
 - budget.py       a run's memory, estimated and checked before it starts
+- memorize.py     the memorizing, partially memorizing and generalizing denoisers sampled on
+                  a real data set (``diffmem memorize``); memorize_config.py its settings and
+                  options
+- processes.py    runs of several processes under torchrun (rank, shares, collectives)
+- runtime.py      --device, --backend, --precision and their record in results
 - plots.py        PNG figures (matplotlib, optional)
 - progress.py     progress lines on stderr
 

@@ -66,13 +66,27 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--variance", type=float,
                    help=f"ground-truth variance sigma0^2, for templates the color variance "
                         f"(default {_D.variance})")
+    _add_run_options(g, threads_default=1)
+
+
+def _add_run_options(g, threads_default: int) -> None:
+    """--out, --resume, --quiet and --threads, in the argument group g."""
     g.add_argument("--out", metavar="DIR", help="output folder (default runs/<command>-<config>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out: finished stages and models are not recomputed")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these small batched problems run fastest "
-                        "on one thread, far faster on a busy machine; 0 = torch's default)")
+    why = ("1: these small batched problems run fastest on one thread, far faster on a busy "
+           "machine; 0 = torch's default" if threads_default == 1 else "0: torch's default")
+    g.add_argument("--threads", type=int, default=threads_default,
+                   help=f"torch CPU threads (default {why})")
+
+
+def add_common_output(p: argparse.ArgumentParser, threads_default: int = 1) -> None:
+    """The output options of an experiment command outside the phase-transition family:
+    --out, --resume, --quiet, --threads and --no-plots."""
+    g = p.add_argument_group("output")
+    _add_run_options(g, threads_default)
+    g.add_argument("--no-plots", action="store_true", help="write no PNG files")
 
 
 def add_training(p: argparse.ArgumentParser) -> None:
@@ -179,5 +193,5 @@ def build_parsers(sub) -> None:
                     help="time weighting of the losses (default x0-uniform)")
 
 
-__all__ = ["OneLineParser", "add_common", "add_training", "build_parsers", "check_threads",
-           "config_from_args", "out_folder"]
+__all__ = ["OneLineParser", "add_common", "add_common_output", "add_training", "build_parsers",
+           "check_threads", "config_from_args", "out_folder"]

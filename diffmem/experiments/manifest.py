@@ -27,9 +27,10 @@ from .results import json_bytes
 MANIFEST = "manifest.json"
 FORMAT = "diffmem.run/1"
 # what a run writes; one of these without a manifest is a run folder whose files cannot be
-# verified (config.json: the settings file of run folders before manifests)
+# verified (config.json: the settings file of run folders before manifests; stages: the
+# samples of diffmem memorize)
 RUN_FILES = ("data.npz", "baselines.json", "models.npz", "train_state.npz", "timings.json",
-             "results.json", "config.json", "models")
+             "results.json", "config.json", "models", "stages")
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -68,8 +69,9 @@ class Manifest:
     # -- reading and starting
 
     @classmethod
-    def read(cls, folder) -> Manifest:
-        """The folder's manifest; RunFolderError if it cannot be read or is not one."""
+    def read(cls, folder, config_type=ExperimentConfig) -> Manifest:
+        """The folder's manifest, its settings read as config_type (a dataclass with to_dict
+        and from_dict); RunFolderError if it cannot be read or is not one."""
         path = Path(folder) / MANIFEST
         where = f"{str(path)!r}"
         try:
@@ -90,15 +92,16 @@ class Manifest:
                     raise ValueError("its file table is not {name: sha256}")
             if not isinstance(d["diffmem"], str) or not isinstance(d["config"], dict):
                 raise ValueError("it lacks the diffmem version or the settings")
-            config = ExperimentConfig.from_dict(d["config"])
+            config = config_type.from_dict(d["config"])
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise RunFolderError(f"{where} is damaged ({e}); its folder's files cannot be "
                                  f"verified: start the run in a new --out") from None
         return cls(folder, config, d["diffmem"], files, pending)
 
     @classmethod
-    def start(cls, folder, config: ExperimentConfig, resume: bool) -> Manifest:
-        """The manifest for a run of config in folder: a new one when the folder holds no run
+    def start(cls, folder, config, resume: bool) -> Manifest:
+        """The manifest for a run of config (an ExperimentConfig, or any settings dataclass
+        with to_dict and from_dict) in folder: a new one when the folder holds no run
         (or one that recorded no file yet), else, with resume, the folder's own one after
         checking its version and settings. RunFolderError (one line) otherwise."""
         folder = Path(folder)
@@ -110,7 +113,7 @@ class Manifest:
                     f"{str(folder)!r} holds run files ({', '.join(found)}) but no {MANIFEST}, so "
                     f"they cannot be verified: move them away or choose another --out")
             return cls(folder, config).save()
-        saved = cls.read(folder)
+        saved = cls.read(folder, type(config))
         if not saved.files and not saved.pending:  # nothing was recorded: nothing to keep
             return cls(folder, config).save()
         if not resume:

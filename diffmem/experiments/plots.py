@@ -163,4 +163,47 @@ def plot_sweep(rows: list[dict], path) -> list[str]:
     return made
 
 
-__all__ = ["plot_run", "plot_samples", "plot_sweep"]
+
+
+def _image(values, lo: float, hi: float):
+    """(H, W, C) values in [lo, hi] -> an array imshow takes (gray for C = 1)."""
+    import numpy as np
+
+    v = np.clip((np.asarray(values, dtype=np.float64) - lo) / (hi - lo or 1.0), 0, 1)
+    return v[..., 0] if v.shape[-1] == 1 else v
+
+
+def plot_sample_pairs(rows, path, lo: float = -1.0, hi: float = 1.0) -> list[str]:
+    """One row per denoiser: each sample beside its nearest training image, with d1/d2 under
+    the pair. rows: [(label, samples (n, H, W, C), nearest (n, H, W, C), ratios (n,))];
+    values shown on [lo, hi]. Returns the files written ([] without matplotlib)."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return []
+    n = max(r[1].shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), 2 * n, figsize=(1.1 * 2 * n, 1.45 * len(rows)),
+                             squeeze=False)
+    for i, (label, samples, nearest, ratios) in enumerate(rows):
+        for j in range(n):
+            for k, (img, title) in enumerate(((samples, "sample"), (nearest, "nearest"))):
+                ax = axes[i, 2 * j + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j >= img.shape[0]:
+                    ax.axis("off")
+                    continue
+                ax.imshow(_image(img[j], lo, hi), cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+                if i == 0:
+                    ax.set_title(title, fontsize=6)
+            if j < samples.shape[0]:
+                axes[i, 2 * j].set_xlabel(f"d1/d2 {ratios[j]:.2f}", fontsize=6, loc="left")
+        axes[i, 0].set_ylabel(label, fontsize=6)
+    made: list[str] = []
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path, made)
+    plt.close(fig)
+    return made
+
+
+__all__ = ["plot_run", "plot_sample_pairs", "plot_samples", "plot_sweep"]
