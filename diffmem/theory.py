@@ -193,6 +193,7 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
                        ms=None, steps: int = 20, draws: int = 100, redraw_per_t: bool = True,
                        generator: torch.Generator | None = None, seed: int = 0,
                        make_partial: Callable | None = None, batch: int = 65536,
+                       backend: str = "auto", precision: str = "exact",
                        return_scan: bool = False):
     """M*/N from measured train losses of the ground-truth and partially memorizing denoisers (J.4).
 
@@ -201,7 +202,8 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     if given (e.g. a PartialMemorizingDenoiser with the same process and prediction), else an
     EmpiricalDenoiser over M points drawn with `generator`; with redraw_per_t (the reference's
     evaluation) a fresh one is built for every t, otherwise one per M. The noise draws at t use
-    seed + t-index for every model (common random numbers). Returns M*/N (NaN if the scan does
+    seed + t-index for every model (common random numbers). backend / precision go to the
+    EmpiricalDenoiser's op. Returns M*/N (NaN if the scan does
     not cross), or (M*/N, ms, gaps) with return_scan.
     """
     if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] == 0:
@@ -226,7 +228,8 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     def pmem(m, subset):
         if make_partial is not None:
             return make_partial(m)
-        return EmpiricalDenoiser(data[subset.to(data.device)], process, field)
+        return EmpiricalDenoiser(data[subset.to(data.device)], process, field, backend=backend,
+                                 precision=precision)
 
     gt = losses(lambda j: ground_truth)
     ms = _ms(n, ms, steps)
