@@ -172,8 +172,9 @@ def build_parsers(sub) -> None:
                     help=f"K values (default {grid('gmm', 1)}; templates: {grid('templates', 1)})")
     sw.add_argument("--samples", type=_int_list,
                     help=f"N values (default {grid('gmm', 2)}; templates: {grid('templates', 2)})")
-    sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
-                    help="run only configurations with index %% n == i (default 0/1)")
+    sw.add_argument("--shard", type=_shard, metavar="i/n",
+                    help="run only configurations with index %% n == i (default 0/1, or "
+                         "RANK/WORLD_SIZE when launched by torchrun)")
     add_common(sw, sweep=True)
     add_training(sw)
     cr = sub.add_parser("crossover", help="theory-only crossover predictions M*/N (seconds)",

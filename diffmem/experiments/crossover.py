@@ -57,7 +57,7 @@ def run_crossover(args) -> int:
                    draws=config.eval_draws, weighting=args.weighting, theory_note=kind.theory_note,
                    backend=runtime.backend, precision=runtime.precision)
     result = {"schema": "diffmem.crossover/1", "config": config.to_dict(), "predictions": pred,
-              "environment": environment(), "runtime": runtime.record(),
+              "environment": environment(runtime), "runtime": runtime.record(),
               "seconds": time.perf_counter() - t0}
     write_json(out / "crossover.json", result)
     print(f"predicted M*/N for {config.tag()} ({args.weighting}-uniform weighting):")

@@ -33,7 +33,6 @@ from .results import read_json, write_json
 from .runtime import Runtime
 
 SCHEMA = "diffmem.crossover_vs_n/1"
-DEFAULT_SAMPLES = (100, 1000, 10000)
 MEASURE_POINTS = 256  # default P: query points of the measured crossover
 MEASURE_DRAWS = 8     # default R: noise draws per query point and t
 ROWS = 4096           # query rows (points x draws) per denoiser call
@@ -116,6 +115,21 @@ def measured_subsampled(train: torch.Tensor, ground_truth, ts, *, points: int, d
             "gap_se": gap_se}
 
 
+def instancewise_with_progress(train, ts, *, variance: float, weighting: str, seed: int,
+                              steps: int = 20, progress=None) -> tuple[float, list, list]:
+    """theory.crossover_instancewise(..., return_scan=True) with the subsets of predictions.py
+    (generator(seed, "instancewise")), one size M at a time so that progress(k, n) reports
+    (the sizes draw their subsets from the generator in the same order: same result)."""
+    gen, N = generator(seed, "instancewise"), train.shape[0]
+    ms, gaps = theory.scan_sizes(N, steps), []
+    for k, m in enumerate(ms):
+        gaps += theory.crossover_instancewise(train, ts, variance=variance, weighting=weighting,
+                                              ms=[m], generator=gen, return_scan=True)[2]
+        if progress is not None:
+            progress(k + 1, len(ms))
+    return theory.crossing([m / N for m in ms], gaps), ms, gaps
+
+
 def predict_for_n(config, runtime: Runtime, *, points: int, draws: int, weighting: str,
                   measured: bool, progress: Progress) -> dict:
     """One stage: the three predictions of M*/N for config (its samples = N) with timings."""
@@ -129,10 +143,9 @@ def predict_for_n(config, runtime: Runtime, *, points: int, draws: int, weightin
     t0 = time.perf_counter()
     out["coded"] = theory.crossover_coded(ts, weighting=weighting, variance=v)
     t1 = time.perf_counter()
-    out["instancewise"], ms, gaps = theory.crossover_instancewise(
-        train, ts, variance=v, weighting=weighting, generator=generator(config.seed,
-                                                                       "instancewise"),
-        return_scan=True)
+    out["instancewise"], ms, gaps = instancewise_with_progress(
+        train, ts, variance=v, weighting=weighting, seed=config.seed,
+        progress=progress.task(f"N={N} instance-wise"))
     out["instancewise_scan"] = {"sizes": ms, "gaps": gaps}
     seconds["instancewise"] = time.perf_counter() - t1
     progress.note(f"N={N}: coded {out['coded']:.4f}, instance-wise {out['instancewise']:.4f} "
@@ -218,5 +231,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_SAMPLES", "MEASURE_DRAWS", "MEASURE_POINTS", "crossing_se", "format_rows",
-           "measured_subsampled", "per_point_losses", "predict_for_n", "run_crossover_vs_n"]
+__all__ = ["MEASURE_DRAWS", "MEASURE_POINTS", "crossing_se", "format_rows",
+           "instancewise_with_progress", "measured_subsampled", "per_point_losses",
+           "predict_for_n", "run_crossover_vs_n"]
