@@ -75,8 +75,8 @@ def _crossover_vs_n(args, configs, runtime) -> int:
     if args.measure_points < 2:
         raise ConfigError(f"--measure-points must be at least 2, got {args.measure_points}")
     draws = args.eval_draws if args.eval_draws is not None else MEASURE_DRAWS
-    out = writable_folder(out_folder(args, f"runs/crossover-vs-n-{first.data}-d{first.dim}-"
-                                           f"K{first.components}-s{first.seed}"))
+    out = out_folder(args, f"runs/crossover-vs-n-{first.data}-d{first.dim}-K{first.components}-"
+                           f"s{first.seed}")
     summary = run_crossover_vs_n(first, samples, out, runtime, points=args.measure_points,
                                  draws=draws, weighting=args.weighting,
                                  measured=not args.no_measured, resume=args.resume,

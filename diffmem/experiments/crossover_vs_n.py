@@ -29,7 +29,7 @@ from ..diffusion.processes import VP, time_grid
 from .config import ConfigError
 from .evaluate import generator
 from .progress import Progress
-from .results import read_json, write_json
+from .results import read_json, writable_folder, write_json
 from .runtime import Runtime
 
 SCHEMA = "diffmem.crossover_vs_n/1"
@@ -188,6 +188,7 @@ def run_crossover_vs_n(config, samples: list[int], out, runtime: Runtime, *, poi
     if config.data != "gmm":
         raise ConfigError("--samples with several N is for --data gmm (the coded and "
                           "instance-wise closed forms are GMM theory)")
+    out = writable_folder(out)
     progress = Progress(quiet)
     settings = _stage_settings(config, points, draws, weighting, measured)
     rows = []
