@@ -180,7 +180,11 @@ def build_parsers(sub) -> None:
     cr = sub.add_parser("crossover", help="theory-only crossover predictions M*/N (seconds)",
                         description="Coded, instance-wise and measured (skip with --no-measured) "
                                     "predictions of M*/N under x0-uniform weighting; colored "
-                                    "templates (--data templates) have only the measured one.")
+                                    "templates (--data templates) have only the measured one. "
+                                    "Several --samples (e.g. 100,1000,10000): the three for each "
+                                    "N, the measured one on --measure-points points with its "
+                                    "standard error, one resumable stage per N, a JSON and a "
+                                    "plot of M*/N against N.")
     add_common(cr, sample_list=True)
     cr.add_argument("--no-measured", action="store_true", help="skip the measured-loss prediction")
     cr.add_argument("--eval-draws", type=int,

@@ -49,6 +49,20 @@ def test_phase_transition_records_its_runtime(two_backends):
         assert results["environment"]["device"] == "cpu"
 
 
+def test_a_run_resumes_on_another_backend(tmp_path, capsys):
+    """The runtime is not part of a run's identity: a run started on one backend continues on
+    another (finished stages are reused as they are), and results.json names the last one."""
+    args = ["phase-transition", *TINY_ARGS, "--no-plots", "--out", tmp_path]
+    assert cli(capsys, *args, "--backend", "cpu")[0] == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    code, _, err = cli(capsys, *args, "--backend", "reference", "--precision", "fast",
+                       "--resume")
+    assert code == 0, err
+    again = json.loads((tmp_path / "results.json").read_text())
+    _check_record(again["runtime"], "reference", "fast")
+    assert again["trained"] == first["trained"] and again["baselines"] == first["baselines"]
+
+
 def _x0_losses(results) -> dict:
     """Every per-t loss of a results.json in x0 units, (T,) float64 each, by name."""
     ts = torch.tensor(results["grid"], dtype=torch.float64)
