@@ -57,11 +57,13 @@ def run_experiment(command: str, args: argparse.Namespace) -> int:
             torch.set_num_threads(threads)
         if command == "phase-transition":
             from .experiments.runner import run_phase_transition
+            from .experiments.runtime import runtime_from_args
 
+            runtime = runtime_from_args(args)
             config = config_from_args(args)
             out = out_folder(args, f"runs/phase-transition-{config.tag()}")
             run_phase_transition(config, out, resume=args.resume, quiet=args.quiet,
-                                 plots=not args.no_plots)
+                                 plots=not args.no_plots, runtime=runtime)
             print(f"results: {out / 'results.json'}")
             return 0
         if command == "sweep":

@@ -193,6 +193,7 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
                        ms=None, steps: int = 20, draws: int = 100, redraw_per_t: bool = True,
                        generator: torch.Generator | None = None, seed: int = 0,
                        make_partial: Callable | None = None, batch: int = 65536,
+                       backend: str = "auto", precision: str = "exact",
                        return_scan: bool = False):
     """M*/N from measured train losses of the ground-truth and partially memorizing denoisers (J.4).
 
@@ -201,8 +202,9 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     if given (e.g. a PartialMemorizingDenoiser with the same process and prediction), else an
     EmpiricalDenoiser over M points drawn with `generator`; with redraw_per_t (the reference's
     evaluation) a fresh one is built for every t, otherwise one per M. The noise draws at t use
-    seed + t-index for every model (common random numbers). Returns M*/N (NaN if the scan does
-    not cross), or (M*/N, ms, gaps) with return_scan.
+    seed + t-index for every model (common random numbers), drawn on the CPU whatever data's
+    device. backend / precision go to the EmpiricalDenoiser's op. Returns M*/N (NaN if the
+    scan does not cross), or (M*/N, ms, gaps) with return_scan.
     """
     if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] == 0:
         raise ValueError("data must be a tensor (N, *data_shape) with N >= 1")
@@ -218,7 +220,7 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     def losses(model_at):  # model_at(j) -> model for t-index j
         out = torch.empty(T, dtype=torch.float64)
         for j in range(T):
-            g = torch.Generator(device=data.device).manual_seed(seed + j)
+            g = torch.Generator().manual_seed(seed + j)  # CPU: the same draws on every device
             out[j] = loss_per_t(model_at(j), data, grid[j:j + 1], draws=draws, target=field,
                                 generator=g, batch=batch)[0]
         return out
@@ -226,7 +228,8 @@ def crossover_measured(data: torch.Tensor, ground_truth, ts, *, weighting: str =
     def pmem(m, subset):
         if make_partial is not None:
             return make_partial(m)
-        return EmpiricalDenoiser(data[subset.to(data.device)], process, field)
+        return EmpiricalDenoiser(data[subset.to(data.device)], process, field, backend=backend,
+                                 precision=precision)
 
     gt = losses(lambda j: ground_truth)
     ms = _ms(n, ms, steps)

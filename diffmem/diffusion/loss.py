@@ -59,7 +59,8 @@ def dsm_loss(model, x0: torch.Tensor, t: Time, *, draws: int = 100, target: str 
 
     model(x_t, t) must return the field named `target` (model.process gives alpha, sigma; VP if
     absent). x0: (B, *shape); t: a float or a (B,) tensor (one time per sample).
-    The model is called once on (B*draws, *shape).
+    The model is called once on (B*draws, *shape). The noise is drawn on the generator's
+    device and moved to x0's.
     """
     _check_target(target)
     _check_draws(draws)
@@ -75,7 +76,9 @@ def dsm_loss(model, x0: torch.Tensor, t: Time, *, draws: int = 100, target: str 
         raise TypeError(f"t must be a float or a tensor, got {type(t).__name__}")
     process = _process(model)
     x0r = x0.repeat_interleave(draws, dim=0)                       # (B*R, *shape)
-    eps = torch.randn(x0r.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    # drawn where the generator lives (a CPU generator gives the same noise on every device)
+    eps = torch.randn(x0r.shape, generator=generator, dtype=x0.dtype,
+                      device=x0.device if generator is None else generator.device).to(x0.device)
     x_t = process.noise(x0r, t, eps)
     err = model(x_t, t) - dsm_target(target, x0r, eps, t, process)
     return err.reshape(B, draws, -1).pow(2).sum(-1).mean(1)

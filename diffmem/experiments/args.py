@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 from .config import GRIDS, PRESETS, ConfigError, ExperimentConfig, make_config
+from .crossover_vs_n import MEASURE_DRAWS, MEASURE_POINTS
+from .runtime import add_runtime_options
 
 _D = ExperimentConfig()
 
@@ -45,8 +47,10 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """Options shared by the experiment commands (data, configuration, output)."""
+def add_common(p: argparse.ArgumentParser, sweep: bool = False,
+               sample_list: bool = False) -> None:
+    """Options shared by the experiment commands (data, configuration, output, where it runs);
+    sample_list: --samples takes a comma-separated list (crossover)."""
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", default="default", metavar="NAME",
                    help=f"hyperparameter preset: {', '.join(sorted(PRESETS))} (default: default = "
@@ -60,13 +64,20 @@ def add_common(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         g.add_argument("--dim", type=int, help=f"data dimension d (default {_D.dim})")
         g.add_argument("--components", type=int,
                        help=f"mixture components K (default {_D.components})")
-        g.add_argument("--samples", type=int, help=f"training points N (default {_D.samples})")
+        if sample_list:
+            g.add_argument("--samples", type=_int_list, metavar="N[,N,...]",
+                           help=f"training points N (default {_D.samples}); several, e.g. "
+                                f"100,1000,10000: the crossover as N grows")
+        else:
+            g.add_argument("--samples", type=int,
+                           help=f"training points N (default {_D.samples})")
     g.add_argument("--seed", type=int, help=f"random seed (default {_D.seed})")
     g.add_argument("--val-samples", type=int, help=f"validation points (default {_D.val_samples})")
     g.add_argument("--variance", type=float,
                    help=f"ground-truth variance sigma0^2, for templates the color variance "
                         f"(default {_D.variance})")
     _add_run_options(g, threads_default=1)
+    add_runtime_options(p)
 
 
 def _add_run_options(g, threads_default: int) -> None:
@@ -177,18 +188,29 @@ def build_parsers(sub) -> None:
                     help=f"K values (default {grid('gmm', 1)}; templates: {grid('templates', 1)})")
     sw.add_argument("--samples", type=_int_list,
                     help=f"N values (default {grid('gmm', 2)}; templates: {grid('templates', 2)})")
-    sw.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
-                    help="run only configurations with index %% n == i (default 0/1)")
+    sw.add_argument("--shard", type=_shard, metavar="i/n",
+                    help="run only configurations with index %% n == i (default 0/1, or "
+                         "RANK/WORLD_SIZE when launched by torchrun)")
     add_common(sw, sweep=True)
     add_training(sw)
     cr = sub.add_parser("crossover", help="theory-only crossover predictions M*/N (seconds)",
                         description="Coded, instance-wise and measured (skip with --no-measured) "
                                     "predictions of M*/N under x0-uniform weighting; colored "
-                                    "templates (--data templates) have only the measured one.")
-    add_common(cr)
+                                    "templates (--data templates) have only the measured one. "
+                                    "Several --samples (e.g. 100,1000,10000): the three for each "
+                                    "N, the measured one on --measure-points points with its "
+                                    "standard error, one resumable stage per N, a JSON and a "
+                                    "plot of M*/N against N.")
+    add_common(cr, sample_list=True)
     cr.add_argument("--no-measured", action="store_true", help="skip the measured-loss prediction")
     cr.add_argument("--eval-draws", type=int,
-                    help="noise draws per sample for measured losses (default 100)")
+                    help=f"noise draws per sample for measured losses (default 100; with several "
+                         f"N: {MEASURE_DRAWS})")
+    cr.add_argument("--measure-points", type=int, default=MEASURE_POINTS, metavar="P",
+                    help=f"with several N: the measured crossover on P random training points "
+                         f"(default {MEASURE_POINTS}; all when N <= P)")
+    cr.add_argument("--no-plots", action="store_true",
+                    help="with several N: no crossover_vs_n.png")
     cr.add_argument("--weighting", choices=["x0", "eps", "v", "score"], default="x0",
                     help="time weighting of the losses (default x0-uniform)")
 

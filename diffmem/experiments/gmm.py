@@ -28,15 +28,17 @@ def make_data(config) -> GMMData:
                          val_samples=config.val_samples, variance=config.variance)
 
 
-def evaluate_baselines(data, ts, *, sizes, draws: int, seed: int, progress=None) -> dict:
+def evaluate_baselines(data, ts, *, sizes, draws: int, seed: int, progress=None,
+                       backend: str = "auto", precision: str = "exact") -> dict:
     """Per-t train/val losses of the ground truth, memorizing and partially memorizing (each M
     in sizes, fresh subset per t) denoisers, plus the coded approximations on train:
     ground_truth_approx, partial_mem_approx and the nearest-neighbour
-    partial_mem_instancewise_approx. data: GMMData (train (N, d), val (V, d)); ts: (T,) grid.
-    Returns a JSON-ready dict."""
+    partial_mem_instancewise_approx. data: GMMData (train (N, d), val (V, d)) on the device of
+    the work; ts: (T,) grid; backend / precision: the op's. Returns a JSON-ready dict."""
     N, d = data.train.shape
-    gt = data.ground_truth(prediction="eps")
-    mem = EmpiricalDenoiser(data.train, VP(), "eps")
+    op = {"backend": backend, "precision": precision}
+    gt = data.ground_truth(prediction="eps", **op)
+    mem = EmpiricalDenoiser(data.train, VP(), "eps", **op)
     out = {"ground_truth": {}, "memorizing": {}, "partial_mem": {}, "partial_mem_approx": {},
            "partial_mem_instancewise_approx": {}}
     for split, x in (("train", data.train), ("val", data.val)):
@@ -47,7 +49,7 @@ def evaluate_baselines(data, ts, *, sizes, draws: int, seed: int, progress=None)
         mem_train, ts, d, variance=float(data.variance)).tolist()}
     for i, M in enumerate(sizes):
         pm = PartialMemorizingDenoiser(data.train, int(M), generator=generator(seed, "pmem", M),
-                                       redraw_per_t=True, prediction="eps")
+                                       redraw_per_t=True, prediction="eps", **op)
         out["partial_mem"][str(M)] = {split: measure_losses(pm, x, ts, draws, seed, "pmem", M,
                                                             split)
                                       for split, x in (("train", data.train), ("val", data.val))}
@@ -62,8 +64,8 @@ def evaluate_baselines(data, ts, *, sizes, draws: int, seed: int, progress=None)
 
 
 def train(config, data, sizes, **kwargs) -> dict:
-    """{M: TrainedGMM}: every size in one batched train_gmm_models call (kwargs: progress and
-    the checkpointing arguments)."""
+    """{M: TrainedGMM}: every size in one batched train_gmm_models call on data's device
+    (kwargs: progress, backend, precision and the checkpointing arguments)."""
     return train_gmm_models(
         data.train, sizes, steps=config.steps, warmup=config.warmup, init_lr=config.init_lr,
         peak_lr=config.peak_lr, final_lr=config.final_lr, draws=config.draws, init=config.init,
@@ -71,17 +73,19 @@ def train(config, data, sizes, **kwargs) -> dict:
         **kwargs)
 
 
-def evaluate_trained(model, data, ts, *, x_init, draws: int, seed: int,
-                     threshold: float) -> tuple[dict, dict]:
+def evaluate_trained(model, data, ts, *, x_init, draws: int, seed: int, threshold: float,
+                     backend: str = "auto", precision: str = "exact") -> tuple[dict, dict]:
     """Everything measured on one TrainedGMM (size M): memorization ratio, learned variance,
     learned-means metrics (G.2), per-t train/val losses (EPS) and their averages; no
-    artifacts."""
+    artifacts. model, data and x_init on one device; backend / precision: the op's."""
     M = model.size
-    eps_model = model.denoiser(prediction="eps")
+    op = {"backend": backend, "precision": precision}
+    eps_model = model.denoiser(prediction="eps", **op)
     train_loss = measure_losses(eps_model, data.train, ts, draws, seed, "trained", M, "train")
     val_loss = measure_losses(eps_model, data.val, ts, draws, seed, "trained", M, "val")
     out = {"size": M, "variance": float(model.std) ** 2}
-    out.update(sample_ratio(model.denoiser(prediction="x0"), data.train, x_init, ts, threshold))
+    out.update(sample_ratio(model.denoiser(prediction="x0", **op), data.train, x_init, ts,
+                            threshold))
     out["learned_means"] = learned_means_metrics(model.means, data.means, data.train, threshold)
     out["train_loss"], out["val_loss"] = train_loss, val_loss
     out["avg_train_loss"], out["avg_val_loss"] = averages(train_loss, ts), averages(val_loss, ts)

@@ -18,6 +18,8 @@ class ExperimentKind:
     data_type: the data set's class (an NpzRecord): ``data.to_bytes()`` is its .npz file,
         ``data_type.load(path or bytes)`` reads it back.
     make_data(config): the data set of a configuration (train (N, ...), val, ground_truth()).
+    Data, models and x_init reach these steps on the device of the work; backend and precision
+    (keyword arguments of evaluate_baselines, train and evaluate) go to every op call.
     evaluate_baselines(data, ts, *, sizes, draws, seed, progress): per-t losses of the ground
         truth, memorizing and partially memorizing (each M in sizes) denoisers, as
         {name: {split: losses}} or {name: {M: {split: losses}}} (JSON-ready).

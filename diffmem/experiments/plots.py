@@ -163,8 +163,6 @@ def plot_sweep(rows: list[dict], path) -> list[str]:
     return made
 
 
-
-
 def _image(values, lo: float, hi: float):
     """(H, W, C) values in [lo, hi] -> an array imshow takes (gray for C = 1)."""
     import numpy as np
@@ -206,4 +204,30 @@ def plot_sample_pairs(rows, path, lo: float = -1.0, hi: float = 1.0) -> list[str
     return made
 
 
-__all__ = ["plot_run", "plot_sample_pairs", "plot_samples", "plot_sweep"]
+def plot_crossover_vs_n(rows: list[dict], path, title: str = "") -> list[str]:
+    """Predicted M*/N (coded, instance-wise, measured with +-1 SE bars) against N, log x; rows
+    as in crossover_vs_n.json."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return []
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    n = [r["samples"] for r in rows]
+    get = lambda k: [r.get(k) if r.get(k) is not None else float("nan") for r in rows]  # noqa
+    ax.plot(n, get("coded"), "--", color="tab:red", label="coded (closed form)")
+    ax.plot(n, get("instancewise"), "s-", color="tab:purple", ms=4, label="instance-wise")
+    if any(r.get("measured") is not None for r in rows):
+        se = [v if v == v else 0.0 for v in get("measured_se")]
+        ax.errorbar(n, get("measured"), yerr=se, fmt="o-", color="tab:green", ms=4, capsize=3,
+                    label="measured (+-1 SE)")
+    ax.set_xscale("log")
+    ax.set(xlabel="N (training points)", ylabel="predicted M* / N", title=title)
+    ax.legend(fontsize=7)
+    made: list[str] = []
+    _save(fig, path, made)
+    plt.close(fig)
+    return made
+
+
+__all__ = ["plot_crossover_vs_n", "plot_run", "plot_sample_pairs", "plot_samples", "plot_sweep"]

@@ -31,12 +31,13 @@ def measured_from_baselines(baselines: dict, ts, samples: int, weighting: str = 
 
 
 def predict(data, ts, *, seed: int, baselines: dict | None = None, measured: bool = True,
-            draws: int = 100, weighting: str = "x0", theory_note: str | None = None) -> dict:
+            draws: int = 100, weighting: str = "x0", theory_note: str | None = None,
+            backend: str = "auto", precision: str = "exact") -> dict:
     """{"weighting", "coded", "instancewise", "measured"} predictions of M*/N for data (train
     (N, ...), ground_truth()). With a theory_note (the closed forms do not apply to this data,
     e.g. colored templates) coded and instance-wise are None and "note" says why. measured comes
     from baselines when given, else is measured here with theory.crossover_measured (None if
-    not measured)."""
+    not measured) on data's device with the op's backend and precision."""
     N = data.train.shape[0]
     out = {"weighting": weighting}
     if theory_note is not None:
@@ -54,9 +55,13 @@ def predict(data, ts, *, seed: int, baselines: dict | None = None, measured: boo
         out["measured"], out["measured_scan"] = scan["fraction"], {"sizes": scan["sizes"],
                                                                    "gaps": scan["gaps"]}
     elif measured:
+        gt = data.ground_truth(prediction="eps").to(data.train.device)
+        if hasattr(gt, "backend"):  # a denoiser on the op (the GMM; templates are closed form)
+            gt.backend, gt.precision = backend, precision
         frac, ms, gaps = theory.crossover_measured(
-            data.train, data.ground_truth(prediction="eps"), ts, weighting=weighting, draws=draws,
-            generator=generator(seed, "measured"), seed=seed, return_scan=True)
+            data.train, gt, ts, weighting=weighting, draws=draws,
+            generator=generator(seed, "measured"), seed=seed, return_scan=True,
+            backend=backend, precision=precision)
         out["measured"], out["measured_scan"] = frac, {"sizes": ms, "gaps": gaps}
     else:
         out["measured"] = None

@@ -67,13 +67,15 @@ def read_json(path):
         return json.load(f)
 
 
-def environment() -> dict:
-    """Versions (diffmem, torch, numpy, python), platform and device of this run."""
+def environment(runtime=None) -> dict:
+    """Versions (diffmem, torch, numpy, python), platform and device (runtime's, default cpu) of
+    this run."""
     from .. import __version__
 
     return {"diffmem": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": "cpu", "threads": torch.get_num_threads()}
+            "device": runtime.device if runtime is not None else "cpu",
+            "threads": torch.get_num_threads()}
 
 
 def writable_folder(folder) -> Path:

@@ -39,6 +39,7 @@ from .manifest import Manifest
 from .predictions import predict
 from .progress import Progress
 from .results import environment, json_bytes, writable_folder
+from .runtime import Runtime, on_device
 from .transition import crossing_point, isotonic, locate_transition, refinement_sizes
 
 SCHEMA = "diffmem.phase_transition/1"
@@ -86,6 +87,7 @@ class Run:
     progress: Progress
     timings: Timings
     t_start: float
+    runtime: Runtime = field(default_factory=Runtime)
     data: object = None
     ts: torch.Tensor = None
     baselines: dict = None
@@ -112,30 +114,40 @@ def cached_baselines(run: Run) -> dict:
                   f"partially memorizing sizes")
     baselines = run.kind.evaluate_baselines(run.data, run.ts, sizes=config.baseline_sizes(),
                                             draws=config.eval_draws, seed=config.seed,
-                                            progress=progress.task("baselines"))
+                                            progress=progress.task("baselines"), **op_options(run))
     run.manifest.write(reuse.BASELINES, json_bytes(baselines))
     run.timings.add(baselines=time.perf_counter() - t0)
     return json.loads(json_bytes(baselines))  # as a resumed run reads it
 
 
-def begin_run(config: ExperimentConfig, out, resume: bool, quiet: bool, hook=None) -> Run:
+def op_options(run: Run) -> dict:
+    """backend= and precision= of the run's op calls."""
+    return {"backend": run.runtime.backend, "precision": run.runtime.precision}
+
+
+def begin_run(config: ExperimentConfig, out, resume: bool, quiet: bool, hook=None,
+              runtime: Runtime | None = None) -> Run:
     """The start of a run in folder out (existing, writable, and locked by the caller): the
     manifest, progress, timings, data, the t grid, the (cached) baselines, the predicted
     crossovers, the DDIM starting noise, and on resume the saved models and evaluations, each
-    verified (reuse.py)."""
+    verified (reuse.py). Data and the starting noise are made on the CPU and moved to
+    runtime's device (default: the CPU)."""
     kind, out = kind_for(config), Path(out)
     progress = Progress(quiet)
     manifest = Manifest.start(out, config, resume)
     warn = progress.warn
     run = Run(config, kind, out, manifest, resume, hook, progress,
               Timings(manifest, reuse.timings(manifest, warn) if resume else {}),
-              time.perf_counter())
-    progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}")
+              time.perf_counter(), runtime if runtime is not None else Runtime())
+    device = run.runtime.device
+    progress.note(f"phase-transition {config.tag()} (preset {config.preset}) -> {out}"
+                  + ("" if device == "cpu" else f" on {device}"))
     if resume:
         run.data = reuse.data(manifest, kind, config, warn)
     else:
         run.data = kind.make_data(config)
         manifest.write(reuse.DATA, run.data.to_bytes())
+    run.data = on_device(run.data, device)
     run.ts = time_grid(dtype=torch.float64)
     run.baselines = cached_baselines(run)
     t0 = time.perf_counter()
@@ -148,7 +160,8 @@ def begin_run(config: ExperimentConfig, out, resume: bool, quiet: bool, hook=Non
                          for k in ("coded", "instancewise", "measured")}))
     train = run.data.train
     run.x_init = torch.randn(config.eval_samples, *train.shape[1:],
-                             generator=generator(config.seed, "x_init"), dtype=train.dtype)
+                             generator=generator(config.seed, "x_init"),
+                             dtype=train.dtype).to(train.device)
     if resume:
         run.models = reuse.models(manifest, kind, config, run.data, warn)
         run.evals = reuse.evaluations(manifest, kind, run.models, warn)
@@ -191,13 +204,14 @@ def _train(run: Run, group: list[int], label: str, what: str, ck: dict) -> tuple
     if start:
         run.progress.note(f"{label}: {what} resumes at step {start}")
     try:
-        return run.kind.train(run.config, run.data, group, progress=task(), **ck), start
+        return run.kind.train(run.config, run.data, group, progress=task(), **op_options(run),
+                              **ck), start
     except BadTrainingState as e:
         if state is None:
             raise
         run.progress.warn(f"{STATE_FILE}: {e}; {what} trains again from its first step")
         run.manifest.remove(STATE_FILE)
-        return run.kind.train(run.config, run.data, group, progress=task(),
+        return run.kind.train(run.config, run.data, group, progress=task(), **op_options(run),
                               **{**ck, "resume_state": None}), 0
 
 
@@ -233,12 +247,13 @@ def evaluate_sizes(run: Run) -> None:
     task = run.progress.task(f"evaluating {len(todo)} models")
     for i, M in enumerate(todo):
         t0 = time.perf_counter()
-        metrics, artifacts = run.kind.evaluate(run.models[M], run.data, run.ts, x_init=run.x_init,
+        model = on_device(run.models[M], run.runtime.device)
+        metrics, artifacts = run.kind.evaluate(model, run.data, run.ts, x_init=run.x_init,
                                                draws=config.eval_draws, seed=config.seed,
-                                               threshold=config.threshold)
+                                               threshold=config.threshold, **op_options(run))
         record, *names = reuse.evaluation_files(run.kind, M)
         for name, artifact in zip(names, run.kind.artifacts):
-            run.manifest.write(name, npy_bytes(artifacts[artifact].numpy()))
+            run.manifest.write(name, npy_bytes(artifacts[artifact].cpu().numpy()))
         content = json_bytes(metrics)
         run.manifest.write(record, content)
         run.evals[M] = json.loads(content)  # as a resumed run reads it
@@ -266,7 +281,8 @@ def assemble(run: Run, transition: dict) -> dict:
                   midpoint=mid, midpoint_fraction=mid / N, first_half_crossing_fraction=raw_mid / N,
                   isotonic_ratio=isotonic(ratios))
     return {
-        "schema": SCHEMA, "config": config.to_dict(), "environment": environment(),
+        "schema": SCHEMA, "config": config.to_dict(), "environment": environment(run.runtime),
+        "runtime": run.runtime.record(),
         "grid": ts.tolist(), "x0_scale": to_x0_units([1.0] * len(ts), ts),
         "data": run.kind.describe_data(config, run.data),
         "baselines": run.baselines, "baseline_averages": average_baselines(run.baselines, ts),
@@ -315,11 +331,16 @@ def run_two_phases(run: Run) -> dict:
 
 
 def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
-                         quiet: bool = False, plots: bool = True, hook=None) -> dict:
+                         quiet: bool = False, plots: bool = True, hook=None,
+                         runtime: Runtime | None = None) -> dict:
     """Run (or resume) the experiment for config in folder out; returns the results dict that is
     also written to out/results.json. hook(event, value), if given, is called after each
     checkpoint ("checkpoint" training step, "saved" M: a model trained and saved, "trained"
-    phase index, "evaluated" M) -- tests use it to simulate a kill.
+    phase index, "evaluated" M) -- tests use it to simulate a kill. runtime: where the heavy
+    work runs (device, op backend and precision; default: the CPU, auto, exact). It is not part
+    of the run's identity: a run may be resumed on another device or backend, and its results
+    then agree with an uninterrupted run up to the precision (float32 op results and
+    summation order differ across backends, the random draws do not).
 
     Before anything is written: ConfigError if the run would not fit in memory or out is not
     writable; FolderInUse if another process runs in out. A training that diverges raises
@@ -328,7 +349,7 @@ def run_phase_transition(config: ExperimentConfig, out, *, resume: bool = False,
     check_memory(config, kind)
     out = writable_folder(out)
     with folder_lock(out):
-        run = begin_run(config, out, resume, quiet, hook)
+        run = begin_run(config, out, resume, quiet, hook, runtime)
         results = run_two_phases(run)
         if plots:
             from .plots import plot_run

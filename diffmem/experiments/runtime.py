@@ -15,6 +15,7 @@ device) and moved to ``Runtime.device`` where the heavy work runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -55,6 +56,17 @@ class Runtime:
         return {"device": self.device, "device_name": device_name(self.torch_device),
                 "backend": self.resolved_backend(dtype), "requested_backend": self.backend,
                 "precision": self.precision, "diffmem": __version__, "commit": source_commit()}
+
+
+def on_device(record, device):
+    """A copy of a data record (a dataclass such as GMMData or TemplateData) with every tensor
+    field moved to device; the same record when it is there already."""
+    device = torch.device(device)
+    moves = {f.name: getattr(record, f.name).to(device) for f in dataclasses.fields(record)
+             if isinstance(getattr(record, f.name), torch.Tensor)}
+    if all(getattr(record, k).device == v.device for k, v in moves.items()):
+        return record
+    return dataclasses.replace(record, **moves)
 
 
 def device_name(device: torch.device) -> str:
@@ -140,4 +152,4 @@ def check_runtime(runtime: Runtime) -> Runtime:
 
 
 __all__ = ["PRECISIONS", "Runtime", "add_runtime_options", "check_runtime", "device_name",
-           "runtime_from_args", "source_commit"]
+           "on_device", "runtime_from_args", "source_commit"]

@@ -39,11 +39,13 @@ def make_data(config) -> TemplateData:
 
 
 def evaluate_baselines(data: TemplateData, ts, *, sizes, draws: int, seed: int,
-                       progress=None) -> dict:
+                       progress=None, backend: str = "auto", precision: str = "exact") -> dict:
     """Per-t train/val EPS losses (T,) of the ground-truth template denoiser, the memorizing
-    and the partially memorizing denoisers (each M in sizes, fresh subset per t)."""
+    and the partially memorizing denoisers (each M in sizes, fresh subset per t); backend /
+    precision: the op's (the template denoisers are closed forms without it)."""
+    op = {"backend": backend, "precision": precision}
     gt = data.ground_truth(prediction="eps")
-    mem = EmpiricalDenoiser(data.train, VP(), "eps")
+    mem = EmpiricalDenoiser(data.train, VP(), "eps", **op)
     splits = (("train", data.train), ("val", data.val))
     out = {"ground_truth": {}, "memorizing": {}, "partial_mem": {}}
     for split, x in splits:
@@ -51,7 +53,7 @@ def evaluate_baselines(data: TemplateData, ts, *, sizes, draws: int, seed: int,
         out["memorizing"][split] = measure_losses(mem, x, ts, draws, seed, "mem", split)
     for i, M in enumerate(sizes):
         pm = PartialMemorizingDenoiser(data.train, int(M), generator=generator(seed, "pmem", M),
-                                       redraw_per_t=True, prediction="eps")
+                                       redraw_per_t=True, prediction="eps", **op)
         out["partial_mem"][str(M)] = {s: measure_losses(pm, x, ts, draws, seed, "pmem", M, s)
                                       for s, x in splits}
         if progress is not None:
@@ -59,9 +61,11 @@ def evaluate_baselines(data: TemplateData, ts, *, sizes, draws: int, seed: int,
     return out
 
 
-def train(config, data, sizes, **kwargs) -> dict:
+def train(config, data, sizes, *, backend: str = "auto", precision: str = "exact",
+          **kwargs) -> dict:
     """{M: TrainedTemplates} for sizes (the runner passes one size at a time; kwargs: progress
-    and the checkpointing arguments)."""
+    and the checkpointing arguments; backend and precision are unused: the template model is a
+    closed form without the op)."""
     return {M: train_template_model(
         data, M, steps=config.steps, warmup=config.warmup, init_lr=config.init_lr,
         peak_lr=config.peak_lr, final_lr=config.final_lr, draws=config.draws,
@@ -70,10 +74,11 @@ def train(config, data, sizes, **kwargs) -> dict:
 
 
 def evaluate_model(model: TrainedTemplates, data: TemplateData, ts, *, x_init, draws: int,
-                   seed: int, threshold: float) -> tuple[dict, dict]:
+                   seed: int, threshold: float, backend: str = "auto",
+                   precision: str = "exact") -> tuple[dict, dict]:
     """Memorization ratio of DDIM samples from x_init (n, C, H, W), learned variance, learned
     means metrics (G.2), per-t losses; returns (JSON-ready dict, {"samples": the first
-    SHOWN_SAMPLES generated samples})."""
+    SHOWN_SAMPLES generated samples}). backend and precision are unused (closed forms)."""
     M = model.size
     eps_model = model.denoiser(prediction="eps")
     train_loss = measure_losses(eps_model, data.train, ts, draws, seed, "trained", M, "train")
