@@ -131,12 +131,16 @@ inline float hsum(vf v) {
 #endif
 }
 
-// exp(x) for float vectors, ~1-2 ulp.  x < -87.34 (including -inf) gives exactly 0; x is
+// exp(x) for float vectors, ~1-2 ulp.  x < kExpCut (including -inf) gives exactly 0; x is
 // clamped at 88.  n = round(x/ln2) via the 1.5*2^23 trick, r = x - n ln2 (Cody-Waite split,
 // exact without FMA), exp(r) by a degree-6 polynomial (our own relative-minimax fit on
 // [-ln2/2, ln2/2]), times 2^n built in the exponent bits.
+// Every caller computes softmax weights exp(logit - max) or exp(logit - lse): a weight below
+// e^-64 (1.6e-28) changes no sum by more than N * 1.6e-28 relative, and flushing it keeps the
+// products weight * point out of the subnormal range (where each FMA costs ~100 cycles).
+constexpr float kExpCut = -64.0f;
 inline vf vexp(vf x) {
-  const vf lo = vb(-87.33654f);
+  const vf lo = vb(kExpCut);
   const vi under = x < lo;
   vf xc = x < lo ? lo : x;
   xc = xc > vb(88.0f) ? vb(88.0f) : xc;
@@ -515,12 +519,20 @@ inline void k_ws(const float* P, const float* yR, int dp, int n, double* acc, co
       for (int j = 0; j < DV; ++j) r[q][j] = vfma(pb, yv[j], r[q][j]);
     }
   }
-  for (int q = 0; q < Q; ++q) {
-    const double s = sc[q];
+  for (int q = 0; q < Q; ++q) {  // widened to double in registers; no rescaling when sc = 1
     double* aq = acc + (size_t)q * dp;
-    alignas(64) float t[DV * W];
-    for (int j = 0; j < DV; ++j) vst(t + j * W, r[q][j]);
-    for (int l = 0; l < DV * W; ++l) aq[l] = aq[l] * s + (double)t[l];
+    if (sc[q] == 1.0) {
+      for (int j = 0; j < DV; ++j) {
+        vstd(aq + j * W, vldd(aq + j * W) + lo_d(r[q][j]));
+        vstd(aq + j * W + H, vldd(aq + j * W + H) + hi_d(r[q][j]));
+      }
+    } else {
+      const vd s = vdb(sc[q]);
+      for (int j = 0; j < DV; ++j) {
+        vstd(aq + j * W, vldd(aq + j * W) * s + lo_d(r[q][j]));
+        vstd(aq + j * W + H, vldd(aq + j * W + H) * s + hi_d(r[q][j]));
+      }
+    }
   }
 }
 template <int DVM, class F>
