@@ -545,14 +545,21 @@ inline void dv_chunks(int dp, F&& f) {
     tail_dispatch<DVM - 1>(rem, kc, g);
   }
 }
-void tile_wsum(const float* P, const float* yR, int nq, int dp, int n, double* acc, const double* sc) {
+// The weighted sums of nt consecutive tiles: tile t has weights P + t*nq*NT (nq x NT), rows
+// yR + t*NT*dp, n[t] points and rescale factors sc + t*nq.  Per query and coordinate the double
+// accumulator takes the tiles in order (acc = acc*sc + tile sum), exactly as one call per tile
+// would, but each block of acc stays in L1 across the tiles (large d: acc does not fit in L2).
+void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, int nt, double* acc,
+               const double* sc) {
   dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     // narrow chunks (small d): more queries per block, fewer loads per FMA
     constexpr int QW = DV <= 2 ? 2 * QB_WS : QB_WS;
     qblocks<QW>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
-      k_ws<Q, DV>(P + q * NT, yR + kc, dp, n, acc + (size_t)q * dp + kc, sc + q);
+      for (int t = 0; t < nt; ++t)
+        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, yR + (size_t)t * NT * dp + kc, dp, n[t],
+                    acc + (size_t)q * dp + kc, sc + (size_t)t * nq + q);
     });
   });
 }
@@ -637,19 +644,20 @@ struct Work {
   float *yT, *yR, *yn, *cy, *bt, *Sf, *tmp, *P, *xc;
   double *Sd, *sc;
   QConst* qc;
-  void init(int d, int dp, int qcmax) {
+  // tiles: how many row-major tiles (with their weights P and factors sc) are kept at once
+  void init(int d, int dp, int qcmax, int tiles = 1) {
     yT = b_yT.get<float>((size_t)dp * NT);
-    yR = b_yR.get<float>((size_t)rstride(dp) * NT);
+    yR = b_yR.get<float>((size_t)rstride(dp) * NT * tiles);
     yn = b_yn.get<float>(NT);
     cy = b_cy.get<float>(NT);
     bt = b_bt.get<float>(NT);
     Sf = b_Sf.get<float>((size_t)qcmax * NT);
     Sd = b_Sd.get<double>((size_t)qcmax * NT);
     tmp = b_tmp.get<float>((size_t)16 * NT);
-    P = b_P.get<float>((size_t)qcmax * NT);
+    P = b_P.get<float>((size_t)qcmax * NT * tiles);
     xc = b_xc.get<float>((size_t)qcmax * dp);
     qc = b_qc.get<QConst>(qcmax);
-    sc = b_sc.get<double>(qcmax);
+    sc = b_sc.get<double>((size_t)qcmax * tiles);
     (void)d;
   }
 };
