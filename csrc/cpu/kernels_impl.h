@@ -564,10 +564,10 @@ void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, in
   });
 }
 
-// Centre of each group's points, rounded to float; parallel over column strips of up to CSW
-// columns (each column summed in point order, so the result does not depend on the strip width
-// or the thread count; wide strips read long contiguous row pieces).  One pass over the points.
-constexpr int CSW = 64;
+// Centre of each group's points, rounded to float.  The points are summed in blocks of CRB
+// consecutive rows (contiguous reads; parallel over blocks), then the block sums are added in
+// block order, so the result does not depend on the thread count.  One pass over the points.
+constexpr int64_t CRB = 512;
 double* centres(const Problem<float>& a, Buf& buf, double* ss = nullptr) {
   // ss (optional, G x d): per column sum_i (y_ik - c_k)^2
   const int64_t G = a.G, N = a.N, d = a.d;
@@ -575,55 +575,60 @@ double* centres(const Problem<float>& a, Buf& buf, double* ss = nullptr) {
   float* cf = reinterpret_cast<float*>(c + G * d);
   const int64_t Gd = a.gs_y == 0 ? 1 : G;  // distinct point sets
   const int T = a.threads > 0 ? a.threads : 1;
-  // strip width: a multiple of 16, at most CSW, small enough for ~4 strips per thread
-  // (the per-column sums, and so c, do not depend on it)
-  const int64_t per_g = imax(1, cdiv(4 * T, Gd));
-  const int64_t sw = imax(16, imin(CSW, cdiv(cdiv(d, per_g), 16) * 16));
-  const int64_t nstrip = cdiv(d, sw);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
-  for (int64_t it = 0; it < Gd * nstrip; ++it) {
-    const int64_t g = it / nstrip, k0 = (it % nstrip) * sw, k1 = imin(d, k0 + sw);
-    const int kw = (int)(k1 - k0);
-    const PointRows pts = point_rows(a, g);
-    alignas(64) float conv[CSW];  // a strip of a point in a storage dtype, converted
-    // one pass: sums of e = y - y0 (y0 = the first point, a shift against cancellation) and,
-    // if ss is asked for, of e^2 (c depends on the sums of e only)
-    alignas(64) double s[CSW], q[CSW], y0[CSW];
-    const float* first = pts.span(0, k0, kw, conv);
-    for (int k = 0; k < kw; ++k) { s[k] = 0.0; q[k] = 0.0; y0[k] = (double)first[k]; }
-    if (kw == CSW) {  // full strip: the sums in registers (CSW / H vectors each)
-      constexpr int NS = CSW / H;
-      vd vs[NS], vq[NS], v0[NS];
-      for (int u = 0; u < NS; ++u) { vs[u] = vq[u] = vd{}; v0[u] = vldd(y0 + u * H); }
-      for (int64_t i = 0; i < N; ++i) {
-        const float* r = pts.span(i, k0, kw, conv);
-        for (int u = 0; u < NS; ++u) {
-          const vd e = h2d(r + u * H) - v0[u];
-          vs[u] += e;
-          if (ss) vq[u] = vdfma(e, e, vq[u]);
+  const int64_t nb = cdiv(N, CRB);
+  const int nsum = ss ? 2 : 1;  // per block: sums of e = y - y0 (and of e^2)
+  Buf bpart, by0;
+  double* part = bpart.get<double>((size_t)Gd * nb * nsum * d);
+  double* y0 = by0.get<double>((size_t)Gd * d);  // the first point: a shift against cancellation
+#pragma omp parallel num_threads(T)
+  {
+    Buf bconv;
+    float* conv = bconv.get<float>((size_t)d);  // a point in a storage dtype, converted
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < Gd; ++g) {
+      const float* first = point_rows(a, g).row(0, conv);
+      for (int64_t k = 0; k < d; ++k) y0[g * d + k] = (double)first[k];
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < Gd * nb; ++it) {
+      const int64_t g = it / nb, i1 = imin(N, (it % nb + 1) * CRB);
+      const PointRows pts = point_rows(a, g);
+      const double* v0 = y0 + g * d;
+      double* s = part + (size_t)it * nsum * d;
+      double* q = ss ? s + d : nullptr;
+      for (int64_t k = 0; k < nsum * d; ++k) s[k] = 0.0;
+      for (int64_t i = (it % nb) * CRB; i < i1; ++i) {
+        const float* r = pts.row(i, conv);
+        int64_t k = 0;
+        for (; k + H <= d; k += H) {
+          const vd e = h2d(r + k) - vldd(v0 + k);
+          vstd(s + k, vldd(s + k) + e);
+          if (q) vstd(q + k, vdfma(e, e, vldd(q + k)));
         }
-      }
-      for (int u = 0; u < NS; ++u) { vstd(s + u * H, vs[u]); vstd(q + u * H, vq[u]); }
-    } else {
-      for (int64_t i = 0; i < N; ++i) {
-        const float* r = pts.span(i, k0, kw, conv);
-        for (int k = 0; k < kw; ++k) {
-          const double e = (double)r[k] - y0[k];
+        for (; k < d; ++k) {
+          const double e = (double)r[k] - v0[k];
           s[k] += e;
-          if (ss) q[k] += e * e;
+          if (q) q[k] += e * e;
         }
       }
     }
-    double* cg = c + g * d + k0;
-    // the centre is rounded to float (any centre works; a float one makes y - c a single
-    // float subtraction), cf holds the same values as floats
-    for (int k = 0; k < kw; ++k) {
-      const double m = s[k] / (double)N;
-      cf[g * d + k0 + k] = (float)(y0[k] + m);
-      cg[k] = (double)cf[g * d + k0 + k];
+    // the centre is rounded to float (any centre works; a float one makes y - c a single float
+    // subtraction), cf holds the same values as floats
+#pragma omp for schedule(static)
+    for (int64_t gk = 0; gk < Gd * d; ++gk) {
+      const int64_t g = gk / d, k = gk % d;
+      double sk = 0.0, qk = 0.0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const double* pb = part + (size_t)(g * nb + b) * nsum * d;
+        sk += pb[k];
+        if (ss) qk += pb[d + k];
+      }
+      const double m = sk / (double)N;
+      cf[gk] = (float)(y0[gk] + m);
+      c[gk] = (double)cf[gk];
       if (ss) {  // sum_i (y_i - c)^2 = sum e^2 - N m^2 + N (y0 + m - c)^2
-        const double off = y0[k] + m - cg[k];
-        ss[g * d + k0 + k] = std::fmax(0.0, q[k] - (double)N * m * m) + (double)N * off * off;
+        const double off = y0[gk] + m - c[gk];
+        ss[gk] = std::fmax(0.0, qk - (double)N * m * m) + (double)N * off * off;
       }
     }
   }
