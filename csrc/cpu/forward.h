@@ -181,10 +181,10 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
     const int n = (int)imin(NT, N - i0);
     const int tl = (int)((t - tb) % WS_TILES);  // slot of this tile
     tn[tl] = n;
-    float* yR = w.yR + (size_t)tl * NT * dp;
+    float* yR = w.yR + (size_t)tl * NT * rstride(dp);
     float* P = w.P + (size_t)tl * nq * NT;
     double* sc = w.sc + (size_t)tl * nq;
-    pack_tile(yg, i0, n, d, dp, FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
+    pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
     load_bias(bg, i0, n, w.bt);
     tile_S<FAST>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
     if (!FAST && nd < nq) {

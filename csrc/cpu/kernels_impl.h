@@ -504,16 +504,18 @@ inline double logit_d(double s, float b, float yn, const QConst& c) {
   return (double)b - s * c.d1;
 }
 
-// Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...].
+// Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...]
+// (yR rows ldr apart, acc rows dp apart).
 // Register block Q queries x DV vectors along d; fp32 over the tile, then added in double.
 template <int Q, int DV>
-inline void k_ws(const float* P, const float* yR, int dp, int n, double* acc, const double* sc) {
+inline void k_ws(const float* P, const float* yR, int ldr, int dp, int n, double* acc,
+                 const double* sc) {
   vf r[Q][DV];
   for (int q = 0; q < Q; ++q)
     for (int j = 0; j < DV; ++j) r[q][j] = vb(0.f);
   for (int i = 0; i < n; ++i) {
     vf yv[DV];
-    for (int j = 0; j < DV; ++j) yv[j] = vld(yR + (size_t)i * dp + j * W);
+    for (int j = 0; j < DV; ++j) yv[j] = vld(yR + (size_t)i * ldr + j * W);
     for (int q = 0; q < Q; ++q) {
       const vf pb = vb(P[q * NT + i]);
       for (int j = 0; j < DV; ++j) r[q][j] = vfma(pb, yv[j], r[q][j]);
@@ -546,11 +548,13 @@ inline void dv_chunks(int dp, F&& f) {
   }
 }
 // The weighted sums of nt consecutive tiles: tile t has weights P + t*nq*NT (nq x NT), rows
-// yR + t*NT*dp, n[t] points and rescale factors sc + t*nq.  Per query and coordinate the double
+// yR + t*NT*ldr (ldr = rstride(dp) apart, so that a tile's rows do not share their L1 sets),
+// n[t] points and rescale factors sc + t*nq.  Per query and coordinate the double
 // accumulator takes the tiles in order (acc = acc*sc + tile sum), exactly as one call per tile
 // would, but each block of acc stays in L1 across the tiles (large d: acc does not fit in L2).
 void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, int nt, double* acc,
                const double* sc) {
+  const int ldr = rstride(dp);
   dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     // narrow chunks (small d): more queries per block, fewer loads per FMA
@@ -558,7 +562,7 @@ void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, in
     qblocks<QW>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
       for (int t = 0; t < nt; ++t)
-        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, yR + (size_t)t * NT * dp + kc, dp, n[t],
+        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, yR + (size_t)t * NT * ldr + kc, ldr, dp, n[t],
                     acc + (size_t)q * dp + kc, sc + (size_t)t * nq + q);
     });
   });
