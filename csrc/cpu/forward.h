@@ -124,8 +124,13 @@ struct SeenMax {
   }
 };
 
-// Tiles whose weighted sums are formed together (see tile_wsum).
+// Tiles whose weighted sums are formed together (see tile_wsum): up to WS_TILES, as many as keep
+// their row-major copies within 256 KB (at d = 3072 one tile is 390 KB: the copies would
+// otherwise leave L2 before the weighted sums read them, which slows few-query calls).
 constexpr int WS_TILES = 8;
+inline int ws_tiles(int dp) {
+  return (int)imax(1, imin(WS_TILES, (256 << 10) / ((int64_t)NT * rstride(dp) * 4)));
+}
 
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
 // online-softmax state (m, l, acc) of these queries, and with a plan (exact mode) their K
@@ -175,11 +180,12 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   if (K) seen.load(g * a.B + q0, ord, nq, pw.seen);
   std::memset(pw.acc, 0, sizeof(double) * nq * dp);
   const bool dbl = d > DB;
+  const int wst = ws_tiles(dp);
   int tn[WS_TILES];  // points of the tiles waiting for their weighted sums
   for (int64_t t = tb; t < te; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
-    const int tl = (int)((t - tb) % WS_TILES);  // slot of this tile
+    const int tl = (int)((t - tb) % wst);  // slot of this tile
     tn[tl] = n;
     float* yR = w.yR + (size_t)tl * NT * rstride(dp);
     float* P = w.P + (size_t)tl * nq * NT;
@@ -272,7 +278,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       pw.m[q] = mnew;
       sc[q] = scale;
     }
-    if (tl == WS_TILES - 1 || t == te - 1) tile_wsum(w.P, w.yR, nq, dp, tn, tl + 1, pw.acc, w.sc);
+    if (tl == wst - 1 || t == te - 1) tile_wsum(w.P, w.yR, nq, dp, tn, tl + 1, pw.acc, w.sc);
   }
   if (K) seen.raise(g * a.B + q0, ord, nq, pw.m);
   // back to the callers' query order
@@ -326,7 +332,7 @@ void forward_impl(const Problem<float>& a) {
 #pragma omp parallel num_threads(T)
   {
     Work w;
-    w.init((int)d, dp, (int)qcs, WS_TILES);
+    w.init((int)d, dp, (int)qcs, ws_tiles(dp));
     PlanWork pw;
     pw.init(dp, (int)qcs, K);
     Buf bkr;  // the corrected points' rows (float32)
