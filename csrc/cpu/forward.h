@@ -124,6 +124,14 @@ struct SeenMax {
   }
 };
 
+// Tiles whose weighted sums are formed together (see tile_wsum): up to WS_TILES, as many as keep
+// their row-major copies within 256 KB (at d = 3072 one tile is 390 KB: the copies would
+// otherwise leave L2 before the weighted sums read them, which slows few-query calls).
+constexpr int WS_TILES = 8;
+inline int ws_tiles(int dp) {
+  return (int)imax(1, imin(WS_TILES, (256 << 10) / ((int64_t)NT * rstride(dp) * 4)));
+}
+
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
 // online-softmax state (m, l, acc) of these queries, and with a plan (exact mode) their K
 // largest logits so far (tv, ti; internal frame).
@@ -172,10 +180,17 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   if (K) seen.load(g * a.B + q0, ord, nq, pw.seen);
   std::memset(pw.acc, 0, sizeof(double) * nq * dp);
   const bool dbl = d > DB;
+  const int wst = ws_tiles(dp);
+  int tn[WS_TILES];  // points of the tiles waiting for their weighted sums
   for (int64_t t = tb; t < te; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
-    pack_tile(yg, i0, n, d, dp, FAST ? cf : nullptr, w.yT, w.yR, w.yn, nullptr);
+    const int tl = (int)((t - tb) % wst);  // slot of this tile
+    tn[tl] = n;
+    float* yR = w.yR + (size_t)tl * NT * rstride(dp);
+    float* P = w.P + (size_t)tl * nq * NT;
+    double* sc = w.sc + (size_t)tl * nq;
+    pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
     load_bias(bg, i0, n, w.bt);
     tile_S<FAST>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
     if (!FAST && nd < nq) {
@@ -194,7 +209,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
     }
     // online softmax update
     for (int q = 0; q < nq; ++q) {
-      float* p = w.P + q * NT;
+      float* p = P + q * NT;
       const QConst& qc = w.qc[q];
       const bool expq = !FAST && q >= nd;
       const bool dq = dbl || expq;
@@ -238,7 +253,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       }
       if (mnew == -kInfD) {  // everything masked so far
         for (int j = 0; j < NT; ++j) p[j] = 0.f;
-        w.sc[q] = 1.0;
+        sc[q] = 1.0;
         continue;
       }
       const double scale = mold == -kInfD ? 0.0 : mold == mnew ? 1.0 : std::exp(mold - mnew);
@@ -261,9 +276,9 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       }
       pw.l[q] = pw.l[q] * scale + (double)hsum(sum);
       pw.m[q] = mnew;
-      w.sc[q] = scale;
+      sc[q] = scale;
     }
-    tile_wsum(w.P, w.yR, nq, dp, n, pw.acc, w.sc);
+    if (tl == wst - 1 || t == te - 1) tile_wsum(w.P, w.yR, nq, dp, tn, tl + 1, pw.acc, w.sc);
   }
   if (K) seen.raise(g * a.B + q0, ord, nq, pw.m);
   // back to the callers' query order
@@ -317,7 +332,7 @@ void forward_impl(const Problem<float>& a) {
 #pragma omp parallel num_threads(T)
   {
     Work w;
-    w.init((int)d, dp, (int)qcs);
+    w.init((int)d, dp, (int)qcs, ws_tiles(dp));
     PlanWork pw;
     pw.init(dp, (int)qcs, K);
     Buf bkr;  // the corrected points' rows (float32)

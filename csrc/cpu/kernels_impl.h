@@ -131,12 +131,16 @@ inline float hsum(vf v) {
 #endif
 }
 
-// exp(x) for float vectors, ~1-2 ulp.  x < -87.34 (including -inf) gives exactly 0; x is
+// exp(x) for float vectors, ~1-2 ulp.  x < kExpCut (including -inf) gives exactly 0; x is
 // clamped at 88.  n = round(x/ln2) via the 1.5*2^23 trick, r = x - n ln2 (Cody-Waite split,
 // exact without FMA), exp(r) by a degree-6 polynomial (our own relative-minimax fit on
 // [-ln2/2, ln2/2]), times 2^n built in the exponent bits.
+// Every caller computes softmax weights exp(logit - max) or exp(logit - lse): a weight below
+// e^-64 (1.6e-28) changes no sum by more than N * 1.6e-28 relative, and flushing it keeps the
+// products weight * point out of the subnormal range (where each FMA costs ~100 cycles).
+constexpr float kExpCut = -64.0f;
 inline vf vexp(vf x) {
-  const vf lo = vb(-87.33654f);
+  const vf lo = vb(kExpCut);
   const vi under = x < lo;
   vf xc = x < lo ? lo : x;
   xc = xc > vb(88.0f) ? vb(88.0f) : xc;
@@ -500,27 +504,37 @@ inline double logit_d(double s, float b, float yn, const QConst& c) {
   return (double)b - s * c.d1;
 }
 
-// Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...].
+// Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...]
+// (yR rows ldr apart, acc rows dp apart).
 // Register block Q queries x DV vectors along d; fp32 over the tile, then added in double.
 template <int Q, int DV>
-inline void k_ws(const float* P, const float* yR, int dp, int n, double* acc, const double* sc) {
+inline void k_ws(const float* P, const float* yR, int ldr, int dp, int n, double* acc,
+                 const double* sc) {
   vf r[Q][DV];
   for (int q = 0; q < Q; ++q)
     for (int j = 0; j < DV; ++j) r[q][j] = vb(0.f);
   for (int i = 0; i < n; ++i) {
     vf yv[DV];
-    for (int j = 0; j < DV; ++j) yv[j] = vld(yR + (size_t)i * dp + j * W);
+    for (int j = 0; j < DV; ++j) yv[j] = vld(yR + (size_t)i * ldr + j * W);
     for (int q = 0; q < Q; ++q) {
       const vf pb = vb(P[q * NT + i]);
       for (int j = 0; j < DV; ++j) r[q][j] = vfma(pb, yv[j], r[q][j]);
     }
   }
-  for (int q = 0; q < Q; ++q) {
-    const double s = sc[q];
+  for (int q = 0; q < Q; ++q) {  // widened to double in registers; no rescaling when sc = 1
     double* aq = acc + (size_t)q * dp;
-    alignas(64) float t[DV * W];
-    for (int j = 0; j < DV; ++j) vst(t + j * W, r[q][j]);
-    for (int l = 0; l < DV * W; ++l) aq[l] = aq[l] * s + (double)t[l];
+    if (sc[q] == 1.0) {
+      for (int j = 0; j < DV; ++j) {
+        vstd(aq + j * W, vldd(aq + j * W) + lo_d(r[q][j]));
+        vstd(aq + j * W + H, vldd(aq + j * W + H) + hi_d(r[q][j]));
+      }
+    } else {
+      const vd s = vdb(sc[q]);
+      for (int j = 0; j < DV; ++j) {
+        vstd(aq + j * W, vldd(aq + j * W) * s + lo_d(r[q][j]));
+        vstd(aq + j * W + H, vldd(aq + j * W + H) * s + hi_d(r[q][j]));
+      }
+    }
   }
 }
 template <int DVM, class F>
@@ -533,22 +547,31 @@ inline void dv_chunks(int dp, F&& f) {
     tail_dispatch<DVM - 1>(rem, kc, g);
   }
 }
-void tile_wsum(const float* P, const float* yR, int nq, int dp, int n, double* acc, const double* sc) {
+// The weighted sums of nt consecutive tiles: tile t has weights P + t*nq*NT (nq x NT), rows
+// yR + t*NT*ldr (ldr = rstride(dp) apart, so that a tile's rows do not share their L1 sets),
+// n[t] points and rescale factors sc + t*nq.  Per query and coordinate the double
+// accumulator takes the tiles in order (acc = acc*sc + tile sum), exactly as one call per tile
+// would, but each block of acc stays in L1 across the tiles (large d: acc does not fit in L2).
+void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, int nt, double* acc,
+               const double* sc) {
+  const int ldr = rstride(dp);
   dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     // narrow chunks (small d): more queries per block, fewer loads per FMA
     constexpr int QW = DV <= 2 ? 2 * QB_WS : QB_WS;
     qblocks<QW>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
-      k_ws<Q, DV>(P + q * NT, yR + kc, dp, n, acc + (size_t)q * dp + kc, sc + q);
+      for (int t = 0; t < nt; ++t)
+        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, yR + (size_t)t * NT * ldr + kc, ldr, dp, n[t],
+                    acc + (size_t)q * dp + kc, sc + (size_t)t * nq + q);
     });
   });
 }
 
-// Centre of each group's points, rounded to float; parallel over column strips of up to CSW
-// columns (each column summed in point order, so the result does not depend on the strip width
-// or the thread count; wide strips read long contiguous row pieces).  One pass over the points.
-constexpr int CSW = 64;
+// Centre of each group's points, rounded to float.  The points are summed in blocks of CRB
+// consecutive rows (contiguous reads; parallel over blocks), then the block sums are added in
+// block order, so the result does not depend on the thread count.  One pass over the points.
+constexpr int64_t CRB = 512;
 double* centres(const Problem<float>& a, Buf& buf, double* ss = nullptr) {
   // ss (optional, G x d): per column sum_i (y_ik - c_k)^2
   const int64_t G = a.G, N = a.N, d = a.d;
@@ -556,55 +579,60 @@ double* centres(const Problem<float>& a, Buf& buf, double* ss = nullptr) {
   float* cf = reinterpret_cast<float*>(c + G * d);
   const int64_t Gd = a.gs_y == 0 ? 1 : G;  // distinct point sets
   const int T = a.threads > 0 ? a.threads : 1;
-  // strip width: a multiple of 16, at most CSW, small enough for ~4 strips per thread
-  // (the per-column sums, and so c, do not depend on it)
-  const int64_t per_g = imax(1, cdiv(4 * T, Gd));
-  const int64_t sw = imax(16, imin(CSW, cdiv(cdiv(d, per_g), 16) * 16));
-  const int64_t nstrip = cdiv(d, sw);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
-  for (int64_t it = 0; it < Gd * nstrip; ++it) {
-    const int64_t g = it / nstrip, k0 = (it % nstrip) * sw, k1 = imin(d, k0 + sw);
-    const int kw = (int)(k1 - k0);
-    const PointRows pts = point_rows(a, g);
-    alignas(64) float conv[CSW];  // a strip of a point in a storage dtype, converted
-    // one pass: sums of e = y - y0 (y0 = the first point, a shift against cancellation) and,
-    // if ss is asked for, of e^2 (c depends on the sums of e only)
-    alignas(64) double s[CSW], q[CSW], y0[CSW];
-    const float* first = pts.span(0, k0, kw, conv);
-    for (int k = 0; k < kw; ++k) { s[k] = 0.0; q[k] = 0.0; y0[k] = (double)first[k]; }
-    if (kw == CSW) {  // full strip: the sums in registers (CSW / H vectors each)
-      constexpr int NS = CSW / H;
-      vd vs[NS], vq[NS], v0[NS];
-      for (int u = 0; u < NS; ++u) { vs[u] = vq[u] = vd{}; v0[u] = vldd(y0 + u * H); }
-      for (int64_t i = 0; i < N; ++i) {
-        const float* r = pts.span(i, k0, kw, conv);
-        for (int u = 0; u < NS; ++u) {
-          const vd e = h2d(r + u * H) - v0[u];
-          vs[u] += e;
-          if (ss) vq[u] = vdfma(e, e, vq[u]);
+  const int64_t nb = cdiv(N, CRB);
+  const int nsum = ss ? 2 : 1;  // per block: sums of e = y - y0 (and of e^2)
+  Buf bpart, by0;
+  double* part = bpart.get<double>((size_t)Gd * nb * nsum * d);
+  double* y0 = by0.get<double>((size_t)Gd * d);  // the first point: a shift against cancellation
+#pragma omp parallel num_threads(T)
+  {
+    Buf bconv;
+    float* conv = bconv.get<float>((size_t)d);  // a point in a storage dtype, converted
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < Gd; ++g) {
+      const float* first = point_rows(a, g).row(0, conv);
+      for (int64_t k = 0; k < d; ++k) y0[g * d + k] = (double)first[k];
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < Gd * nb; ++it) {
+      const int64_t g = it / nb, i1 = imin(N, (it % nb + 1) * CRB);
+      const PointRows pts = point_rows(a, g);
+      const double* v0 = y0 + g * d;
+      double* s = part + (size_t)it * nsum * d;
+      double* q = ss ? s + d : nullptr;
+      for (int64_t k = 0; k < nsum * d; ++k) s[k] = 0.0;
+      for (int64_t i = (it % nb) * CRB; i < i1; ++i) {
+        const float* r = pts.row(i, conv);
+        int64_t k = 0;
+        for (; k + H <= d; k += H) {
+          const vd e = h2d(r + k) - vldd(v0 + k);
+          vstd(s + k, vldd(s + k) + e);
+          if (q) vstd(q + k, vdfma(e, e, vldd(q + k)));
         }
-      }
-      for (int u = 0; u < NS; ++u) { vstd(s + u * H, vs[u]); vstd(q + u * H, vq[u]); }
-    } else {
-      for (int64_t i = 0; i < N; ++i) {
-        const float* r = pts.span(i, k0, kw, conv);
-        for (int k = 0; k < kw; ++k) {
-          const double e = (double)r[k] - y0[k];
+        for (; k < d; ++k) {
+          const double e = (double)r[k] - v0[k];
           s[k] += e;
-          if (ss) q[k] += e * e;
+          if (q) q[k] += e * e;
         }
       }
     }
-    double* cg = c + g * d + k0;
-    // the centre is rounded to float (any centre works; a float one makes y - c a single
-    // float subtraction), cf holds the same values as floats
-    for (int k = 0; k < kw; ++k) {
-      const double m = s[k] / (double)N;
-      cf[g * d + k0 + k] = (float)(y0[k] + m);
-      cg[k] = (double)cf[g * d + k0 + k];
+    // the centre is rounded to float (any centre works; a float one makes y - c a single float
+    // subtraction), cf holds the same values as floats
+#pragma omp for schedule(static)
+    for (int64_t gk = 0; gk < Gd * d; ++gk) {
+      const int64_t g = gk / d, k = gk % d;
+      double sk = 0.0, qk = 0.0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const double* pb = part + (size_t)(g * nb + b) * nsum * d;
+        sk += pb[k];
+        if (ss) qk += pb[d + k];
+      }
+      const double m = sk / (double)N;
+      cf[gk] = (float)(y0[gk] + m);
+      c[gk] = (double)cf[gk];
       if (ss) {  // sum_i (y_i - c)^2 = sum e^2 - N m^2 + N (y0 + m - c)^2
-        const double off = y0[k] + m - cg[k];
-        ss[g * d + k0 + k] = std::fmax(0.0, q[k] - (double)N * m * m) + (double)N * off * off;
+        const double off = y0[gk] + m - c[gk];
+        ss[gk] = std::fmax(0.0, qk - (double)N * m * m) + (double)N * off * off;
       }
     }
   }
@@ -625,19 +653,20 @@ struct Work {
   float *yT, *yR, *yn, *cy, *bt, *Sf, *tmp, *P, *xc;
   double *Sd, *sc;
   QConst* qc;
-  void init(int d, int dp, int qcmax) {
+  // tiles: how many row-major tiles (with their weights P and factors sc) are kept at once
+  void init(int d, int dp, int qcmax, int tiles = 1) {
     yT = b_yT.get<float>((size_t)dp * NT);
-    yR = b_yR.get<float>((size_t)rstride(dp) * NT);
+    yR = b_yR.get<float>((size_t)rstride(dp) * NT * tiles);
     yn = b_yn.get<float>(NT);
     cy = b_cy.get<float>(NT);
     bt = b_bt.get<float>(NT);
     Sf = b_Sf.get<float>((size_t)qcmax * NT);
     Sd = b_Sd.get<double>((size_t)qcmax * NT);
     tmp = b_tmp.get<float>((size_t)16 * NT);
-    P = b_P.get<float>((size_t)qcmax * NT);
+    P = b_P.get<float>((size_t)qcmax * NT * tiles);
     xc = b_xc.get<float>((size_t)qcmax * dp);
     qc = b_qc.get<QConst>(qcmax);
-    sc = b_sc.get<double>(qcmax);
+    sc = b_sc.get<double>((size_t)qcmax * tiles);
     (void)d;
   }
 };
