@@ -6,9 +6,11 @@
 #   3. compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   4. the comparison benchmark at GPU sizes (benchmarks/compare.py --device cuda)
 #   5. the cuda fast forward with its tensor-core kernel against the CUDA-core kernels
+#   6. the experiments on the GPU against the CPU (benchmarks/device_agreement.py: a small
+#      phase-transition and diffmem memorize, --device cuda against --device cpu)
 # Logs go to $OUT when it is set, else to benchmarks/results/gpu_check. Exit status: non-zero if any step failed.
 # Time limits (seconds): INSTALL_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
-# TENSOR_BENCH_TIMEOUT (step 5: the cuda fast forward on the tensor cores, DIFFMEM_CUDA_TENSOR_CORES=1,
+# AGREEMENT_TIMEOUT (step 6), TENSOR_BENCH_TIMEOUT (step 5: the cuda fast forward on the tensor cores, DIFFMEM_CUDA_TENSOR_CORES=1,
 # at TENSOR_SIZES, tile-kernel sizes by default; "none" skips it).
 # SANITIZE=0 skips step 3. TESTS (default: the op and kernel suites), TEST_FILTER (pytest -k expression), SIZES
 # (benchmark sizes) and METHODS (benchmark method patterns) can be overridden.
@@ -79,6 +81,12 @@ if [ "$TENSOR_SIZES" != "none" ]; then
     echo "tensor-core benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
     cut -c1-150 "$OUT_DIR/compare-tensor.txt" | grep -v "^$" | tail -30
 fi
+
+start=$(date +%s)
+timeout "${AGREEMENT_TIMEOUT:-180}" "$PY" benchmarks/device_agreement.py --out "$OUT_DIR/agreement" \
+    >"$OUT_DIR/agreement.txt" 2>&1 || status=$?
+echo "device agreement: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/env.txt"
+grep -v "^results:" "$OUT_DIR/agreement.txt" | tail -30
 
 echo "gpu_check finished with status $status; logs in $OUT_DIR" | tee -a "$OUT_DIR/env.txt"
 exit "$status"
