@@ -203,10 +203,15 @@ class _Direct(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
         ctx.direct = True
+        # outputs without a gradient (lse unused, and the internal ones) get None, not zeros;
+        # the kernels read a missing grad_lse as zero, and grad_mean is made zeros as before
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+    def backward(ctx, grad_mean, *grads):
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(ctx.saved_tensors[5])
+        return _backward(ctx, grad_mean, *grads)
 
 
 def _runs_direct(*tensors) -> bool:
