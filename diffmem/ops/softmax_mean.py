@@ -6,7 +6,8 @@
 
 Registered as the custom ops ``diffmem::softmax_mean`` (forward) and
 ``diffmem::softmax_mean_backward``, with fake kernels and autograd, so it works with
-torch.compile and passes torch.library.opcheck.
+torch.compile and passes torch.library.opcheck. Plain eager calls take ``_Direct``, an
+autograd.Function running the same forward and backward without the dispatcher's layers.
 """
 
 from __future__ import annotations
