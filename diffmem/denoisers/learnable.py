@@ -135,11 +135,14 @@ class LearnableGMM(nn.Module):
         x0 = (alpha * var / s) * x + (sigma * sigma / s) * mu_bar
         return from_x0(prediction, x0, x, t, self.process)
 
-    def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, s: torch.Tensor, *,
+                       check_inputs: bool = True) -> torch.Tensor:
         """mu_bar = softmax_k(log pi_k - ||x - alpha mu_k||^2 / (2 s)) . mu (G, B, d), for x
-        (B, d) or (G, B, d) and alpha, s broadcastable to (G, B); s = alpha^2 std^2 + sigma^2."""
+        (B, d) or (G, B, d) and alpha, s broadcastable to (G, B); s = alpha^2 std^2 + sigma^2.
+        check_inputs: softmax_mean's scan of its inputs (skip it only for inputs known finite)."""
         return softmax_mean(x, self.means.to(x.dtype), alpha, s, self.log_prior.to(x.dtype),
-                            backend=self.backend, precision=self.precision)
+                            backend=self.backend, precision=self.precision,
+                            check_inputs=check_inputs)
 
     def forward(self, x_t: torch.Tensor, t: Time) -> torch.Tensor:
         out = self.field(x_t, t)

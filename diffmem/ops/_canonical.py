@@ -79,12 +79,29 @@ def _as_param(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
+def _broadcast_pair(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast of two shapes, None when they do not broadcast (plain Python: called on
+    every softmax_mean, where torch.broadcast_shapes costs more than small kernels)."""
+    if a == b or not b:
+        return a
+    if not a:
+        return b
+    if len(a) < len(b):
+        a, b = b, a
+    b = (1,) * (len(a) - len(b)) + b
+    out = []
+    for m, n in zip(a, b):
+        if m != n and m != 1 and n != 1:
+            return None
+        out.append(n if m == 1 else m)
+    return tuple(out)
+
+
 def _broadcast(name_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
     shape: tuple[int, ...] = ()
     for name, s in name_shapes:
-        try:
-            shape = tuple(torch.broadcast_shapes(shape, s))
-        except RuntimeError:
+        shape = _broadcast_pair(shape, tuple(s))
+        if shape is None:
             others = ", ".join(f"{n} {tuple(t)}" for n, t in name_shapes)
             raise ValueError(
                 f"leading (batch) dimensions of {name} {tuple(s)} do not broadcast with the "

@@ -106,11 +106,12 @@ def make_plan(x: torch.Tensor, points: torch.Tensor, alpha: torch.Tensor,
     # alpha^2 s_k, the mean squared difference per feature over the points, only three sums
     # over the features of x'^2 are needed per query:
     #   sum s (alpha^2 s + 4 x'^2) = alpha^2 S2 + 4 P,  sum sq^2 = Q + 2 alpha^2 P + alpha^4 S2
-    xp = x - alpha[..., None] * centre[:, None]
-    xp2 = xp * xp
+    # one (G, B, d) buffer, updated in place: x' = x - alpha c, then x'^2, then x'^4
+    xp = alpha[..., None] * centre[:, None]
+    xp2 = torch.sub(x, xp, out=xp).square_()
     X2 = xp2.sum(-1)  # sum x'^2, (G, B)
-    Q = (xp2 * xp2).sum(-1)  # sum x'^4
     P = torch.bmm(xp2, spread[:, :, None].expand(G, d, 1))[..., 0]  # sum s x'^2
+    Q = xp2.square_().sum(-1)  # sum x'^4
     S1, S2 = spread.sum(-1)[:, None], (spread * spread).sum(-1)[:, None]  # (G', 1)
     a2 = alpha * alpha
     err_expand = 4.0 * alpha * (a2 * S2 + 4.0 * P).clamp_min(0.0).sqrt()

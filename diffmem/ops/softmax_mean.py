@@ -6,7 +6,8 @@
 
 Registered as the custom ops ``diffmem::softmax_mean`` (forward) and
 ``diffmem::softmax_mean_backward``, with fake kernels and autograd, so it works with
-torch.compile and passes torch.library.opcheck.
+torch.compile and passes torch.library.opcheck. Plain eager calls take ``_Direct``, an
+autograd.Function running the same forward and backward without the dispatcher's layers.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _softmax_mean_op(
     the backend needs no correction; see _exact.py); expand (G, B) uint8 and centre (1 or G, d)
     are the plan (empty without one). All are kept for the backward, which reuses the plan.
     """
+    return _forward(x, points, alpha, var, bias, backend, precision, nearest)
+
+
+def _forward(x, points, alpha, var, bias, backend, precision, nearest):
+    """The forward op's computation (see _softmax_mean_op)."""
     mod = _module(backend, x, points)
     plan = _plan(mod, x, points, alpha, var, precision)
     if plan is None:
@@ -115,6 +121,13 @@ def _softmax_mean_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients w.r.t. (x, points, alpha, var, bias) in x's dtype; an empty tensor where not
     needed."""
+    return _backward_grads(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand,
+                           centre, grad_mean, grad_lse, needs, backend, precision)
+
+
+def _backward_grads(x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand,
+                    centre, grad_mean, grad_lse, needs, backend, precision):
+    """The backward op's computation (see _softmax_mean_backward_op)."""
     mod = _module(backend, x, points)
     plan = None if _plan_free(mod, x, precision) else _exact.plan_from(expand, centre)
     extra = () if plan is None else (plan, top_idx, top_logit)
@@ -151,7 +164,11 @@ def _backward(ctx, grad_mean, grad_lse, grad_lse64, *_grads_of_plan):
     needs = list(ctx.needs_input_grad[:5])
     if bias is None:
         needs[4] = False
-    grads = _softmax_mean_backward_op(
+    # the eager path (_Direct) calls the computation itself unless a graph of the gradients is
+    # being built (create_graph=True), where the op refuses a second derivative
+    backward_op = (_backward_grads if getattr(ctx, "direct", False) and not torch.is_grad_enabled()
+                   else _softmax_mean_backward_op)
+    grads = backward_op(
         x, points, alpha, var, bias, mean, lse64, top_idx, top_logit, expand, centre, grad_mean,
         grad_lse, needs, ctx.backend, ctx.precision,
     )
@@ -172,6 +189,40 @@ def _no_double_backward(ctx, *grads):
 
 _softmax_mean_backward_op.register_autograd(_no_double_backward,
                                             setup_context=lambda ctx, inputs, output: None)
+
+
+class _Direct(torch.autograd.Function):
+    """The op's forward and autograd for plain eager calls, without the dispatcher's layers
+    (custom-op dispatch costs as much as the kernels of a small training step). The same
+    functions run, with the same inputs: results are those of the registered op."""
+
+    @staticmethod
+    def forward(x, points, alpha, var, bias, backend, precision, nearest):
+        return _forward(x, points, alpha, var, bias, backend, precision, nearest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.direct = True
+        # outputs without a gradient (lse unused, and the internal ones) get None, not zeros;
+        # the kernels read a missing grad_lse as zero, and grad_mean is made zeros as before
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_mean, *grads):
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(ctx.saved_tensors[5])
+        return _backward(ctx, grad_mean, *grads)
+
+
+def _runs_direct(*tensors) -> bool:
+    """Whether a call may take _Direct: eager (not traced by torch.compile, no dispatch mode
+    such as fake tensors, no functorch transform) on plain tensors with storage."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter)
+                             and t.device.type != "meta") for t in tensors)
 
 
 def softmax_mean(
@@ -228,8 +279,9 @@ def softmax_mean(
     else:
         # the top lists of the exact kernels give the nearest point
         kernel_precision = "exact" if return_nearest else precision
-        mean, lse, lse64, top_idx, top_logit, *_ = _softmax_mean_op(
-            c.x, c.points, c.alpha, c.var, c.bias, backend, kernel_precision, return_nearest)
+        args = (c.x, c.points, c.alpha, c.var, c.bias, backend, kernel_precision, return_nearest)
+        op = _Direct.apply if _runs_direct(*args[:5]) else _softmax_mean_op
+        mean, lse, lse64, top_idx, top_logit, *_ = op(*args)
         mean = mean.reshape(*c.batch_shape, B, d)
         wide = lse_dtype == torch.float64
         if (return_lse or wide) and top_idx.shape[-1] > 0:  # exact mode's top lists

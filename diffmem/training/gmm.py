@@ -48,24 +48,33 @@ class _SquaredResidual(torch.autograd.Function):
         r = c * x
         r.sub_(n).addcmul_(a, m, value=-1)
         ctx.save_for_backward(c, a, x, m, r)
-        return torch.einsum("gqd,gqd->gq", r, r)
+        return _rowwise_dot(r, r)
 
     @staticmethod
     def backward(ctx, grad):
         c, a, x, m, r = ctx.saved_tensors
         w = 2 * grad[..., None]                                           # (G, Q, 1)
-        dc = w * torch.einsum("gqd,gqd->gq", r, x)[..., None] if ctx.needs_input_grad[0] else None
-        da = -w * torch.einsum("gqd,gqd->gq", r, m)[..., None] if ctx.needs_input_grad[1] else None
+        dc = w * _rowwise_dot(r, x)[..., None] if ctx.needs_input_grad[0] else None
+        da = -w * _rowwise_dot(r, m)[..., None] if ctx.needs_input_grad[1] else None
         dm = r * (-w * a) if ctx.needs_input_grad[3] else None
         return dc, da, None, dm, None
 
 
+def _rowwise_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_d u v over the last dim: (G, Q, d) x (G, Q, d) -> (G, Q), as the batched matmul
+    einsum("gqd,gqd->gq") runs (the same sums, without einsum's parsing on every step)."""
+    G, Q, d = u.shape
+    return torch.bmm(u.reshape(G * Q, 1, d), v.reshape(G * Q, d, 1)).reshape(G, Q)
+
+
 def eps_losses(model: LearnableGMM, data: torch.Tensor, t: torch.Tensor,
-               noise: torch.Tensor) -> torch.Tensor:
+               noise: torch.Tensor, *, check_inputs: bool = True) -> torch.Tensor:
     """Per-model DSM loss in EPS units: mean over samples and draws of ||eps_hat - eps||^2
     summed over dims. data (N, d); t (G, N) per-sample times; noise (G, N, R, d) -> (G,).
 
     eps_hat = (sigma / s)(x_t - alpha mu_bar), computed as one fused residual.
+    check_inputs=False skips softmax_mean's scan of its inputs, for callers that know data,
+    noise, times and the model's parameters are finite (the training loop checks them).
     """
     G, N, R, d = noise.shape
     if t.shape != (G, N) or data.shape != (N, d) or G != model.num_models:
@@ -78,7 +87,7 @@ def eps_losses(model: LearnableGMM, data: torch.Tensor, t: torch.Tensor,
     c = sigma / s
     per_query = lambda v: v[:, :, None].expand(G, N, R).reshape(G, N * R)  # noqa: E731
     x_t, noise = x_t.reshape(G, N * R, d), noise.reshape(G, N * R, d)
-    mu_bar = model.posterior_mean(x_t, per_query(alpha), per_query(s))
+    mu_bar = model.posterior_mean(x_t, per_query(alpha), per_query(s), check_inputs=check_inputs)
     cq, aq = per_query(c)[..., None], per_query(alpha * c)[..., None]
     return _SquaredResidual.apply(cq, aq, x_t, mu_bar, noise).mean(-1)
 
@@ -133,6 +142,8 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() == 0:
         raise ValueError("grid must be a non-empty 1-D tensor of times")
     grid = grid.to(dtype=data.dtype, device=data.device)
+    if not bool(((grid > 0) & (grid <= 1)).all()):
+        raise ValueError("grid times must lie in (0, 1]")
     N, d = data.shape
     G, M_max = len(sizes), max(sizes)
 
@@ -158,12 +169,17 @@ def train_gmm_models(data: torch.Tensor, sizes: Sequence[int], *, steps: int, wa
     start = 0
     if resume_state is not None:
         start = load_training_state(resume_state, sizes, steps, seed, params, opt, gens, history)
+    # per-step draws land in buffers reused by every step (each generator fills its own row,
+    # drawing exactly what torch.randint / torch.randn would)
+    idx = torch.empty(G, N, dtype=torch.long)
+    noise = torch.empty(G, N, draws, d, dtype=data.dtype)
     for k in range(start, steps):
-        idx = torch.stack([torch.randint(0, grid.numel(), (N,), generator=gen) for gen in gens])
-        noise = torch.stack([torch.randn(N, draws, d, generator=gen, dtype=data.dtype)
-                             for gen in gens]).to(data.device)
+        for g, gen in enumerate(gens):
+            idx[g].random_(0, grid.numel(), generator=gen)
+            noise[g].normal_(generator=gen)
         opt.zero_grad()
-        losses = eps_losses(model, data, grid[idx.to(data.device)], noise)
+        losses = eps_losses(model, data, grid[idx.to(data.device)], noise.to(data.device),
+                            check_inputs=False)
         losses.sum().backward()
         opt.step()
         check_finite(k + 1, steps, sizes, losses, params.values())

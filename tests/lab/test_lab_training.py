@@ -391,6 +391,8 @@ def test_bad_inputs_raise_clear_errors():
         train_gmm_models(X, [3], steps=2.0, warmup=1)
     with pytest.raises(ValueError, match="draws"):
         train_gmm_models(X, [3], steps=2, warmup=1, draws=0)
+    with pytest.raises(ValueError, match="grid times must lie in"):
+        train_gmm_models(X, [3], steps=2, warmup=1, grid=torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="means must have"):
         LearnableGMM(torch.zeros(3), 1.0)
     with pytest.raises(TypeError, match="means must be a torch.Tensor"):

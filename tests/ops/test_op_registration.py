@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import math
+
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, oracle, rel_fro, supports_points, vp_case
+from conftest import BACKENDS, DEVICE, FAST_BACKENDS, oracle, rel_fro, supports_points, vp_case
 
 import diffmem
 
@@ -100,3 +103,29 @@ def test_double_backward_is_refused_clearly():
     (g,) = torch.autograd.grad(mean.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="has no second derivative"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("uses", ["mean", "mean+lse", "lse"])
+def test_eager_path_equals_the_registered_op(backend, uses, monkeypatch):
+    """Plain eager calls skip the dispatcher (softmax_mean's _Direct); values and gradients are
+    bitwise those of the registered op, for a masked, grouped float32 call in exact mode."""
+    module = importlib.import_module("diffmem.ops.softmax_mean")
+    x, y, alpha, var = vp_case(batch=(3,), B=40, N=9, d=5, per_query_t=True, seed=8)
+    bias = torch.zeros(3, 9, device=DEVICE)
+    bias[1, 4:] = -math.inf
+
+    def run():
+        leaves = [t.detach().requires_grad_(True) for t in (y, var)]
+        mean, lse = diffmem.softmax_mean(x, leaves[0], alpha, leaves[1], bias, backend=backend,
+                                         return_lse=True)
+        loss = {"mean": (mean * mean).sum(), "lse": lse.sum(),
+                "mean+lse": (mean * mean).sum() + lse.sum()}[uses]
+        return (mean, lse, *torch.autograd.grad(loss, leaves))
+
+    assert module._runs_direct(x, y, alpha, var, bias)
+    direct = run()
+    monkeypatch.setattr(module, "_runs_direct", lambda *tensors: False)
+    registered = run()
+    for got, want in zip(direct, registered):
+        assert torch.equal(got, want)

@@ -46,8 +46,9 @@ def parse_sigmas(text: str) -> list[float]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="diffmem bench",
-        description="Time diffmem.softmax_mean against torch baselines (naive, chunked, SDPA) "
-                    "and the bare-matmul floor; print a table per size and write a CSV.")
+        description="Time diffmem.softmax_mean against torch baselines (naive, chunked, SDPA; "
+                    "jax.jit of the matmul form when jax is installed) and the bare-matmul "
+                    "floor; print a table per size and write a CSV.")
     ap.add_argument("--sizes", type=parse_sizes, default=None,
                     help='sizes "B,N,d;B,N,d" (default: the four standard sizes '
                          + "; ".join(",".join(map(str, s)) for s in SIZES) + ")")

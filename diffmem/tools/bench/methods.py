@@ -1,7 +1,8 @@
 """The methods the benchmark times: every diffmem backend and precision (forward, and forward +
 backward), the torch peers computing the same mean (naive cdist, chunked online softmax, SDPA
-with the point term folded or as a mask) and the bare-matmul floor. A method's setup turns a
-Problem into a zero-argument call; setup allocations count as memory."""
+with the point term folded or as a mask, and jax.jit of the matmul form when jax is installed)
+and the bare-matmul floor. A method's setup turns a Problem into a zero-argument call; setup
+allocations count as memory."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import backends, softmax_mean
+from . import jax_peer
 from .problems import Problem
 
 PRECISIONS = ("exact", "fast")
@@ -195,6 +197,8 @@ def build_methods(device: str, include_reference: bool, check_inputs: bool = Tru
         Method("matmul-floor", "floor", _floor_setup, bn(2)),
         Method("torch-naive-backward", "baseline", backward_setup(naive_lse), bn(10),
                backward=True, setup_fwd=forward_setup(naive_lse)),
+        Method(jax_peer.NAME, "baseline", lambda p: jax_peer.setup(p, p.x.device.type), bn(4),
+               skip=jax_peer.skip_reason(device)),
     ]
     return methods
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 TIME_SIGMA = 0.5
@@ -50,8 +51,11 @@ def reference_mean(p: Problem, rows: int) -> torch.Tensor:
     return torch.softmax(logits, -1) @ y
 
 
-def row_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """Median and max over rows of ||out_row - ref_row|| / ||ref_row||."""
+def row_errors(out, ref: torch.Tensor) -> tuple[float, float]:
+    """Median and max over rows of ||out_row - ref_row|| / ||ref_row||; out a tensor or an
+    array of another framework (a jax peer's result)."""
+    if not isinstance(out, torch.Tensor):
+        out = torch.tensor(np.asarray(out), device=ref.device)
     out = out[: ref.shape[0]].double()
     err = (out - ref).norm(dim=1) / ref.norm(dim=1)
     return err.median().item(), err.max().item()
