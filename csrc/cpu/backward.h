@@ -432,7 +432,7 @@ template <bool FAST>
 void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const float* cf, const BShared& sh,
                Work& w, BWork& bw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
-  const int64_t N = a.N, ntiles = cdiv(N, NT);
+  const int64_t N = a.N, ntiles = active_tiles(a, g, NT);
   const PointRows yg = point_rows(a, g);
   const float* al = a.alpha + g * a.gs_alpha + q0;
   const float* va = a.var + g * a.gs_var + q0;
@@ -662,9 +662,15 @@ void backward_impl(const Problem<float>& a) {
       const int64_t tb = tid * ntiles / nth, te = (tid + 1) * ntiles / nth;
       const PointRows yg = point_rows(a, g);
       const float* bg = a.bias ? a.bias + g * a.gs_bias : nullptr;
+      const int64_t live = active_tiles(a, g, NT);
       for (int64_t t = tb; t < te; ++t) {
         const int64_t i0 = t * NT;
         const int n = (int)imin(NT, N - i0);
+        if (t >= live) {  // masked points: zero weight, zero gradients
+          if (a.dy) std::memset(a.dy + (g * N + i0) * d, 0, sizeof(float) * n * d);
+          if (a.dbias) std::memset(a.dbias + g * N + i0, 0, sizeof(float) * n);
+          continue;
+        }
         pack_tile(yg, i0, n, (int)d, ldr, FAST ? cfg : nullptr, w.yT, w.yR, w.yn, w.cy,
                   FAST ? nullptr : bw.yTc, cfg);
         load_bias(bg, i0, n, w.bt);

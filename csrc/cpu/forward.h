@@ -329,6 +329,9 @@ void forward_impl(const Problem<float>& a) {
   const SeenMax seen{K ? bseen.get<double>((size_t)G * B) : nullptr};
   for (int64_t i = 0; K && i < G * B; ++i) seen.v[i] = -kInfD;
   const int64_t nitems = G * nqc * S;
+  Buf bact;
+  int64_t* active = bact.get<int64_t>((size_t)G);
+  for (int64_t g = 0; g < G; ++g) active[g] = active_tiles(a, g, NT);
 #pragma omp parallel num_threads(T)
   {
     Work w;
@@ -343,7 +346,10 @@ void forward_impl(const Problem<float>& a) {
       const int64_t q0 = qi * qcs;
       const int nq = (int)imin(qcs, B - q0);
       if (nq <= 0) continue;
-      const int64_t tb = s * ntiles / S, te = (s + 1) * ntiles / S;
+      // the split's tiles, less the group's trailing masked ones (an empty range gives the
+      // split of a fully masked range: m = -inf, nothing added)
+      const int64_t tb = s * ntiles / S;
+      const int64_t te = imax(tb, imin((s + 1) * ntiles / S, active[g]));
       const int64_t base = (s * G + g) * B + q0;
       fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, cfl(g), pm + base, pl + base,
                      pacc + base * dp, ptv + base * K, pti + base * K, seen, w, pw);

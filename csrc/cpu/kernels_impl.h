@@ -675,6 +675,18 @@ inline void load_bias(const float* bg, int64_t i0, int n, float* bt) {
   for (int j = 0; j < NT; ++j) bt[j] = j < n ? (bg ? bg[i0 + j] : 0.f) : -kInfF;
 }
 
+// Tiles of nt points of group g up to its last point with a finite bias: the trailing points
+// with bias -inf (the padding of batched models of different sizes) have weight exactly 0, so
+// the kernels skip their tiles; every result stays bit for bit what processing them gives.
+inline int64_t active_tiles(const Problem<float>& a, int64_t g, int64_t nt) {
+  int64_t i = a.N;
+  if (a.bias) {
+    const float* bg = a.bias + g * a.gs_bias;
+    while (i > 0 && bg[i - 1] == -kInfF) --i;
+  }
+  return cdiv(i, nt);
+}
+
 }  // namespace
 
 #include "forward.h"
