@@ -105,3 +105,38 @@ def test_fast_gradients_at_moderate_noise(backend, t, offset):
     errors = _gradient_errors(backend, (70, 300, 30), t, offset=offset, seed=11,
                               precision="fast")
     assert max(errors.values()) <= GRAD_TOL, errors
+
+
+# the precisions' bounds on a mean-scale problem (fast: see test_fast_precision_error_is_bounded)
+PADDED_TOL = {"exact": (1e-5, GRAD_TOL), "fast": (1e-3, 1e-2)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_groups_padded_with_masked_points(backend, precision):
+    """Batched models of different sizes: group g keeps its first sizes[g] points, the rest
+    carry bias -inf (padding whose tiles the kernels may skip). Values and gradients equal the
+    float64 oracle on the kept points alone, and the padding's gradients are exactly zero.
+    Sizes cross tile boundaries (1, 31-33, 63-65, N); 70 queries (cpu runs fast from 64)."""
+    N, d, B = 70, 6, 70
+    sizes = [1, 31, 32, 33, 63, 64, 65, N]
+    G = len(sizes)
+    x, y, alpha, var = vp_case(batch=(G,), B=B, N=N, d=d, t=0.5, seed=11)
+    bias = torch.zeros(G, N, dtype=x.dtype, device=DEVICE)
+    for g, m in enumerate(sizes):
+        bias[g, m:] = -math.inf
+    leaves = _leaves(x, y, alpha, var)
+    mean, lse = diffmem.softmax_mean(*leaves, bias, backend=backend, precision=precision,
+                                     return_lse=True)
+    (mean.square().sum() + lse.sum()).backward()
+    value_tol, grad_tol = PADDED_TOL[precision]
+    for g, m in enumerate(sizes):
+        ref = _leaves(x[g].double(), y[g, :m].double(), alpha[g].double(), var[g].double())
+        r_mean, r_lse = oracle(*ref)
+        (r_mean.square().sum() + r_lse.sum()).backward()
+        assert rel_fro(mean[g].detach(), r_mean.detach()) <= value_tol, (g, m)
+        assert rel_fro(lse[g].detach(), r_lse.detach()) <= value_tol, (g, m)
+        got = (leaves[0].grad[g], leaves[1].grad[g, :m], leaves[2].grad[g], leaves[3].grad[g])
+        for name, a, b in zip(("x", "points", "alpha", "var"), got, (r.grad for r in ref)):
+            assert rel_fro(a, b) <= grad_tol, (g, m, name, rel_fro(a, b))
+        assert torch.all(leaves[1].grad[g, m:] == 0), (g, m)
