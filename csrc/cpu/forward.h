@@ -182,15 +182,28 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   const bool dbl = d > DB;
   const int wst = ws_tiles(dp);
   int tn[WS_TILES];  // points of the tiles waiting for their weighted sums
+  const float* trow[WS_TILES];  // their rows (ldr[] floats apart)
+  int tld[WS_TILES];
+  // exact-mode float32 points with d a multiple of W: full tiles are read in place (the rows
+  // of a tile are consecutive and need neither conversion, centring nor padding)
+  const bool in_place = !FAST && yg.type == kPointF32 && d == dp;
   for (int64_t t = tb; t < te; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
     const int tl = (int)((t - tb) % wst);  // slot of this tile
     tn[tl] = n;
-    float* yR = w.yR + (size_t)tl * NT * rstride(dp);
     float* P = w.P + (size_t)tl * nq * NT;
     double* sc = w.sc + (size_t)tl * nq;
-    pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
+    if (in_place && n == NT) {
+      trow[tl] = yg.span(i0, 0, d, nullptr);
+      tld[tl] = d;
+      transpose_rows(trow[tl], d, d, w.yT);
+    } else {
+      float* yR = w.yR + (size_t)tl * NT * rstride(dp);
+      trow[tl] = yR;
+      tld[tl] = rstride(dp);
+      pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
+    }
     load_bias(bg, i0, n, w.bt);
     tile_S<FAST>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
     if (!FAST && nd < nq) {
@@ -278,7 +291,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       pw.m[q] = mnew;
       sc[q] = scale;
     }
-    if (tl == wst - 1 || t == te - 1) tile_wsum(w.P, w.yR, nq, dp, tn, tl + 1, pw.acc, w.sc);
+    if (tl == wst - 1 || t == te - 1) tile_wsum(w.P, trow, tld, nq, dp, tn, tl + 1, pw.acc, w.sc);
   }
   if (K) seen.raise(g * a.B + q0, ord, nq, pw.m);
   // back to the callers' query order

@@ -267,6 +267,24 @@ void centre_transposed(const float* yT, int n, int d, const float* cf, float* yT
   }
 }
 
+// yT[k*NT + j] = R[j*ldr + k] for the NT rows of a tile (each readable up to d rounded up to
+// W), in W-column strips (the strip of yT rows stays in L1).
+void transpose_rows(const float* R, size_t ldr, int d, float* yT) {
+  for (int k0 = 0; k0 < d; k0 += W) {
+    const int kn = (int)imin(W, d - k0);
+#if DM_ISA == 2
+    if (kn == W) {  // in-register 16 x 16 transposes
+      for (int v = 0; v < NV; ++v) tr16(R + (size_t)v * W * ldr + k0, ldr, yT + (size_t)k0 * NT + v * W, NT);
+      continue;
+    }
+#endif
+    for (int j = 0; j < NT; ++j) {
+      vf v = vld(R + (size_t)j * ldr + k0);
+      for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * NT + j] = v[l];
+    }
+  }
+}
+
 void pack_tile(const PointRows& pts, int64_t i0, int n, int d, int dp, const float* cf, float* yT,
                float* yR, float* yn, float* cy, float* yTc = nullptr, const float* ccf = nullptr) {
   const int dw = d - d % W;
@@ -305,20 +323,7 @@ void pack_tile(const PointRows& pts, int64_t i0, int n, int d, int dp, const flo
       if (cf) { yn[j] = 0.f; if (cy) cy[j] = 0.f; }
     }
   }
-  // transpose in W-column strips (the strip of yT rows stays in L1)
-  for (int k0 = 0; k0 < d; k0 += W) {
-    const int kn = (int)imin(W, d - k0);
-#if DM_ISA == 2
-    if (kn == W) {  // in-register 16 x 16 transposes
-      for (int v = 0; v < NV; ++v) tr16(yR + (size_t)v * W * dp + k0, dp, yT + (size_t)k0 * NT + v * W, NT);
-      continue;
-    }
-#endif
-    for (int j = 0; j < NT; ++j) {
-      vf v = vld(yR + (size_t)j * dp + k0);
-      for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * NT + j] = v[l];
-    }
-  }
+  transpose_rows(yR, dp, d, yT);
   if (yTc) centre_transposed(yT, n, d, ccf, yTc);
 }
 
@@ -548,13 +553,13 @@ inline void dv_chunks(int dp, F&& f) {
   }
 }
 // The weighted sums of nt consecutive tiles: tile t has weights P + t*nq*NT (nq x NT), rows
-// yR + t*NT*ldr (ldr = rstride(dp) apart, so that a tile's rows do not share their L1 sets),
-// n[t] points and rescale factors sc + t*nq.  Per query and coordinate the double
+// R[t] (ldr[t] floats apart: rstride(dp) for packed copies, so that a tile's rows do not share
+// their L1 sets, or d for float32 points read in place), n[t] points and rescale factors
+// sc + t*nq.  Per query and coordinate the double
 // accumulator takes the tiles in order (acc = acc*sc + tile sum), exactly as one call per tile
 // would, but each block of acc stays in L1 across the tiles (large d: acc does not fit in L2).
-void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, int nt, double* acc,
-               const double* sc) {
-  const int ldr = rstride(dp);
+void tile_wsum(const float* P, const float* const* R, const int* ldr, int nq, int dp, const int* n,
+               int nt, double* acc, const double* sc) {
   dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     // narrow chunks (small d): more queries per block, fewer loads per FMA
@@ -562,7 +567,7 @@ void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, in
     qblocks<QW>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
       for (int t = 0; t < nt; ++t)
-        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, yR + (size_t)t * NT * ldr + kc, ldr, dp, n[t],
+        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, R[t] + kc, ldr[t], dp, n[t],
                     acc + (size_t)q * dp + kc, sc + (size_t)t * nq + q);
     });
   });
