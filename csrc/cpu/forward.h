@@ -128,8 +128,9 @@ struct SeenMax {
 // their row-major copies within 256 KB (at d = 3072 one tile is 390 KB: the copies would
 // otherwise leave L2 before the weighted sums read them, which slows few-query calls).
 constexpr int WS_TILES = 8;
+template <int V>
 inline int ws_tiles(int dp) {
-  return (int)imax(1, imin(WS_TILES, (256 << 10) / ((int64_t)NT * rstride(dp) * 4)));
+  return (int)imax(1, imin(WS_TILES, (256 << 10) / ((int64_t)V * W * rstride(dp) * 4)));
 }
 
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
@@ -143,6 +144,7 @@ template <bool FAST>
 void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb, int64_t te,
               const double* c, const float* cf, double* mo, double* lo, double* acc,
               double* tvo, int64_t* tio, const SeenMax& seen, Work& w, PlanWork& pw) {
+  constexpr int V = FAST ? NV_FAST : NV, T = V * W;  // point vectors and points per tile
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N;
   const int K = FAST ? 0 : a.top_k;
@@ -164,7 +166,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   for (int q = 0; q < nq; ++q) { al[q] = al0[ord[q]]; va[q] = va0[ord[q]]; }
   constexpr int QE = QB_FAST;  // query block of the expansion chains
   if (FAST) {
-    pack_x<true>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[ord[q] * d + k], al[q], c[k]); });
+    pack_x<true, V>(nq, d, w.xc, [&](int q, int k) { return xprime(xg[ord[q] * d + k], al[q], c[k]); });
   } else {
     pack_x<false>(nd, d, w.xc, [&](int q, int k) { return xg[ord[q] * d + k]; });
     pack_x_blocks(QE, nq - nd, d, w.xc + (size_t)nd * d,
@@ -180,53 +182,66 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   if (K) seen.load(g * a.B + q0, ord, nq, pw.seen);
   std::memset(pw.acc, 0, sizeof(double) * nq * dp);
   const bool dbl = d > DB;
-  const int wst = ws_tiles(dp);
+  const int wst = ws_tiles<V>(dp);
   int tn[WS_TILES];  // points of the tiles waiting for their weighted sums
+  const float* trow[WS_TILES];  // their rows (ldr[] floats apart)
+  int tld[WS_TILES];
+  // exact-mode float32 points with d a multiple of W: full tiles are read in place (the rows
+  // of a tile are consecutive and need neither conversion, centring nor padding)
+  const bool in_place = !FAST && yg.type == kPointF32 && d == dp;
   for (int64_t t = tb; t < te; ++t) {
-    const int64_t i0 = t * NT;
-    const int n = (int)imin(NT, N - i0);
+    const int64_t i0 = t * T;
+    const int n = (int)imin(T, N - i0);
     const int tl = (int)((t - tb) % wst);  // slot of this tile
     tn[tl] = n;
-    float* yR = w.yR + (size_t)tl * NT * rstride(dp);
-    float* P = w.P + (size_t)tl * nq * NT;
+    float* P = w.P + (size_t)tl * nq * T;
     double* sc = w.sc + (size_t)tl * nq;
-    pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
-    load_bias(bg, i0, n, w.bt);
-    tile_S<FAST>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
-    if (!FAST && nd < nq) {
+    if (in_place && n == T) {
+      trow[tl] = yg.span(i0, 0, d, nullptr);
+      tld[tl] = d;
+      transpose_rows<V>(trow[tl], d, d, w.yT);
+    } else {
+      float* yR = w.yR + (size_t)tl * T * rstride(dp);
+      trow[tl] = yR;
+      tld[tl] = rstride(dp);
+      pack_tile<V>(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
+    }
+    load_bias<V>(bg, i0, n, w.bt);
+    tile_S<FAST, V>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
+    if constexpr (!FAST) if (nd < nq) {
       centre_tile(w.yT, n, d, cf, pw.yTc, pw.ynd);
-      double* Se = w.Sd + (size_t)nd * NT;
-      for (int i = 0; i < (nq - nd) * NT; ++i) Se[i] = 0.0;
+      double* Se = w.Sd + (size_t)nd * T;
+      for (int i = 0; i < (nq - nd) * T; ++i) Se[i] = 0.0;
       qblocks<QE>(nq - nd, [&](auto qc, int q) {  // x'.yc: 16-coordinate chains into double
         constexpr int Q = decltype(qc)::value;
         const float* Xq = X + (size_t)(nd + q) * d;
-        double* sq = Se + q * NT;
+        double* sq = Se + q * T;
         for (int k0 = 0; k0 < d; k0 += 16) {
           k_logit<Q, true>(Xq, nullptr, nullptr, pw.yTc, k0, (int)imin(d, k0 + 16), w.tmp);
-          for (int i = 0; i < Q * NT; ++i) sq[i] += (double)w.tmp[i];
+          for (int i = 0; i < Q * T; ++i) sq[i] += (double)w.tmp[i];
         }
       });
     }
     // online softmax update
     for (int q = 0; q < nq; ++q) {
-      float* p = P + q * NT;
+      float* p = P + q * T;
       const QConst& qc = w.qc[q];
       const bool expq = !FAST && q >= nd;
       const bool dq = dbl || expq;
       double mt;
-      vf lg[NV];
-      alignas(64) double lgd[NT];
+      vf lg[V];
+      alignas(64) double lgd[T];
       if (!dq) {
         vf mv = vb(-kInfF);
-        for (int v = 0; v < NV; ++v) {
-          lg[v] = logit_f<FAST>(vld(w.Sf + q * NT + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
+        for (int v = 0; v < V; ++v) {
+          lg[v] = logit_f<FAST>(vld(w.Sf + q * T + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
           mv = vmax(mv, lg[v]);
         }
         mt = hmax(mv);
       } else {  // logits in double lanes
         vd mv = vdb(-kInfD);
-        for (int u = 0; u < NT / H; ++u) {
-          const vd sd = vldd(w.Sd + q * NT + u * H), bd = h2d(w.bt + u * H);
+        for (int u = 0; u < T / H; ++u) {
+          const vd sd = vldd(w.Sd + q * T + u * H), bd = h2d(w.bt + u * H);
           vd l;
           if (expq) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * vldd(pw.ynd + u * H);
           else if (FAST) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * h2d(w.yn + u * H);
@@ -244,7 +259,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
         const double floor = (mnew > pw.seen[q] ? mnew : pw.seen[q]) - kTopGap;
         if (mt > tv[K - 1] && mt > floor) {
           if (!dq) {
-            for (int v = 0; v < NV; ++v) offer_lanes(tv, ti, K, floor, lg[v], i0 + v * W, n - v * W);
+            for (int v = 0; v < V; ++v) offer_lanes(tv, ti, K, floor, lg[v], i0 + v * W, n - v * W);
           } else {
             for (int j = 0; j < n; ++j)
               if (lgd[j] > floor) topk_offer(tv, ti, K, lgd[j], i0 + j);
@@ -252,7 +267,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
         }
       }
       if (mnew == -kInfD) {  // everything masked so far
-        for (int j = 0; j < NT; ++j) p[j] = 0.f;
+        for (int j = 0; j < T; ++j) p[j] = 0.f;
         sc[q] = 1.0;
         continue;
       }
@@ -260,15 +275,15 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       vf sum = vb(0.f);
       if (!dq) {
         const vf mf = vb((float)mnew);
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < V; ++v) {
           const vf e = vexp(lg[v] - mf);
           vst(p + v * W, e);
           sum += e;
         }
       } else {
-        for (int u = 0; u < NT / H; ++u)
+        for (int u = 0; u < T / H; ++u)
           vsth(p + u * H, __builtin_convertvector(vldd(lgd + u * H) - vdb(mnew), vh));
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < V; ++v) {
           const vf e = vexp(vld(p + v * W));
           vst(p + v * W, e);
           sum += e;
@@ -278,7 +293,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       pw.m[q] = mnew;
       sc[q] = scale;
     }
-    if (tl == wst - 1 || t == te - 1) tile_wsum(w.P, w.yR, nq, dp, tn, tl + 1, pw.acc, w.sc);
+    if (tl == wst - 1 || t == te - 1) tile_wsum<V>(w.P, trow, tld, nq, dp, tn, tl + 1, pw.acc, w.sc);
   }
   if (K) seen.raise(g * a.B + q0, ord, nq, pw.m);
   // back to the callers' query order
@@ -301,7 +316,7 @@ void forward_impl(const Problem<float>& a) {
   const int T = (int)imax(1, a.threads);
   const int K = FAST ? 0 : a.top_k;
   const bool planned = !FAST && a.expand;
-  const int64_t ntiles = cdiv(N, NT);
+  const int64_t ntiles = cdiv(N, (FAST ? NV_FAST : NV) * W);  // tiles of fwd_item<FAST>
   const int64_t nqc = cdiv(B, QCMAX);
   const int64_t qcs = cdiv(B, nqc);
   // split the points too when there are few (group, query chunk) items, for load balance
@@ -335,7 +350,7 @@ void forward_impl(const Problem<float>& a) {
 #pragma omp parallel num_threads(T)
   {
     Work w;
-    w.init((int)d, dp, (int)qcs, ws_tiles(dp));
+    w.init((int)d, dp, (int)qcs, ws_tiles<FAST ? NV_FAST : NV>(dp));
     PlanWork pw;
     pw.init(dp, (int)qcs, K);
     Buf bkr;  // the corrected points' rows (float32)

@@ -60,6 +60,14 @@ constexpr int QB_EXACT = 2, QB_EXACT_D = 1, QB_FAST = 4, QB_P2 = 1, QB_P2F = 1;
 constexpr int QB_WS = 2, DV_WS = 4, QB_DXY = 2, DV_DXY = 1, IU_DXY = 1, QB_BD = 1;
 #endif
 constexpr int NT = W * NV;   // points per tile
+// The fast forward's tiles: NV_FAST point vectors (wider tiles: more independent FMA chains per
+// broadcast query value), with query blocks of QB_FASTW.  The backward and exact mode keep NV.
+#if DM_ISA == 2
+constexpr int NV_FAST = 4, QB_FASTW = 6;
+#else
+constexpr int NV_FAST = NV, QB_FASTW = QB_FAST;
+#endif
+constexpr int NT_MAX = W * (NV_FAST > NV ? NV_FAST : NV);  // widest tile (workspace sizes)
 constexpr int DB = 256;      // d above which the logits are accumulated and formed in double
 constexpr int QCMAX = 256;   // queries per work item
 
@@ -267,10 +275,30 @@ void centre_transposed(const float* yT, int n, int d, const float* cf, float* yT
   }
 }
 
+// yT[k*NT + j] = R[j*ldr + k] for the NT rows of a tile (each readable up to d rounded up to
+// W), in W-column strips (the strip of yT rows stays in L1).
+template <int V = NV>
+void transpose_rows(const float* R, size_t ldr, int d, float* yT) {
+  for (int k0 = 0; k0 < d; k0 += W) {
+    const int kn = (int)imin(W, d - k0);
+#if DM_ISA == 2
+    if (kn == W) {  // in-register 16 x 16 transposes
+      for (int v = 0; v < V; ++v) tr16(R + (size_t)v * W * ldr + k0, ldr, yT + (size_t)k0 * (V * W) + v * W, (V * W));
+      continue;
+    }
+#endif
+    for (int j = 0; j < (V * W); ++j) {
+      vf v = vld(R + (size_t)j * ldr + k0);
+      for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * (V * W) + j] = v[l];
+    }
+  }
+}
+
+template <int V = NV>
 void pack_tile(const PointRows& pts, int64_t i0, int n, int d, int dp, const float* cf, float* yT,
                float* yR, float* yn, float* cy, float* yTc = nullptr, const float* ccf = nullptr) {
   const int dw = d - d % W;
-  for (int j = 0; j < NT; ++j) {
+  for (int j = 0; j < V * W; ++j) {
     float* r = yR + (size_t)j * dp;
     if (j < n) {
       const float* src = pts.row(i0 + j, r);  // storage dtypes: converted into r, centred in place
@@ -305,21 +333,9 @@ void pack_tile(const PointRows& pts, int64_t i0, int n, int d, int dp, const flo
       if (cf) { yn[j] = 0.f; if (cy) cy[j] = 0.f; }
     }
   }
-  // transpose in W-column strips (the strip of yT rows stays in L1)
-  for (int k0 = 0; k0 < d; k0 += W) {
-    const int kn = (int)imin(W, d - k0);
-#if DM_ISA == 2
-    if (kn == W) {  // in-register 16 x 16 transposes
-      for (int v = 0; v < NV; ++v) tr16(yR + (size_t)v * W * dp + k0, dp, yT + (size_t)k0 * NT + v * W, NT);
-      continue;
-    }
-#endif
-    for (int j = 0; j < NT; ++j) {
-      vf v = vld(yR + (size_t)j * dp + k0);
-      for (int l = 0; l < kn; ++l) yT[(size_t)(k0 + l) * NT + j] = v[l];
-    }
-  }
-  if (yTc) centre_transposed(yT, n, d, ccf, yTc);
+  transpose_rows<V>(yR, dp, d, yT);
+  if constexpr (V == NV)
+    if (yTc) centre_transposed(yT, n, d, ccf, yTc);
 }
 
 // One exact chunk [kc, ke) of at most 16 coordinates: subtract (ke - kc) * var, then add the
@@ -347,19 +363,19 @@ inline void k_exact_chunk(vf (&acc)[Q][NV], const vf (&a)[Q], const float* X, co
 // Forward logit micro-kernel over coordinates [k0, k1) for Q queries and the
 // NT points of a packed tile.  exact: S = sum_k (fma(-alpha,y,x)^2 - var) with the shift applied
 // per 16-coordinate chunk (k0 must be a multiple of 16).  fast: S = sum_k x'_k yc_k.
-template <int Q, bool FAST>
+template <int Q, bool FAST, int V = NV>
 inline void k_logit(const float* X, const float* al, const float* va, const float* yT,
                     int k0, int k1, float* S) {
-  vf acc[Q][NV];
+  vf acc[Q][V];
   for (int q = 0; q < Q; ++q)
-    for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f);
+    for (int v = 0; v < V; ++v) acc[q][v] = vb(0.f);
   if constexpr (FAST) {
     for (int k = k0; k < k1; ++k) {
-      vf yv[NV];
-      for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
+      vf yv[V];
+      for (int v = 0; v < V; ++v) yv[v] = vld(yT + (size_t)k * (V * W) + v * W);
       for (int q = 0; q < Q; ++q) {
         const vf xb = vb(X[k * Q + q]);
-        for (int v = 0; v < NV; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
+        for (int v = 0; v < V; ++v) acc[q][v] = vfma(xb, yv[v], acc[q][v]);
       }
     }
   } else {
@@ -369,7 +385,7 @@ inline void k_logit(const float* X, const float* al, const float* va, const floa
       k_exact_chunk<Q>(acc, a, X, va, yT, kc, (int)imin(kc + 16, k1));
   }
   for (int q = 0; q < Q; ++q)
-    for (int v = 0; v < NV; ++v) vst(S + q * NT + v * W, acc[q][v]);
+    for (int v = 0; v < V; ++v) vst(S + q * (V * W) + v * W, acc[q][v]);
 }
 
 // Exact-mode kernel for d > DB: the fp32 accumulator lives for ONE 16-coordinate chunk only
@@ -421,8 +437,8 @@ inline void k_logit_dbl(const float* X, const float* al, const float* va, const 
 // Queries for tile_S: the query blocks of tile_S (qblocks of tile_qm) stored one after the
 // other, each coordinate-major (element (q, k) of the block starting at query q0 of size Q at
 // out[q0*d + k*Q + (q - q0)]), so that the micro-kernels broadcast from one running pointer.
-template <bool FAST>
-inline int tile_qm(int d) { return FAST ? QB_FAST : d <= DB ? QB_EXACT : QB_EXACT_D; }
+template <bool FAST, int V = NV>
+inline int tile_qm(int d) { return FAST ? (V == NV ? QB_FAST : QB_FASTW) : d <= DB ? QB_EXACT : QB_EXACT_D; }
 template <class F>
 void pack_x_blocks(int qm, int nq, int d, float* out, F&& val) {
   for (int q0 = 0; q0 < nq; q0 += qm) {
@@ -432,41 +448,41 @@ void pack_x_blocks(int qm, int nq, int d, float* out, F&& val) {
       for (int k = 0; k < d; ++k) o[(size_t)k * Q + q] = val(q0 + q, k);
   }
 }
-template <bool FAST, class F>
+template <bool FAST, int V = NV, class F>
 void pack_x(int nq, int d, float* out, F&& val) {
-  pack_x_blocks(tile_qm<FAST>(d), nq, d, out, val);
+  pack_x_blocks(tile_qm<FAST, V>(d), nq, d, out, val);
 }
 
 // S for all nq queries of a tile: fp32 result in Sf when d <= DB, else a double result in Sd,
 // computed in d-blocks of DB (d-block outer, so the yT block is reused from L1 by all queries).
 // exact: 16-coordinate fp32 chunks flushed into double (k_logit_dbl); fast: DB-coordinate
 // fp32 blocks flushed into double.
-template <bool FAST>
+template <bool FAST, int V = NV>
 void tile_S(const float* X, const float* al, const float* va, int nq, int d,
             const float* yT, float* Sf, double* Sd, float* tmp) {
-  constexpr int QM = FAST ? QB_FAST : QB_EXACT;
+  constexpr int QM = FAST ? (V == NV ? QB_FAST : QB_FASTW) : QB_EXACT;
   const int64_t ldx = d;  // X is in pack_x layout: the block of query q starts at X + q*d
   if (d <= DB) {
     qblocks<QM>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
-      k_logit<Q, FAST>(X + q * ldx, al + q, va + q, yT, 0, d, Sf + q * NT);
+      k_logit<Q, FAST, V>(X + q * ldx, al + q, va + q, yT, 0, d, Sf + q * (V * W));
     });
     return;
   }
-  for (int i = 0; i < nq * NT; ++i) Sd[i] = 0.0;
+  for (int i = 0; i < nq * (V * W); ++i) Sd[i] = 0.0;
   for (int k0 = 0; k0 < d; k0 += DB) {
     const int k1 = (int)imin(d, k0 + DB);
     if (!FAST) {
       qblocks<QB_EXACT_D>(nq, [&](auto qc, int q) {
         constexpr int Q = decltype(qc)::value;
-        k_logit_dbl<Q>(X + q * ldx, al + q, va + q, yT, k0, k1, Sd + q * NT);
+        k_logit_dbl<Q>(X + q * ldx, al + q, va + q, yT, k0, k1, Sd + q * (V * W));
       });
     } else {
       qblocks<QM>(nq, [&](auto qc, int q) {
         constexpr int Q = decltype(qc)::value;
-        k_logit<Q, FAST>(X + q * ldx, al + q, va + q, yT, k0, k1, tmp);
-        double* sd = Sd + q * NT;
-        for (int i = 0; i < Q * NT; ++i) sd[i] += (double)tmp[i];
+        k_logit<Q, FAST, V>(X + q * ldx, al + q, va + q, yT, k0, k1, tmp);
+        double* sd = Sd + q * (V * W);
+        for (int i = 0; i < Q * (V * W); ++i) sd[i] += (double)tmp[i];
       });
     }
   }
@@ -507,7 +523,7 @@ inline double logit_d(double s, float b, float yn, const QConst& c) {
 // Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...]
 // (yR rows ldr apart, acc rows dp apart).
 // Register block Q queries x DV vectors along d; fp32 over the tile, then added in double.
-template <int Q, int DV>
+template <int Q, int DV, int V = NV>
 inline void k_ws(const float* P, const float* yR, int ldr, int dp, int n, double* acc,
                  const double* sc) {
   vf r[Q][DV];
@@ -517,7 +533,7 @@ inline void k_ws(const float* P, const float* yR, int ldr, int dp, int n, double
     vf yv[DV];
     for (int j = 0; j < DV; ++j) yv[j] = vld(yR + (size_t)i * ldr + j * W);
     for (int q = 0; q < Q; ++q) {
-      const vf pb = vb(P[q * NT + i]);
+      const vf pb = vb(P[q * V * W + i]);
       for (int j = 0; j < DV; ++j) r[q][j] = vfma(pb, yv[j], r[q][j]);
     }
   }
@@ -548,13 +564,14 @@ inline void dv_chunks(int dp, F&& f) {
   }
 }
 // The weighted sums of nt consecutive tiles: tile t has weights P + t*nq*NT (nq x NT), rows
-// yR + t*NT*ldr (ldr = rstride(dp) apart, so that a tile's rows do not share their L1 sets),
-// n[t] points and rescale factors sc + t*nq.  Per query and coordinate the double
+// R[t] (ldr[t] floats apart: rstride(dp) for packed copies, so that a tile's rows do not share
+// their L1 sets, or d for float32 points read in place), n[t] points and rescale factors
+// sc + t*nq.  Per query and coordinate the double
 // accumulator takes the tiles in order (acc = acc*sc + tile sum), exactly as one call per tile
 // would, but each block of acc stays in L1 across the tiles (large d: acc does not fit in L2).
-void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, int nt, double* acc,
-               const double* sc) {
-  const int ldr = rstride(dp);
+template <int V = NV>
+void tile_wsum(const float* P, const float* const* R, const int* ldr, int nq, int dp, const int* n,
+               int nt, double* acc, const double* sc) {
   dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     // narrow chunks (small d): more queries per block, fewer loads per FMA
@@ -562,7 +579,7 @@ void tile_wsum(const float* P, const float* yR, int nq, int dp, const int* n, in
     qblocks<QW>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
       for (int t = 0; t < nt; ++t)
-        k_ws<Q, DV>(P + ((size_t)t * nq + q) * NT, yR + (size_t)t * NT * ldr + kc, ldr, dp, n[t],
+        k_ws<Q, DV, V>(P + ((size_t)t * nq + q) * (V * W), R[t] + kc, ldr[t], dp, n[t],
                     acc + (size_t)q * dp + kc, sc + (size_t)t * nq + q);
     });
   });
@@ -655,15 +672,15 @@ struct Work {
   QConst* qc;
   // tiles: how many row-major tiles (with their weights P and factors sc) are kept at once
   void init(int d, int dp, int qcmax, int tiles = 1) {
-    yT = b_yT.get<float>((size_t)dp * NT);
-    yR = b_yR.get<float>((size_t)rstride(dp) * NT * tiles);
-    yn = b_yn.get<float>(NT);
-    cy = b_cy.get<float>(NT);
-    bt = b_bt.get<float>(NT);
-    Sf = b_Sf.get<float>((size_t)qcmax * NT);
-    Sd = b_Sd.get<double>((size_t)qcmax * NT);
-    tmp = b_tmp.get<float>((size_t)16 * NT);
-    P = b_P.get<float>((size_t)qcmax * NT * tiles);
+    yT = b_yT.get<float>((size_t)dp * NT_MAX);
+    yR = b_yR.get<float>((size_t)rstride(dp) * NT_MAX * tiles);
+    yn = b_yn.get<float>(NT_MAX);
+    cy = b_cy.get<float>(NT_MAX);
+    bt = b_bt.get<float>(NT_MAX);
+    Sf = b_Sf.get<float>((size_t)qcmax * NT_MAX);
+    Sd = b_Sd.get<double>((size_t)qcmax * NT_MAX);
+    tmp = b_tmp.get<float>((size_t)16 * NT_MAX);
+    P = b_P.get<float>((size_t)qcmax * NT_MAX * tiles);
     xc = b_xc.get<float>((size_t)qcmax * dp);
     qc = b_qc.get<QConst>(qcmax);
     sc = b_sc.get<double>((size_t)qcmax * tiles);
@@ -671,8 +688,9 @@ struct Work {
   }
 };
 
+template <int V = NV>
 inline void load_bias(const float* bg, int64_t i0, int n, float* bt) {
-  for (int j = 0; j < NT; ++j) bt[j] = j < n ? (bg ? bg[i0 + j] : 0.f) : -kInfF;
+  for (int j = 0; j < V * W; ++j) bt[j] = j < n ? (bg ? bg[i0 + j] : 0.f) : -kInfF;
 }
 
 // Tiles of nt points of group g up to its last point with a finite bias: the trailing points
