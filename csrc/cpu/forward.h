@@ -316,7 +316,8 @@ void forward_impl(const Problem<float>& a) {
   const int T = (int)imax(1, a.threads);
   const int K = FAST ? 0 : a.top_k;
   const bool planned = !FAST && a.expand;
-  const int64_t ntiles = cdiv(N, (FAST ? NV_FAST : NV) * W);  // tiles of fwd_item<FAST>
+  const int64_t tile = (FAST ? NV_FAST : NV) * W;  // points per tile of fwd_item<FAST>
+  const int64_t ntiles = cdiv(N, tile);
   const int64_t nqc = cdiv(B, QCMAX);
   const int64_t qcs = cdiv(B, nqc);
   // split the points too when there are few (group, query chunk) items, for load balance
@@ -346,7 +347,7 @@ void forward_impl(const Problem<float>& a) {
   const int64_t nitems = G * nqc * S;
   Buf bact;
   int64_t* active = bact.get<int64_t>((size_t)G);
-  for (int64_t g = 0; g < G; ++g) active[g] = active_tiles(a, g, NT);
+  for (int64_t g = 0; g < G; ++g) active[g] = active_tiles(a, g, tile);
 #pragma omp parallel num_threads(T)
   {
     Work w;
