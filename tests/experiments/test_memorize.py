@@ -11,12 +11,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ranks import rank_log_tails, wait_for_ranks
 
 from diffmem import EmpiricalDenoiser, PartialMemorizingDenoiser, memorization_ratio
 from diffmem.cli import main
@@ -291,24 +291,10 @@ def _two_processes(tmp_path: Path, args: list[str]) -> dict:
         procs.append(subprocess.Popen(
             [sys.executable, "-c", code, "memorize", *args, "--out", str(out)],
             stdout=logs[-1], stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
-    deadline = time.monotonic() + HARD_LIMIT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    failed = wait_for_ranks(procs, logs, HARD_LIMIT_S)
     if failed:
-        pytest.fail("ranks failed or hung:\n" + "\n".join(
-            f"--- rank {r} (exit {rc}):\n{(tmp_path / f'rank{r}.log').read_text()[-3000:]}"
-            for r, rc in failed))
+        pytest.fail(f"ranks failed or hung (limit {HARD_LIMIT_S} s):\n"
+                    f"{rank_log_tails(tmp_path, failed)}")
     return json.loads((out / "results.json").read_text())
 
 

@@ -14,13 +14,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dist_worker import NEAREST_SIZES, THREE_SIZES, TWO_SIZES, problem, shard
+from ranks import rank_log_tails, wait_for_ranks
 from test_merge import dense_nearest
 
 import diffmem
@@ -43,24 +43,10 @@ def run_group(scenario: str, world: int, tmp_path: Path):
                                str(tmp_path / "store"), str(out)],
                               stdout=logs[r], stderr=subprocess.STDOUT, env=env)
              for r in range(world)]
-    deadline = time.monotonic() + HARD_LIMIT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    failed = wait_for_ranks(procs, logs, HARD_LIMIT_S)
     if failed:
-        tails = "\n".join(f"--- rank {r} (exit {rc}):\n"
-                          + (tmp_path / f"rank{r}.log").read_text()[-3000:] for r, rc in failed)
-        pytest.fail(f"{scenario}: ranks failed or hung (limit {HARD_LIMIT_S} s)\n{tails}")
+        pytest.fail(f"{scenario}: ranks failed or hung (limit {HARD_LIMIT_S} s)\n"
+                    f"{rank_log_tails(tmp_path, failed)}")
     results = []
     for r in range(world):
         with np.load(out / f"rank{r}.npz") as f:
