@@ -16,7 +16,7 @@ import torch
 from ..diffusion.processes import time_grid
 from .args import out_folder
 from .budget import check_memory
-from .config import ConfigError, make_config
+from .config import ConfigError, ExperimentConfig, make_config
 from .crossover_vs_n import MEASURE_DRAWS, format_rows, run_crossover_vs_n
 from .predictions import predict
 from .results import environment, writable_folder, write_json
@@ -39,6 +39,8 @@ def run_crossover(args) -> int:
     samples = args.samples if args.samples is not None else [None]
     values = {k: getattr(args, k, None) for k in ("data", "dim", "components", "seed",
                                                   "val_samples", "variance", "eval_draws")}
+    if values["eval_draws"] is None:  # the measured loss's own default, whatever N is
+        values["eval_draws"] = ExperimentConfig.eval_draws
     # sizes: not used here
     configs = [make_config(args.preset, sizes=[1], samples=n, **values) for n in samples]
     if len(configs) > 1:

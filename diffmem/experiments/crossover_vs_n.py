@@ -58,7 +58,7 @@ def crossing_se(fractions, gaps, gap_se) -> tuple[float, float | None]:
     sizes) over the magnitude of the gap's slope there. (NaN, None) if the gaps do not cross;
     SE None if the crossing is at the first size (no slope to its left)."""
     frac = theory.crossing(fractions, gaps)
-    if frac != frac:
+    if frac != frac or gaps[0] <= 0:  # no crossing, or at the first size
         return frac, None
     for i in range(len(fractions) - 1):
         if gaps[i] > 0 >= gaps[i + 1]:

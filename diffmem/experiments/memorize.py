@@ -144,25 +144,28 @@ def specs_for(config: MemorizeConfig, total: int, has_truth: bool) -> list[Spec]
 
 
 class _Traced:
-    """An x0 model for ddim_sample that times each call and keeps the nearest point of the
-    last one (for denoisers that report it)."""
+    """An x0 model for ddim_sample that times each call; for denoisers that report it
+    (nearest_fn (x, t) -> (x0, idx, weight)), the last of `calls` calls also gives the nearest
+    point (the other calls run fn alone, in the requested precision)."""
 
     process, prediction = VP(), "x0"
 
-    def __init__(self, fn, nearest: bool, procs: Processes, tick):
-        self.fn, self.nearest, self.procs, self.tick = fn, nearest, procs, tick
+    def __init__(self, fn, nearest_fn, calls: int, procs: Processes, tick):
+        self.fn, self.nearest_fn, self.calls = fn, nearest_fn, calls
+        self.procs, self.tick = procs, tick
         self.seconds: list[float] = []
         self.cpu_seconds: list[float] = []
         self.idx = self.weight = None
 
     def __call__(self, x, t):
+        last = self.nearest_fn is not None and len(self.seconds) == self.calls - 1
         self.procs.sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        out = self.fn(x, t)
+        out = self.nearest_fn(x, t) if last else self.fn(x, t)
         self.procs.sync()
         self.seconds.append(time.perf_counter() - t0)
         self.cpu_seconds.append(time.process_time() - c0)
-        if self.nearest:
+        if last:
             out, self.idx, self.weight = out
         self.tick(len(self.seconds))
         return out
@@ -194,8 +197,8 @@ def _knn_stored(ctx: Context, samples: torch.Tensor):
 
 
 def _model(ctx: Context, spec: Spec):
-    """(x0 function (x, t) -> x0, or (x0, nearest idx, weight) over the denoiser's points,
-    whether it reports the nearest point)."""
+    """(x0 function (x, t) -> x0, and for denoisers over points the function (x, t) -> (x0,
+    nearest idx, weight), else None)."""
     d, r = ctx.data, ctx.runtime
     if spec.kind == "generalizing":
         if ctx.truth is not None:
@@ -205,7 +208,7 @@ def _model(ctx: Context, spec: Spec):
             model = fit_gaussian(d.codes.cpu(), scale=d.scale, offset=d.offset, total=d.total,
                                  seed=sub_seed(ctx.config.seed, "gaussian"),
                                  reduce=reduce).to(ctx.procs.device)
-        return model, False
+        return model, None
     points = d.codes
     if spec.subset is not None:
         local = spec.subset
@@ -216,21 +219,22 @@ def _model(ctx: Context, spec: Spec):
     cls = ShardedEmpirical if ctx.shard_points else EmpiricalDenoiser
     den = cls(points, VP(), "x0", scale=d.scale, offset=d.offset, backend=r.backend,
               precision=r.precision)
-    return den.x0_nearest, True
+    return den.x0, den.x0_nearest
 
 
 def run_stage(ctx: Context, spec: Spec) -> dict | None:
     """Sample with spec's denoiser and measure; the stage's arrays on rank 0 (None elsewhere)."""
     procs, cfg = ctx.procs, ctx.config
     t0 = time.perf_counter()
-    fn, reports = _model(ctx, spec)
+    fn, nearest_fn = _model(ctx, spec)
+    reports = nearest_fn is not None
     x = ctx.x_init
     if procs.distributed and not ctx.shard_points:
         lo, hi = procs.rows(cfg.num_samples)
         x = x[lo:hi]
     label = f"{spec.name}: DDIM steps"
     tick = ctx.progress.task(label)
-    traced = _Traced(fn, reports, procs, lambda k: tick(k, cfg.steps))
+    traced = _Traced(fn, nearest_fn, len(ctx.ts) - 1, procs, lambda k: tick(k, cfg.steps))
     samples = ddim_sample(traced, x, ctx.ts)
     n = samples.shape[0]
     if reports:

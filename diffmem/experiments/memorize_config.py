@@ -77,13 +77,16 @@ def data_stamp(data: str) -> str:
         return ""
     path = Path(data)
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     elif path.is_file():
         files = [path]
     else:
         raise ConfigError(f"--data {data}: no such file or folder (expected digits, gmm, a "
                           f".npy/.npz file or a folder of PNG/JPEG images)")
-    stats = [p.stat() for p in files]
+    try:
+        stats = [p.stat() for p in files]
+    except OSError as e:
+        raise ConfigError(f"--data {data}: cannot read {e.filename}: {e.strerror}") from None
     return (f"{len(files)}:{sum(s.st_size for s in stats)}:"
             f"{max((s.st_mtime_ns for s in stats), default=0)}")
 
@@ -111,8 +114,9 @@ def validate(c: MemorizeConfig) -> MemorizeConfig:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
             raise ConfigError(f"--fractions must lie in (0, 1) (M/N of the partially memorizing "
                               f"denoisers), got {f!r}")
-    if len(set(c.fractions)) != len(c.fractions):
-        raise ConfigError(f"--fractions must be distinct, got {list(c.fractions)}")
+    if len({f"{f:g}" for f in c.fractions}) != len(c.fractions):  # they name the stages
+        raise ConfigError(f"--fractions must be distinct (to 6 significant digits), got "
+                          f"{list(c.fractions)}")
     for name, v, low, high in (("--t-min", c.t_min, 0, 0.5), ("--threshold", c.threshold, 0, 1)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and low < v <= high):
             raise ConfigError(f"{name} must be a number in ({low:g}, {high:g}], got {v!r}")

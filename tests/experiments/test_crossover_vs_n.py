@@ -143,3 +143,14 @@ def test_crossover_as_n_grows_writes_stages_json_and_plot_and_resumes(tmp_path, 
 def test_bad_crossover_as_n_grows_input(extra, words, tmp_path, capsys):
     code, _, err = cli(capsys, *ARGS, *extra, "--out", tmp_path / "x")
     assert code == 2 and one_line_error(code, err, *words), err
+
+
+def test_crossing_at_the_first_size_has_no_standard_error():
+    """A crossing at the first size has no slope to its left: no SE, even when noisy gaps
+    bracket zero again further on."""
+    from diffmem.experiments.crossover_vs_n import crossing_se
+
+    frac, se = crossing_se([0.1, 0.2, 0.3, 0.4], [-0.1, 0.2, -0.05, -0.3], [0.01] * 4)
+    assert frac == 0.1 and se is None
+    frac, se = crossing_se([0.1, 0.2, 0.3], [0.2, 0.1, -0.1], [0.01] * 3)
+    assert 0.2 < frac < 0.3 and se == pytest.approx(0.01 / 2.0)

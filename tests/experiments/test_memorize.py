@@ -228,6 +228,7 @@ def test_bad_data_is_one_line_naming_the_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, text", [
     (["--fractions", "0.5,1.5"], "--fractions"),
+    (["--fractions", "0.1,0.1000001"], "distinct"),  # both would name the stage partial_0.1
     (["--steps", "0"], "--steps"),
     (["--t-min", "0.9"], "--t-min"),
     (["--samples", "50"], "--data gmm only"),
