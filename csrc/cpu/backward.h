@@ -26,23 +26,36 @@
 // they do not cancel catastrophically for small var or data far from the origin.
 namespace {
 
-template <int Q, bool FAST, bool FULL>
-inline void k_blogit(const float* X, const float* Gm, int64_t ld, const float* al, const float* va,
-                     const float* yT, const float* yTg, int k0, int k1, float* S, float* GY, float* YD,
-                     float* SD) {
-  constexpr bool SHIFT_S = !FAST;
-  constexpr bool HAS_SD = FAST && FULL;
+// The per-(query, point) sums a k_blogit call forms: the logit's S (exact: the shifted distance,
+// fast: x'.yc), G = g.(y - c), and Y = y.diff (fast: with SD, the shifted distance as well).
+constexpr int kPartS = 1, kPartG = 2, kPartY = 4;
+
+// Loop 1 of the backward over coordinates [k0, k1) for Q queries (rows qi of X, Gm, al and va)
+// and the NT points of a transposed tile; writes rows 0..Q-1 of S, GY, YD, SD.  Each sum is formed
+// by the same operations whichever other parts a call forms, so S is the forward's bit for bit.
+template <int Q, bool FAST, int PARTS>
+inline void k_blogit(const int* qi, const float* X, const float* Gm, int64_t ld, const float* al,
+                     const float* va, const float* yT, const float* yTg, int k0, int k1, float* S,
+                     float* GY, float* YD, float* SD) {
+  constexpr bool PS = PARTS & kPartS, PG = PARTS & kPartG, PY = PARTS & kPartY;
+  constexpr bool SHIFT_S = !FAST && PS;
+  constexpr bool HAS_SD = FAST && PY;
+  constexpr bool DIFF = (!FAST && PS) || PY;  // df = fma(-alpha, y, x) needed
   vf aS[Q][NV], aG[Q][NV], aY[Q][NV], aD[Q][NV];
   vf a[Q];
+  const float* xq[Q];
+  const float* gq[Q];
   for (int q = 0; q < Q; ++q) {
-    a[q] = vb(al[q]);
+    a[q] = vb(al[qi[q]]);
+    xq[q] = X + qi[q] * ld;
+    gq[q] = PG ? Gm + qi[q] * ld : nullptr;
     for (int v = 0; v < NV; ++v) aS[q][v] = aG[q][v] = aY[q][v] = aD[q][v] = vb(0.f);
   }
   for (int kc = k0; kc < k1; kc += 16) {
     const int ke = (int)imin(kc + 16, k1);
     if (SHIFT_S || HAS_SD) {
       for (int q = 0; q < Q; ++q) {
-        const vf sh = vb((float)(ke - kc) * va[q]);
+        const vf sh = vb((float)(ke - kc) * va[qi[q]]);
         for (int v = 0; v < NV; ++v) {
           if (SHIFT_S) aS[q][v] -= sh;
           if (HAS_SD) aD[q][v] -= sh;
@@ -53,54 +66,51 @@ inline void k_blogit(const float* X, const float* Gm, int64_t ld, const float* a
       vf yv[NV], yg[NV];
       for (int v = 0; v < NV; ++v) {
         yv[v] = vld(yT + (size_t)k * NT + v * W);
-        yg[v] = FAST ? yv[v] : vld(yTg + (size_t)k * NT + v * W);
+        if (PG) yg[v] = FAST ? yv[v] : vld(yTg + (size_t)k * NT + v * W);
       }
       for (int q = 0; q < Q; ++q) {
-        const vf xb = vb(X[q * ld + k]);
-        const vf gb = vb(Gm[q * ld + k]);
+        const vf xb = vb(xq[q][k]);
+        vf gb;
+        if (PG) gb = vb(gq[q][k]);
         for (int v = 0; v < NV; ++v) {
-          if (FAST) {
-            aS[q][v] = vfma(xb, yv[v], aS[q][v]);
-            if (FULL) {
-              const vf df = vfnma(a[q], yv[v], xb);
-              aY[q][v] = vfma(yv[v], df, aY[q][v]);
-              aD[q][v] = vfma(df, df, aD[q][v]);
-            }
-          } else {
-            const vf df = vfnma(a[q], yv[v], xb);
-            aS[q][v] = vfma(df, df, aS[q][v]);
-            if (FULL) aY[q][v] = vfma(yv[v], df, aY[q][v]);
+          vf df;
+          if (DIFF) df = vfnma(a[q], yv[v], xb);
+          if (PS) aS[q][v] = FAST ? vfma(xb, yv[v], aS[q][v]) : vfma(df, df, aS[q][v]);
+          if (PY) {
+            aY[q][v] = vfma(yv[v], df, aY[q][v]);
+            if (FAST) aD[q][v] = vfma(df, df, aD[q][v]);
           }
-          aG[q][v] = vfma(gb, yg[v], aG[q][v]);
+          if (PG) aG[q][v] = vfma(gb, yg[v], aG[q][v]);
         }
       }
     }
   }
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < NV; ++v) {
-      vst(S + q * NT + v * W, aS[q][v]);
-      vst(GY + q * NT + v * W, aG[q][v]);
-      if (FULL) vst(YD + q * NT + v * W, aY[q][v]);
+      if (PS) vst(S + q * NT + v * W, aS[q][v]);
+      if (PG) vst(GY + q * NT + v * W, aG[q][v]);
+      if (PY) vst(YD + q * NT + v * W, aY[q][v]);
       if (HAS_SD) vst(SD + q * NT + v * W, aD[q][v]);
     }
 }
 
 
-// Fused dx / dy micro-kernel (row form) for coordinates [kc, kc + DV*W) of Q queries and the n
-// points of a packed tile (row stride dp of yR / dyR; ld of X, Gm and dxa): with
+// Fused dx / dy micro-kernel (row form) for coordinates [kc, kc + DV*W) of Q queries (rows qi
+// of X, Gm, al and dxa; rows q of P, Wt and Pq) and the n points of a packed tile (row stride dp
+// of yR / dyR; ld of X, Gm and dxa): with
 // diff = fma(-alpha_q, y_i, x_q),
 //   dxa[q] += sum_i P[q,i] diff          (fp32 over the tile, then added in double)
 //   dyR[i] += sum_q Wt[q,i] g_q + Pq[q,i] diff
 template <int Q, int DV, bool DX, bool DY>
-inline void k_dxy(const float* X, const float* Gm, int64_t ld, const float* al, const float* P,
-                  const float* Wt, const float* Pq, const float* yR, int dp, int n, double* dxa,
-                  float* dyR) {
+inline void k_dxy(const int* qi, const float* X, const float* Gm, int64_t ld, const float* al,
+                  const float* P, const float* Wt, const float* Pq, const float* yR, int dp, int n,
+                  double* dxa, float* dyR) {
   vf xr[Q][DV], gr[Q][DV], r[Q][DV], a[Q];
   for (int q = 0; q < Q; ++q) {
-    a[q] = vb(al[q]);
+    a[q] = vb(al[qi[q]]);
     for (int j = 0; j < DV; ++j) {
-      xr[q][j] = vld(X + q * ld + j * W);
-      if (DY) gr[q][j] = vld(Gm + q * ld + j * W);
+      xr[q][j] = vld(X + qi[q] * ld + j * W);
+      if (DY) gr[q][j] = vld(Gm + qi[q] * ld + j * W);
       r[q][j] = vb(0.f);
     }
   }
@@ -133,7 +143,7 @@ inline void k_dxy(const float* X, const float* Gm, int64_t ld, const float* al, 
   for (; i < n; ++i) step(std::integral_constant<int, 1>{}, i);
   if (DX)
     for (int q = 0; q < Q; ++q) {
-      double* aq = dxa + (size_t)q * ld;  // dxa rows have X's stride
+      double* aq = dxa + (size_t)qi[q] * ld;  // dxa rows have X's stride
       alignas(64) float t[DV * W];
       for (int j = 0; j < DV; ++j) vst(t + j * W, r[q][j]);
       for (int l = 0; l < DV * W; ++l) aq[l] += (double)t[l];
@@ -151,34 +161,37 @@ void to_panels(const float* yR, int ldr, int dp, int n, float* yP) {
     for (int i = 0; i < n; ++i) std::memcpy(dst + (size_t)i * PW, yR + (size_t)i * ldr + kc, sizeof(float) * w);
   }
 }
+// dx / dy of the tile for the nl queries listed in qi (rows of X, Gm, al and dxa), whose rows
+// of P, Wt and Pq are stored one after the other.
 template <bool DX, bool DY>
-void tile_dxy(const float* X, const float* Gm, int dp, const float* al, const float* P,
-              const float* Wt, const float* Pq, const float* yP, int nq, int n, double* dxa, float* dyP) {
+void tile_dxy(const int* qi, int nl, const float* X, const float* Gm, int dp, const float* al,
+              const float* P, const float* Wt, const float* Pq, const float* yP, int n, double* dxa,
+              float* dyP) {
   dv_chunks<DV_DXY>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     const size_t po = panel_off(kc) + (size_t)(kc % PW);
-    qblocks<QB_DXY>(nq, [&](auto qcn, int q) {
+    qblocks<QB_DXY>(nl, [&](auto qcn, int j) {
       constexpr int Q = decltype(qcn)::value;
-      k_dxy<Q, DV, DX, DY>(X + (size_t)q * dp + kc, Gm + (size_t)q * dp + kc, dp, al + q, P + q * NT,
-                           Wt + q * NT, Pq + q * NT, yP + po, PW, n, dxa + (size_t)q * dp + kc, dyP + po);
+      k_dxy<Q, DV, DX, DY>(qi + j, X + kc, Gm + kc, dp, al, P + j * NT, Wt + j * NT, Pq + j * NT,
+                           yP + po, PW, n, dxa ? dxa + kc : nullptr, dyP + po);
     });
   });
 }
 
-// Exact-mode loop 1 for d > DB over coordinates [k0, k1) (one DB block): the shifted distance
-// in 16-coordinate fp32 chunks added into double in the same order as the forward's
-// k_logit_dbl (bit-identical logits; the double sums are in registers, continuing Sd);
-// g.(y - c) and y.diff in fp32 over the whole block, then added into GYd / YDd.
-template <int Q, bool FULL>
-inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const float* al, const float* va,
-                         const float* yT, const float* yTg, int k0, int k1, double* Sd, double* GYd,
-                         double* YDd) {
-  vf aG[Q][NV], aY[Q][NV], a[Q];
+// Exact-mode S for d > DB over coordinates [k0, k1) (one DB block) for Q queries (rows qi of X,
+// al and va): the shifted distance in 16-coordinate fp32 chunks added into double in the same
+// order as the forward's k_logit_dbl (bit-identical logits; the double sums are in registers,
+// continuing rows 0..Q-1 of Sd).
+template <int Q>
+inline void k_blogit_dbl(const int* qi, const float* X, int64_t ld, const float* al, const float* va,
+                         const float* yT, int k0, int k1, double* Sd) {
+  vf a[Q];
   vd dl[Q][NV], dh[Q][NV];
+  const float* xq[Q];
   for (int q = 0; q < Q; ++q) {
-    a[q] = vb(al[q]);
+    a[q] = vb(al[qi[q]]);
+    xq[q] = X + qi[q] * ld;
     for (int v = 0; v < NV; ++v) {
-      aG[q][v] = aY[q][v] = vb(0.f);
       dl[q][v] = vldd(Sd + q * NT + v * W);
       dh[q][v] = vldd(Sd + q * NT + v * W + H);
     }
@@ -187,23 +200,17 @@ inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const floa
     const int ke = (int)imin(kc + 16, k1);
     vf acc[Q][NV];
     for (int q = 0; q < Q; ++q) {
-      const vf sh = vb((float)(ke - kc) * va[q]);
+      const vf sh = vb((float)(ke - kc) * va[qi[q]]);
       for (int v = 0; v < NV; ++v) acc[q][v] = vb(0.f) - sh;
     }
     for (int k = kc; k < ke; ++k) {
-      vf yv[NV], yg[NV];
-      for (int v = 0; v < NV; ++v) {
-        yv[v] = vld(yT + (size_t)k * NT + v * W);
-        yg[v] = vld(yTg + (size_t)k * NT + v * W);
-      }
+      vf yv[NV];
+      for (int v = 0; v < NV; ++v) yv[v] = vld(yT + (size_t)k * NT + v * W);
       for (int q = 0; q < Q; ++q) {
-        const vf xb = vb(X[q * ld + k]);
-        const vf gb = vb(Gm[q * ld + k]);
+        const vf xb = vb(xq[q][k]);
         for (int v = 0; v < NV; ++v) {
           const vf df = vfnma(a[q], yv[v], xb);
           acc[q][v] = vfma(df, df, acc[q][v]);
-          if (FULL) aY[q][v] = vfma(yv[v], df, aY[q][v]);
-          aG[q][v] = vfma(gb, yg[v], aG[q][v]);
         }
       }
     }
@@ -215,23 +222,16 @@ inline void k_blogit_dbl(const float* X, const float* Gm, int64_t ld, const floa
   }
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < NV; ++v) {
-      double* ps = Sd + q * NT + v * W;
-      vstd(ps, dl[q][v]);
-      vstd(ps + H, dh[q][v]);
-      double* pg = GYd + q * NT + v * W;
-      vstd(pg, vldd(pg) + lo_d(aG[q][v]));
-      vstd(pg + H, vldd(pg + H) + hi_d(aG[q][v]));
-      if (FULL) {
-        double* py = YDd + q * NT + v * W;
-        vstd(py, vldd(py) + lo_d(aY[q][v]));
-        vstd(py + H, vldd(py + H) + hi_d(aY[q][v]));
-      }
+      vstd(Sd + q * NT + v * W, dl[q][v]);
+      vstd(Sd + q * NT + v * W + H, dh[q][v]);
     }
 }
 
 struct BWork {
   Buf b_Xp, b_Gp, b_GY, b_YD, b_SD, b_GYd, b_YDd, b_SDd, b_W, b_Pq, b_dx, b_tmp, b_q, b_yTc, b_yP,
-      b_Se, b_ynd;
+      b_Se, b_ynd, b_iota;
+  int* iota;  // 0, 1, 2, ...: the query list of a whole chunk
+  bool dense = true;  // most queries had a non-zero weight in the previous tile (see tile_BS)
   float *Xp, *Gp, *GY, *YD, *SD, *Wt, *Pq, *tmp, *yTc, *yP;
   double *GYd, *YDd, *SDd, *dxa, *qd, *Se, *ynd;
   void init(int dp, int qcmax) {
@@ -252,56 +252,97 @@ struct BWork {
     yP = b_yP.get<float>((size_t)cdiv(dp, DV_DXY * W) * NT * DV_DXY * W);
     Se = b_Se.get<double>((size_t)qcmax * NT);
     ynd = b_ynd.get<double>(NT);
+    iota = b_iota.get<int>((size_t)qcmax + 8);
+    for (int q = 0; q < qcmax + 8; ++q) iota[q] = q;
   }
 };
 
-// All per-(query, point) quantities of one tile for the backward: S (float; plus Sd in double
-// when d > DB), GY, and with FULL also YD and (fast) SD.
+// The logits' S of one tile for all nq queries: float in w.Sf, and for d > DB in double in w.Sd
+// (the values the forward formed: exact 16-coordinate fp32 chunks, fast DB-coordinate blocks,
+// added into double in the same order).  When most queries had a non-zero weight in the previous
+// tile (bw.dense) and d <= DB, GY (YD, SD with FULL) are formed in the same pass for all queries,
+// in rows q (returns true); otherwise tile_BG forms them afterwards for the live queries only.
 template <bool FAST, bool FULL>
-void tile_B(const float* X, const float* Gm, int64_t ld, const float* al, const float* va, int nq,
-            int d, const float* yT, const float* yTg, Work& w, BWork& bw) {
-  constexpr int QM = FAST ? QB_P2F : QB_P2;
-  if (d <= DB) {
-    qblocks<QM>(nq, [&](auto qc, int q) {
+bool tile_BS(const float* X, const float* Gm, int64_t ld, const float* al, const float* va, int nq,
+             int d, const float* yT, const float* yTg, Work& w, BWork& bw) {
+  const int* qi = bw.iota;
+  if (d <= DB && bw.dense) {
+    qblocks<FAST ? QB_P2F : QB_P2>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
-      k_blogit<Q, FAST, FULL>(X + q * ld, Gm + q * ld, ld, al + q, va + q, yT, yTg, 0, d, w.Sf + q * NT,
-                              bw.GY + q * NT, bw.YD + q * NT, bw.SD + q * NT);
+      k_blogit<Q, FAST, kPartS | kPartG | (FULL ? kPartY : 0)>(qi + q, X, Gm, ld, al, va, yT, yTg, 0, d,
+                                                               w.Sf + q * NT, bw.GY + q * NT,
+                                                               bw.YD + q * NT, bw.SD + q * NT);
+    });
+    return true;
+  }
+  if (d <= DB) {
+    qblocks<FAST ? QB_P2F : QB_P2>(nq, [&](auto qc, int q) {
+      constexpr int Q = decltype(qc)::value;
+      k_blogit<Q, FAST, kPartS>(qi + q, X, nullptr, ld, al, va, yT, nullptr, 0, d, w.Sf + q * NT,
+                                nullptr, nullptr, nullptr);
+    });
+    return false;
+  }
+  for (int i = 0; i < nq * NT; ++i) w.Sd[i] = 0.0;
+  for (int k0 = 0; k0 < d; k0 += DB) {
+    const int k1 = (int)imin(d, k0 + DB);
+    if (!FAST) {
+      qblocks<QB_BD>(nq, [&](auto qc, int q) {
+        constexpr int Q = decltype(qc)::value;
+        k_blogit_dbl<Q>(qi + q, X, ld, al, va, yT, k0, k1, w.Sd + q * NT);
+      });
+    } else {
+      qblocks<QB_P2F>(nq, [&](auto qc, int q) {
+        constexpr int Q = decltype(qc)::value;
+        k_blogit<Q, true, kPartS>(qi + q, X, nullptr, ld, al, va, yT, nullptr, k0, k1, bw.tmp,
+                                  nullptr, nullptr, nullptr);
+        for (int i = 0; i < Q * NT; ++i) w.Sd[q * NT + i] += (double)bw.tmp[i];
+      });
+    }
+  }
+  for (int i = 0; i < nq * NT; ++i) w.Sf[i] = (float)w.Sd[i];
+  return false;
+}
+
+// GY (and with FULL, YD and for fast SD) of one tile for the nl queries listed in qi, in rows
+// 0..nl-1 of bw.GY, bw.YD, bw.SD: moved there when tile_BS formed them (fused), else formed now,
+// for d > DB in fp32 over DB-coordinate blocks added into double.  Sets bw.dense for the next
+// tile.
+template <bool FAST, bool FULL>
+void tile_BG(bool fused, const int* qi, int nl, int nq, const float* X, const float* Gm, int64_t ld,
+             const float* al, const float* va, int d, const float* yT, const float* yTg, BWork& bw) {
+  constexpr int PARTS = kPartG | (FULL ? kPartY : 0);
+  constexpr int QM = FAST ? QB_P2F : QB_P2;
+  bw.dense = 2 * nl > nq;
+  if (fused) {  // rows qi[j] >= j: moving them up in order reads every row before it is overwritten
+    for (int j = 0; j < nl; ++j) {
+      if (qi[j] == j) continue;
+      std::memcpy(bw.GY + j * NT, bw.GY + qi[j] * NT, sizeof(float) * NT);
+      if (FULL) std::memcpy(bw.YD + j * NT, bw.YD + qi[j] * NT, sizeof(float) * NT);
+      if (FAST && FULL) std::memcpy(bw.SD + j * NT, bw.SD + qi[j] * NT, sizeof(float) * NT);
+    }
+    return;
+  }
+  if (d <= DB) {
+    qblocks<QM>(nl, [&](auto qc, int j) {
+      constexpr int Q = decltype(qc)::value;
+      k_blogit<Q, FAST, PARTS>(qi + j, X, Gm, ld, al, va, yT, yTg, 0, d, nullptr, bw.GY + j * NT,
+                               bw.YD + j * NT, bw.SD + j * NT);
     });
     return;
   }
-  const int m = nq * NT;
-  for (int i = 0; i < m; ++i) w.Sd[i] = bw.GYd[i] = bw.YDd[i] = bw.SDd[i] = 0.0;
-  if (!FAST) {
-    for (int k0 = 0; k0 < d; k0 += DB) {
-      const int k1 = (int)imin(d, k0 + DB);
-      qblocks<QB_BD>(nq, [&](auto qc, int q) {
-        constexpr int Q = decltype(qc)::value;
-        k_blogit_dbl<Q, FULL>(X + q * ld, Gm + q * ld, ld, al + q, va + q, yT, yTg, k0, k1,
-                              w.Sd + q * NT, bw.GYd + q * NT, bw.YDd + q * NT);
-      });
-    }
-    for (int i = 0; i < m; ++i) {
-      w.Sf[i] = (float)w.Sd[i];
-      bw.GY[i] = (float)bw.GYd[i];
-      bw.YD[i] = (float)bw.YDd[i];
-    }
-    return;
-  }
-  float* t0 = bw.tmp;
-  float* t1 = t0 + 16 * NT;
+  const int m = nl * NT;
+  for (int i = 0; i < m; ++i) bw.GYd[i] = bw.YDd[i] = bw.SDd[i] = 0.0;
+  float* t1 = bw.tmp;
   float* t2 = t1 + 16 * NT;
   float* t3 = t2 + 16 * NT;
-  // exact: 16-coordinate fp32 chunks (the logit must match the forward's k_logit_dbl bit for
-  // bit: same chunk values, added into double in the same order); fast: DB-coordinate blocks.
-  constexpr int FB = FAST ? DB : 16;
-  for (int k0 = 0; k0 < d; k0 += FB) {
-    const int k1 = (int)imin(d, k0 + FB);
-    qblocks<QM>(nq, [&](auto qc, int q) {
+  for (int k0 = 0; k0 < d; k0 += DB) {
+    const int k1 = (int)imin(d, k0 + DB);
+    qblocks<QM>(nl, [&](auto qc, int j) {
       constexpr int Q = decltype(qc)::value;
-      k_blogit<Q, FAST, FULL>(X + q * ld, Gm + q * ld, ld, al + q, va + q, yT, yTg, k0, k1, t0, t1, t2, t3);
-      const int o = q * NT;
+      k_blogit<Q, FAST, PARTS>(qi + j, X, Gm, ld, al, va, yT, yTg, k0, k1, nullptr, t1, t2, t3);
+      const int o = j * NT;
       for (int i = 0; i < Q * NT; ++i) {
-        w.Sd[o + i] += (double)t0[i];
         bw.GYd[o + i] += (double)t1[i];
         if (FULL) bw.YDd[o + i] += (double)t2[i];
         if (FAST && FULL) bw.SDd[o + i] += (double)t3[i];
@@ -309,7 +350,6 @@ void tile_B(const float* X, const float* Gm, int64_t ld, const float* al, const 
     });
   }
   for (int i = 0; i < m; ++i) {
-    w.Sf[i] = (float)w.Sd[i];
     bw.GY[i] = (float)bw.GYd[i];
     bw.YD[i] = (float)bw.YDd[i];
     bw.SD[i] = (float)bw.SDd[i];
@@ -425,6 +465,26 @@ inline void query_weights(const BShared& sh, const Work& w, const BWork& bw, int
   }
 }
 
+// The weights of queries [q0, q0+nq) for the current tile; the queries with any non-zero weight
+// are listed in qi (returns how many) with their weights in rows 0, 1, ... of bw.Wt.  The others
+// add nothing to any gradient or sum of the tile.
+template <bool FAST>
+int live_weights(const BShared& sh, const Work& w, BWork& bw, int64_t q0, int nq, int64_t i0, int n,
+                 bool dbl, int* qi) {
+  int nl = 0;
+  for (int q = 0; q < nq; ++q) {
+    vf wv[NV];
+    if (FAST) tile_weights<FAST>(w, q, sh.qc[q0 + q], sh.lse_d[q0 + q], dbl, wv);
+    else query_weights(sh, w, bw, q0 + q, q, i0, n, dbl, wv);
+    vi any = (vi)wv[0];
+    for (int v = 1; v < NV; ++v) any |= (vi)wv[v];
+    if (!any_bits(any)) continue;
+    for (int v = 0; v < NV; ++v) vst(bw.Wt + nl * NT + v * W, wv[v]);
+    qi[nl++] = q;
+  }
+  return nl;
+}
+
 // Pass 1 (only where the forward's float32 mean is too coarse for D, see backward_impl) for
 // queries [q0, q0+nq): D' = sum_i w_i g.(y_i - c) / sum_i w_i with exactly the g.(y - c) values
 // of the main pass, so that sum_i P_i = h holds to rounding; stores c0 = h - D'.
@@ -442,28 +502,29 @@ void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const flo
   const bool dbl = d > DB;
   double* Z = w.sc;
   double* Dq = bw.qd;
+  int qi[QCMAX + 8];
   for (int q = 0; q < nq; ++q) { Dq[q] = 0.0; Z[q] = 0.0; }
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
     pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, w.yR, w.yn, w.cy, FAST ? nullptr : bw.yTc, cf);
     load_bias(bg, i0, n, w.bt);
-    tile_B<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+    const bool fused = tile_BS<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
     if (!FAST && sh.ex) {
       tile_sq_norms(bw.yTc, d, bw.ynd);
       tile_expand(sh, q0, nq, d, dp, bw.yTc, w.tmp, bw);
     }
-    for (int q = 0; q < nq; ++q) {
-      vf wv[NV];
-      if (FAST) tile_weights<FAST>(w, q, sh.qc[q0 + q], sh.lse_d[q0 + q], dbl, wv);
-      else query_weights(sh, w, bw, q0 + q, q, i0, n, dbl, wv);
+    const int nl = live_weights<FAST>(sh, w, bw, q0, nq, i0, n, dbl, qi);
+    tile_BG<FAST, false>(fused, qi, nl, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
+    for (int j = 0; j < nl; ++j) {
       vf acc = vb(0.f), z = vb(0.f);
       for (int v = 0; v < NV; ++v) {
-        acc = vfma(wv[v], vld(bw.GY + q * NT + v * W), acc);
-        z += wv[v];
+        const vf wv = vld(bw.Wt + j * NT + v * W);
+        acc = vfma(wv, vld(bw.GY + j * NT + v * W), acc);
+        z += wv;
       }
-      Dq[q] += (double)hsum(acc);
-      Z[q] += (double)hsum(z);
+      Dq[qi[j]] += (double)hsum(acc);
+      Z[qi[j]] += (double)hsum(z);
     }
   }
   for (int q = 0; q < nq; ++q)
@@ -481,20 +542,21 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
   const float* X = sh.Xp + (size_t)q0 * dp;
   const float* Gm = sh.Gp + (size_t)q0 * dp;
   const bool dbl = d > DB;
-  tile_B<FAST, true>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+  const bool fused = tile_BS<FAST, true>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
   if (!FAST && sh.ex) tile_expand(sh, q0, nq, d, dp, bw.yTc, w.tmp, bw);
-  for (int q = 0; q < nq; ++q) {
+  int qi[QCMAX + 8];
+  const int nl = live_weights<FAST>(sh, w, bw, q0, nq, i0, n, dbl, qi);
+  tile_BG<FAST, true>(fused, qi, nl, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
+  for (int j = 0; j < nl; ++j) {
+    const int q = qi[j];
     const int64_t b = q0 + q;
-    vf wv[NV];
-    if (FAST) tile_weights<FAST>(w, q, sh.qc[b], sh.lse_d[b], dbl, wv);
-    else query_weights(sh, w, bw, b, q, i0, n, dbl, wv);
     // expansion queries: S - |x'|^2 = alpha^2 |yc|^2 - 2 alpha x'.yc, accurate where the
     // direct shifted distance is not
     alignas(64) float se[NT];
     const bool e = !FAST && sh.expands(b);
     if (e) {
       const double av = al[q];
-      for (int j = 0; j < NT; ++j) se[j] = (float)(av * av * bw.ynd[j] - 2.0 * av * bw.Se[q * NT + j]);
+      for (int i = 0; i < NT; ++i) se[i] = (float)(av * av * bw.ynd[i] - 2.0 * av * bw.Se[q * NT + i]);
     }
     // c0 = h - D split into hi + lo floats: g.(y - c) + hi is exact where it cancels (Sterbenz),
     // so h survives even when |g.(y - c)| >> |h|
@@ -503,15 +565,15 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
     const vf pqs = vb(al[q] / va[q]);
     vf s1 = vb(0.f), s2 = vb(0.f), s3 = vb(0.f);
     for (int v = 0; v < NV; ++v) {
-      const int o = q * NT + v * W;
-      const vf P = wv[v] * ((vld(bw.GY + o) + c0) + c0l);
-      const vf sv = FAST ? vld(bw.SD + o) : e ? vld(se + v * W) : vld(w.Sf + o);
+      const int o = j * NT + v * W;  // row j: the listed query's rows of Wt, GY, YD, SD, P, Pq
+      const vf wv = vld(bw.Wt + o);
+      const vf P = wv * ((vld(bw.GY + o) + c0) + c0l);
+      const vf sv = FAST ? vld(bw.SD + o) : e ? vld(se + v * W) : vld(w.Sf + q * NT + v * W);
       vf yd = vld(bw.YD + o);
       if (FAST) yd += vb((float)sh.cx[b]) - vb(al[q]) * vld(w.cy + v * W);
       s1 += P;
       s2 = vfma(P, sv, s2);
       s3 = vfma(P, yd, s3);
-      vst(bw.Wt + o, wv[v]);
       vst(w.P + o, P);
       vst(bw.Pq + o, P * pqs);
       db[v] += P;
@@ -522,11 +584,11 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
   }
   double* dxa = part ? part + (size_t)q0 * dp : nullptr;
   if (a.dx && a.dy)
-    tile_dxy<true, true>(X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, nq, n, dxa, dyR);
+    tile_dxy<true, true>(qi, nl, X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, n, dxa, dyR);
   else if (a.dx)
-    tile_dxy<true, false>(X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, nq, n, dxa, dyR);
+    tile_dxy<true, false>(qi, nl, X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, n, dxa, dyR);
   else if (a.dy)
-    tile_dxy<false, true>(X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, nq, n, dxa, dyR);
+    tile_dxy<false, true>(qi, nl, X, Gm, dp, al, w.P, bw.Wt, bw.Pq, bw.yP, n, dxa, dyR);
 }
 
 template <bool FAST>

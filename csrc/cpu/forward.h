@@ -125,12 +125,12 @@ struct SeenMax {
 };
 
 // Tiles whose weighted sums are formed together (see tile_wsum): up to WS_TILES, as many as keep
-// their row-major copies within 256 KB (at d = 3072 one tile is 390 KB: the copies would
-// otherwise leave L2 before the weighted sums read them, which slows few-query calls).
+// their row-major copies within 32 KB, so that they stay in L1 while every query block reads
+// them (at d >= 128 that is one tile).
 constexpr int WS_TILES = 8;
 template <int V>
 inline int ws_tiles(int dp) {
-  return (int)imax(1, imin(WS_TILES, (256 << 10) / ((int64_t)V * W * rstride(dp) * 4)));
+  return (int)imax(1, imin(WS_TILES, (32 << 10) / ((int64_t)V * W * rstride(dp) * 4)));
 }
 
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
@@ -186,6 +186,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   int tn[WS_TILES];  // points of the tiles waiting for their weighted sums
   const float* trow[WS_TILES];  // their rows (ldr[] floats apart)
   int tld[WS_TILES];
+  int tn_live[WS_TILES];  // live queries of the waiting tiles
   // exact-mode float32 points with d a multiple of W: full tiles are read in place (the rows
   // of a tile are consecutive and need neither conversion, centring nor padding)
   const bool in_place = !FAST && yg.type == kPointF32 && d == dp;
@@ -196,6 +197,8 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
     tn[tl] = n;
     float* P = w.P + (size_t)tl * nq * T;
     double* sc = w.sc + (size_t)tl * nq;
+    int* ql = w.ql + (size_t)tl * nq;  // the tile's live queries, their weights compact in P
+    tn_live[tl] = 0;
     if (in_place && n == T) {
       trow[tl] = yg.span(i0, 0, d, nullptr);
       tld[tl] = d;
@@ -224,7 +227,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
     }
     // online softmax update
     for (int q = 0; q < nq; ++q) {
-      float* p = P + q * T;
+      float* p = P + tn_live[tl] * T;  // the next live row
       const QConst& qc = w.qc[q];
       const bool expq = !FAST && q >= nd;
       const bool dq = dbl || expq;
@@ -267,7 +270,6 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
         }
       }
       if (mnew == -kInfD) {  // everything masked so far
-        for (int j = 0; j < T; ++j) p[j] = 0.f;
         sc[q] = 1.0;
         continue;
       }
@@ -289,11 +291,16 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
           sum += e;
         }
       }
-      pw.l[q] = pw.l[q] * scale + (double)hsum(sum);
+      const float tsum = hsum(sum);
+      pw.l[q] = pw.l[q] * scale + (double)tsum;
       pw.m[q] = mnew;
       sc[q] = scale;
+      // all weights 0 (every logit more than -kExpCut below the max, which then did not move):
+      // nothing to add, the tile's weighted sum skips this query
+      if (tsum == 0.f && scale == 1.0) continue;
+      ql[tn_live[tl]++] = q;
     }
-    if (tl == wst - 1 || t == te - 1) tile_wsum<V>(w.P, trow, tld, nq, dp, tn, tl + 1, pw.acc, w.sc);
+    if (tl == wst - 1 || t == te - 1) tile_wsum<V>(w.P, trow, tld, nq, dp, tn, tl + 1, pw.acc, w.sc, w.ql, tn_live);
   }
   if (K) seen.raise(g * a.B + q0, ord, nq, pw.m);
   // back to the callers' query order

@@ -47,7 +47,7 @@ namespace {
 constexpr int W = 16;      // fp32 lanes
 constexpr int NV = 2;      // point vectors per tile -> NT = 32 points
 constexpr int QB_EXACT = 6, QB_EXACT_D = 3, QB_FAST = 10, QB_P2 = 3, QB_P2F = 2;
-constexpr int QB_WS = 4, DV_WS = 4, QB_DXY = 2, DV_DXY = 2, IU_DXY = 2, QB_BD = 3;
+constexpr int QB_WS = 6, DV_WS = 4, QB_DXY = 2, DV_DXY = 2, IU_DXY = 2, QB_BD = 3;
 #elif DM_ISA == 1
 constexpr int W = 8;
 constexpr int NV = 2;
@@ -95,7 +95,18 @@ inline vf vb(float a) {
 #endif
 }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-
+// whether any bit of the vector is set
+inline bool any_bits(vi m) {
+#if DM_ISA == 2
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif DM_ISA == 1
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#else
+  for (int l = 0; l < W; ++l)
+    if (m[l]) return true;
+  return false;
+#endif
+}
 // a*b + c (fused where the hardware has FMA)
 inline vf vfma(vf a, vf b, vf c) {
 #if DM_ISA == 2
@@ -520,11 +531,12 @@ inline double logit_d(double s, float b, float yn, const QConst& c) {
   return (double)b - s * c.d1;
 }
 
-// Weighted-sum micro-kernel: acc[q, kc:kc+DV*W] = acc*sc[q] + sum_{i<n} P[q,i] yR[i, kc:...]
-// (yR rows ldr apart, acc rows dp apart).
-// Register block Q queries x DV vectors along d; fp32 over the tile, then added in double.
+// Weighted-sum micro-kernel: for Q queries with weight rows P (V*W floats apart) and their
+// indices qi among the chunk's rows, acc[qi, kc:kc+DV*W] = acc*sc[qi] + sum_{i<n} P[q,i] yR[i,
+// kc:...] (yR rows ldr apart, acc rows dp apart).  Register block Q queries x DV vectors along
+// d; fp32 over the tile, then added in double.
 template <int Q, int DV, int V = NV>
-inline void k_ws(const float* P, const float* yR, int ldr, int dp, int n, double* acc,
+inline void k_ws(const float* P, const int* qi, const float* yR, int ldr, int dp, int n, double* acc,
                  const double* sc) {
   vf r[Q][DV];
   for (int q = 0; q < Q; ++q)
@@ -538,17 +550,18 @@ inline void k_ws(const float* P, const float* yR, int ldr, int dp, int n, double
     }
   }
   for (int q = 0; q < Q; ++q) {  // widened to double in registers; no rescaling when sc = 1
-    double* aq = acc + (size_t)q * dp;
-    if (sc[q] == 1.0) {
+    double* aq = acc + (size_t)qi[q] * dp;
+    const double s = sc[qi[q]];
+    if (s == 1.0) {
       for (int j = 0; j < DV; ++j) {
         vstd(aq + j * W, vldd(aq + j * W) + lo_d(r[q][j]));
         vstd(aq + j * W + H, vldd(aq + j * W + H) + hi_d(r[q][j]));
       }
     } else {
-      const vd s = vdb(sc[q]);
+      const vd sv = vdb(s);
       for (int j = 0; j < DV; ++j) {
-        vstd(aq + j * W, vldd(aq + j * W) * s + lo_d(r[q][j]));
-        vstd(aq + j * W + H, vldd(aq + j * W + H) * s + hi_d(r[q][j]));
+        vstd(aq + j * W, vldd(aq + j * W) * sv + lo_d(r[q][j]));
+        vstd(aq + j * W + H, vldd(aq + j * W + H) * sv + hi_d(r[q][j]));
       }
     }
   }
@@ -563,25 +576,35 @@ inline void dv_chunks(int dp, F&& f) {
     tail_dispatch<DVM - 1>(rem, kc, g);
   }
 }
-// The weighted sums of nt consecutive tiles: tile t has weights P + t*nq*NT (nq x NT), rows
-// R[t] (ldr[t] floats apart: rstride(dp) for packed copies, so that a tile's rows do not share
-// their L1 sets, or d for float32 points read in place), n[t] points and rescale factors
-// sc + t*nq.  Per query and coordinate the double
-// accumulator takes the tiles in order (acc = acc*sc + tile sum), exactly as one call per tile
-// would, but each block of acc stays in L1 across the tiles (large d: acc does not fit in L2).
+// The weighted sums of nt consecutive tiles.  Tile t has rows R[t] (ldr[t] floats apart:
+// rstride(dp) for packed copies, so that a tile's rows do not share their L1 sets, or d for
+// float32 points read in place), n[t] points, rescale factors sc + t*nq, and nl[t] live queries:
+// those with a non-zero weight in the tile, listed in ql + t*nq with their weight rows at
+// P + t*nq*NT, one after the other.  A query whose weights in a tile are all zero (every logit
+// more than -kExpCut below its running max, which then did not move: factor 1) adds nothing and
+// is not listed.  Per query and coordinate the double accumulator takes the tiles in order
+// (acc = acc*sc + tile sum), so the result does not depend on which queries are listed.
 template <int V = NV>
 void tile_wsum(const float* P, const float* const* R, const int* ldr, int nq, int dp, const int* n,
-               int nt, double* acc, const double* sc) {
+               int nt, double* acc, const double* sc, const int* ql, const int* nl) {
+  bool dense = true;  // every query live in every tile: the lists are 0, 1, ..., nq - 1
+  for (int t = 0; t < nt; ++t) dense = dense && nl[t] == nq;
   dv_chunks<DV_WS>(dp, [&](auto dvc, int kc) {
     constexpr int DV = decltype(dvc)::value;
     // narrow chunks (small d): more queries per block, fewer loads per FMA
     constexpr int QW = DV <= 2 ? 2 * QB_WS : QB_WS;
-    qblocks<QW>(nq, [&](auto qc, int q) {
+    auto block = [&](int t, int j, auto qc) {
       constexpr int Q = decltype(qc)::value;
-      for (int t = 0; t < nt; ++t)
-        k_ws<Q, DV, V>(P + ((size_t)t * nq + q) * (V * W), R[t] + kc, ldr[t], dp, n[t],
-                    acc + (size_t)q * dp + kc, sc + (size_t)t * nq + q);
-    });
+      k_ws<Q, DV, V>(P + ((size_t)t * nq + j) * (V * W), ql + (size_t)t * nq + j, R[t] + kc, ldr[t],
+                     dp, n[t], acc + kc, sc + (size_t)t * nq);
+    };
+    if (dense) {  // each block of acc stays in L1 across the tiles
+      qblocks<QW>(nq, [&](auto qc, int j) {
+        for (int t = 0; t < nt; ++t) block(t, j, qc);
+      });
+    } else {
+      for (int t = 0; t < nt; ++t) qblocks<QW>(nl[t], [&](auto qc, int j) { block(t, j, qc); });
+    }
   });
 }
 
@@ -666,9 +689,10 @@ inline float xprime(float x, float alpha, double c) { return (float)((double)x -
 
 // Thread-local workspace.
 struct Work {
-  Buf b_yT, b_yR, b_yn, b_cy, b_bt, b_Sf, b_Sd, b_tmp, b_P, b_xc, b_qc, b_sc;
+  Buf b_yT, b_yR, b_yn, b_cy, b_bt, b_Sf, b_Sd, b_tmp, b_P, b_xc, b_qc, b_sc, b_ql;
   float *yT, *yR, *yn, *cy, *bt, *Sf, *tmp, *P, *xc;
   double *Sd, *sc;
+  int* ql;  // per tile: the queries with a non-zero weight (see tile_wsum)
   QConst* qc;
   // tiles: how many row-major tiles (with their weights P and factors sc) are kept at once
   void init(int d, int dp, int qcmax, int tiles = 1) {
@@ -684,6 +708,7 @@ struct Work {
     xc = b_xc.get<float>((size_t)qcmax * dp);
     qc = b_qc.get<QConst>(qcmax);
     sc = b_sc.get<double>((size_t)qcmax * tiles);
+    ql = b_ql.get<int>((size_t)qcmax * tiles);
     (void)d;
   }
 };
