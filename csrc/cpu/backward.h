@@ -257,15 +257,15 @@ struct BWork {
   }
 };
 
-// The logits' S of one tile for all nq queries: float in w.Sf, and for d > DB in double in w.Sd
-// (the values the forward formed: exact 16-coordinate fp32 chunks, fast DB-coordinate blocks,
-// added into double in the same order).  When most queries had a non-zero weight in the previous
-// tile (bw.dense) and d <= DB, GY (YD, SD with FULL) are formed in the same pass for all queries,
-// in rows q (returns true); otherwise tile_BG forms them afterwards for the live queries only.
+// The logits' S of one tile for the nq candidate queries cq (rows of X, Gm, al, va), in rows
+// 0..nq-1: float in w.Sf, and for d > DB in double in w.Sd (the values the forward formed: exact
+// 16-coordinate fp32 chunks, fast DB-coordinate blocks, added into double in the same order).
+// When most candidates had a non-zero weight in the previous tile (bw.dense) and d <= DB, GY (YD,
+// SD with FULL) are formed in the same pass, in the same rows (returns true); otherwise tile_BG
+// forms them afterwards for the live queries only.
 template <bool FAST, bool FULL>
-bool tile_BS(const float* X, const float* Gm, int64_t ld, const float* al, const float* va, int nq,
-             int d, const float* yT, const float* yTg, Work& w, BWork& bw) {
-  const int* qi = bw.iota;
+bool tile_BS(const int* qi, int nq, const float* X, const float* Gm, int64_t ld, const float* al,
+             const float* va, int d, const float* yT, const float* yTg, Work& w, BWork& bw) {
   if (d <= DB && bw.dense) {
     qblocks<FAST ? QB_P2F : QB_P2>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
@@ -304,22 +304,24 @@ bool tile_BS(const float* X, const float* Gm, int64_t ld, const float* al, const
   return false;
 }
 
-// GY (and with FULL, YD and for fast SD) of one tile for the nl queries listed in qi, in rows
-// 0..nl-1 of bw.GY, bw.YD, bw.SD: moved there when tile_BS formed them (fused), else formed now,
-// for d > DB in fp32 over DB-coordinate blocks added into double.  Sets bw.dense for the next
-// tile.
+// GY (and with FULL, YD and for fast SD) of one tile for the nl live queries qi (rows of X, Gm,
+// al, va), in rows 0..nl-1 of bw.GY, bw.YD, bw.SD: moved there from rows lrow when tile_BS formed
+// them (fused) for nc candidates, else formed now, for d > DB in fp32 over DB-coordinate blocks
+// added into double.  Sets bw.dense for the next tile.
 template <bool FAST, bool FULL>
-void tile_BG(bool fused, const int* qi, int nl, int nq, const float* X, const float* Gm, int64_t ld,
-             const float* al, const float* va, int d, const float* yT, const float* yTg, BWork& bw) {
+void tile_BG(bool fused, const int* qi, const int* lrow, int nl, int nc, const float* X,
+             const float* Gm, int64_t ld, const float* al, const float* va, int d, const float* yT,
+             const float* yTg, BWork& bw) {
   constexpr int PARTS = kPartG | (FULL ? kPartY : 0);
   constexpr int QM = FAST ? QB_P2F : QB_P2;
-  bw.dense = 2 * nl > nq;
-  if (fused) {  // rows qi[j] >= j: moving them up in order reads every row before it is overwritten
+  bw.dense = 2 * nl > nc;
+  if (fused) {  // rows lrow[j] >= j: moving them up in order reads every row before it is overwritten
     for (int j = 0; j < nl; ++j) {
-      if (qi[j] == j) continue;
-      std::memcpy(bw.GY + j * NT, bw.GY + qi[j] * NT, sizeof(float) * NT);
-      if (FULL) std::memcpy(bw.YD + j * NT, bw.YD + qi[j] * NT, sizeof(float) * NT);
-      if (FAST && FULL) std::memcpy(bw.SD + j * NT, bw.SD + qi[j] * NT, sizeof(float) * NT);
+      const int r = lrow[j];
+      if (r == j) continue;
+      std::memcpy(bw.GY + j * NT, bw.GY + r * NT, sizeof(float) * NT);
+      if (FULL) std::memcpy(bw.YD + j * NT, bw.YD + r * NT, sizeof(float) * NT);
+      if (FAST && FULL) std::memcpy(bw.SD + j * NT, bw.SD + r * NT, sizeof(float) * NT);
     }
     return;
   }
@@ -413,20 +415,20 @@ inline void k_xdot_rows(const float* const* rows, const float* yT, int k0, int k
     for (int v = 0; v < NV; ++v) vst(S + q * NT + v * W, acc[q][v]);
 }
 
-// x'.yc of the expansion queries among [q0, q0+nq) for the current tile, in the forward's
-// 16-coordinate chains added into double (bw.Se, row q of the chunk), in register blocks of
-// queries.
-void tile_expand(const BShared& sh, int64_t q0, int nq, int d, int dp, const float* yTc,
-                 float* tmp, BWork& bw) {
+// x'.yc of the expansion queries among the nq candidates cq (queries q0 + cq[r]) for the current
+// tile, in the forward's 16-coordinate chains added into double (bw.Se, row r), in register
+// blocks of queries.
+void tile_expand(const BShared& sh, int64_t q0, const int* cq, int nq, int d, int dp,
+                 const float* yTc, float* tmp, BWork& bw) {
   int eq[QCMAX + 8];  // a chunk holds at most QCMAX (+1 in the first pass) queries
   int ne = 0;
-  for (int q = 0; q < nq; ++q)
-    if (sh.expands(q0 + q)) eq[ne++] = q;
+  for (int r = 0; r < nq; ++r)
+    if (sh.expands(q0 + cq[r])) eq[ne++] = r;
   qblocks<QB_FAST>(ne, [&](auto qc, int j0) {
     constexpr int Q = decltype(qc)::value;
     const float* rows[Q];
     for (int j = 0; j < Q; ++j) {
-      rows[j] = sh.Xe + (size_t)(q0 + eq[j0 + j]) * dp;
+      rows[j] = sh.Xe + (size_t)(q0 + cq[eq[j0 + j]]) * dp;
       double* se = bw.Se + eq[j0 + j] * NT;
       for (int i = 0; i < NT; ++i) se[i] = 0.0;
     }
@@ -465,32 +467,36 @@ inline void query_weights(const BShared& sh, const Work& w, const BWork& bw, int
   }
 }
 
-// The weights of queries [q0, q0+nq) for the current tile; the queries with any non-zero weight
-// are listed in qi (returns how many) with their weights in rows 0, 1, ... of bw.Wt.  The others
-// add nothing to any gradient or sum of the tile.
+// The weights of the nc candidate queries cq (queries q0 + cq[r], logits in rows r) for the
+// current tile.  Those with any non-zero weight are listed (returns how many): lrow their rows,
+// qi their queries (cq[lrow]), their weights in rows 0, 1, ... of bw.Wt.  The others add nothing
+// to any gradient or sum of the tile.
 template <bool FAST>
-int live_weights(const BShared& sh, const Work& w, BWork& bw, int64_t q0, int nq, int64_t i0, int n,
-                 bool dbl, int* qi) {
+int live_weights(const BShared& sh, const Work& w, BWork& bw, int64_t q0, const int* cq, int nc,
+                 int64_t i0, int n, bool dbl, int* lrow, int* qi) {
   int nl = 0;
-  for (int q = 0; q < nq; ++q) {
+  for (int r = 0; r < nc; ++r) {
+    const int64_t b = q0 + cq[r];
     vf wv[NV];
-    if (FAST) tile_weights<FAST>(w, q, sh.qc[q0 + q], sh.lse_d[q0 + q], dbl, wv);
-    else query_weights(sh, w, bw, q0 + q, q, i0, n, dbl, wv);
+    if (FAST) tile_weights<FAST>(w, r, sh.qc[b], sh.lse_d[b], dbl, wv);
+    else query_weights(sh, w, bw, b, r, i0, n, dbl, wv);
     vi any = (vi)wv[0];
     for (int v = 1; v < NV; ++v) any |= (vi)wv[v];
     if (!any_bits(any)) continue;
     for (int v = 0; v < NV; ++v) vst(bw.Wt + nl * NT + v * W, wv[v]);
-    qi[nl++] = q;
+    lrow[nl] = r;
+    qi[nl++] = cq[r];
   }
   return nl;
 }
 
 // Pass 1 (only where the forward's float32 mean is too coarse for D, see backward_impl) for
 // queries [q0, q0+nq): D' = sum_i w_i g.(y_i - c) / sum_i w_i with exactly the g.(y - c) values
-// of the main pass, so that sum_i P_i = h holds to rounding; stores c0 = h - D'.
+// of the main pass, so that sum_i P_i = h holds to rounding; stores c0 = h - D'.  With a live map
+// (B x tiles) it records which queries have a non-zero weight in which tiles.
 template <bool FAST>
 void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const float* cf, const BShared& sh,
-               Work& w, BWork& bw) {
+               uint8_t* live_map, Work& w, BWork& bw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const int64_t N = a.N, ntiles = active_tiles(a, g, NT);
   const PointRows yg = point_rows(a, g);
@@ -502,20 +508,26 @@ void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const flo
   const bool dbl = d > DB;
   double* Z = w.sc;
   double* Dq = bw.qd;
-  int qi[QCMAX + 8];
+  int qi[QCMAX + 8], lrow[QCMAX + 8];
   for (int q = 0; q < nq; ++q) { Dq[q] = 0.0; Z[q] = 0.0; }
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t i0 = t * NT;
     const int n = (int)imin(NT, N - i0);
     pack_tile(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, w.yR, w.yn, w.cy, FAST ? nullptr : bw.yTc, cf);
     load_bias(bg, i0, n, w.bt);
-    const bool fused = tile_BS<FAST, false>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
+    const int* all = bw.iota;
+    const bool fused = tile_BS<FAST, false>(all, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, w, bw);
     if (!FAST && sh.ex) {
       tile_sq_norms(bw.yTc, d, bw.ynd);
-      tile_expand(sh, q0, nq, d, dp, bw.yTc, w.tmp, bw);
+      tile_expand(sh, q0, all, nq, d, dp, bw.yTc, w.tmp, bw);
     }
-    const int nl = live_weights<FAST>(sh, w, bw, q0, nq, i0, n, dbl, qi);
-    tile_BG<FAST, false>(fused, qi, nl, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
+    const int nl = live_weights<FAST>(sh, w, bw, q0, all, nq, i0, n, dbl, lrow, qi);
+    if (live_map) {
+      const int64_t ms = cdiv(N, NT);  // row stride of the map
+      for (int q = 0; q < nq; ++q) live_map[(q0 + q) * ms + t] = 0;
+      for (int j = 0; j < nl; ++j) live_map[(q0 + qi[j]) * ms + t] = 1;
+    }
+    tile_BG<FAST, false>(fused, qi, lrow, nl, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
     for (int j = 0; j < nl; ++j) {
       vf acc = vb(0.f), z = vb(0.f);
       for (int v = 0; v < NV; ++v) {
@@ -532,23 +544,36 @@ void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const flo
 }
 
 // One packed tile (points i0..i0+n) for queries [q0, q0+nq): accumulates this thread's partial
-// dx / sums, the tile's dy (dyR, row form) and dbias (db).
+// dx / sums, the tile's dy (dyR, panel form) and dbias (db).  The panel copy of the tile and the
+// zeroed dyR are prepared by the first query chunk with a non-zero weight (panels).
+// With a live map from pass 1 only the queries it lists for the tile are candidates.
 template <bool FAST>
-void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0, int n, const BShared& sh,
-              double* part, double* sums, float* dyR, vf* db, Work& w, BWork& bw) {
+void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t t, int64_t i0, int n,
+              const BShared& sh, const uint8_t* live_map, int64_t ntiles, double* part, double* sums,
+              float* dyR, vf* db, bool& panels, Work& w, BWork& bw) {
   const int d = (int)a.d, dp = (int)(cdiv(a.d, W) * W);
   const float* al = a.alpha + g * a.gs_alpha + q0;
   const float* va = a.var + g * a.gs_var + q0;
   const float* X = sh.Xp + (size_t)q0 * dp;
   const float* Gm = sh.Gp + (size_t)q0 * dp;
   const bool dbl = d > DB;
-  const bool fused = tile_BS<FAST, true>(X, Gm, dp, al, va, nq, d, w.yT, bw.yTc, w, bw);
-  if (!FAST && sh.ex) tile_expand(sh, q0, nq, d, dp, bw.yTc, w.tmp, bw);
-  int qi[QCMAX + 8];
-  const int nl = live_weights<FAST>(sh, w, bw, q0, nq, i0, n, dbl, qi);
-  tile_BG<FAST, true>(fused, qi, nl, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
+  int cand[QCMAX + 8];
+  const int* cq = bw.iota;
+  int nc = nq;
+  if (live_map) {
+    nc = 0;
+    for (int q = 0; q < nq; ++q)
+      if (live_map[(q0 + q) * ntiles + t]) cand[nc++] = q;
+    cq = cand;
+    if (!nc) return;
+  }
+  const bool fused = tile_BS<FAST, true>(cq, nc, X, Gm, dp, al, va, d, w.yT, bw.yTc, w, bw);
+  if (!FAST && sh.ex) tile_expand(sh, q0, cq, nc, d, dp, bw.yTc, w.tmp, bw);
+  int qi[QCMAX + 8], lrow[QCMAX + 8];
+  const int nl = live_weights<FAST>(sh, w, bw, q0, cq, nc, i0, n, dbl, lrow, qi);
+  tile_BG<FAST, true>(fused, qi, lrow, nl, nc, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
   for (int j = 0; j < nl; ++j) {
-    const int q = qi[j];
+    const int q = qi[j], r = lrow[j];  // the query and its row of the logits
     const int64_t b = q0 + q;
     // expansion queries: S - |x'|^2 = alpha^2 |yc|^2 - 2 alpha x'.yc, accurate where the
     // direct shifted distance is not
@@ -556,7 +581,7 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
     const bool e = !FAST && sh.expands(b);
     if (e) {
       const double av = al[q];
-      for (int i = 0; i < NT; ++i) se[i] = (float)(av * av * bw.ynd[i] - 2.0 * av * bw.Se[q * NT + i]);
+      for (int i = 0; i < NT; ++i) se[i] = (float)(av * av * bw.ynd[i] - 2.0 * av * bw.Se[r * NT + i]);
     }
     // c0 = h - D split into hi + lo floats: g.(y - c) + hi is exact where it cancels (Sterbenz),
     // so h survives even when |g.(y - c)| >> |h|
@@ -568,7 +593,7 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
       const int o = j * NT + v * W;  // row j: the listed query's rows of Wt, GY, YD, SD, P, Pq
       const vf wv = vld(bw.Wt + o);
       const vf P = wv * ((vld(bw.GY + o) + c0) + c0l);
-      const vf sv = FAST ? vld(bw.SD + o) : e ? vld(se + v * W) : vld(w.Sf + q * NT + v * W);
+      const vf sv = FAST ? vld(bw.SD + o) : e ? vld(se + v * W) : vld(w.Sf + r * NT + v * W);
       vf yd = vld(bw.YD + o);
       if (FAST) yd += vb((float)sh.cx[b]) - vb(al[q]) * vld(w.cy + v * W);
       s1 += P;
@@ -581,6 +606,12 @@ void bwd_tile(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t i0
     sums[3 * b + 0] += (double)hsum(s1);
     sums[3 * b + 1] += (double)hsum(s2);
     sums[3 * b + 2] += (double)hsum(s3);
+  }
+  if (!nl) return;
+  if (!panels && (a.dx || a.dy)) {
+    to_panels(w.yR, rstride(dp), dp, n, bw.yP);
+    if (a.dy) std::memset(dyR, 0, sizeof(float) * (size_t)cdiv(dp, PW) * NT * PW);
+    panels = true;
   }
   double* dxa = part ? part + (size_t)q0 * dp : nullptr;
   if (a.dx && a.dy)
@@ -602,7 +633,10 @@ void backward_impl(const Problem<float>& a) {
   const int64_t nch = imin(B, T * cdiv(B, (int64_t)T * QCMAX));  // pass-1 query chunks
   const int64_t qc1 = cdiv(B, nch) + 1;
   const int64_t qcmax = imax(qc1, qc2);
-  Buf bc, bX, bG, bq, bd3, bpart, bsums, bss, bXe, bqe, bpl;
+  Buf bc, bX, bG, bq, bd3, bpart, bsums, bss, bXe, bqe, bpl, bmap;
+  // which queries have a non-zero weight in which tiles, recorded by pass 1 (B x tiles bytes,
+  // kept for problems up to 64 MB of it): the main pass then forms only those queries' logits
+  uint8_t* live_map = B * ntiles <= (int64_t(1) << 26) ? bmap.get<uint8_t>((size_t)B * ntiles) : nullptr;
   // Centre of the points (g.y is accumulated as g.(y - c)) and their spread per column.
   double* ss = bss.get<double>((size_t)G * d);
   const double* c = centres(a, bc, ss);
@@ -715,7 +749,7 @@ void backward_impl(const Problem<float>& a) {
 #pragma omp for schedule(static)
         for (int64_t ch = 0; ch < nch; ++ch) {
           const int64_t q0 = ch * B / nch, q1 = (ch + 1) * B / nch;
-          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cfg, sg, w, bw);
+          if (q1 > q0) bwd_pass1<FAST>(a, g, q0, (int)(q1 - q0), cfg, sg, live_map, w, bw);
         }
       }
       // one pass over the points (thread tid owns a contiguous range of tiles)
@@ -737,13 +771,15 @@ void backward_impl(const Problem<float>& a) {
                   FAST ? nullptr : bw.yTc, cfg);
         load_bias(bg, i0, n, w.bt);
         if (sg.ex) tile_sq_norms(bw.yTc, (int)d, bw.ynd);
-        if (a.dx || a.dy) to_panels(w.yR, ldr, dp, n, bw.yP);
-        if (a.dy) std::memset(dyR, 0, sizeof(float) * npan);
         vf db[NV];
         for (int v = 0; v < NV; ++v) db[v] = vb(0.f);
+        bool panels = false;
         for (int64_t q0 = 0; q0 < B; q0 += qc2)
-          bwd_tile<FAST>(a, g, q0, (int)imin(qc2, B - q0), i0, n, sg, part, sums, dyR, db, w, bw);
-        if (a.dy)
+          bwd_tile<FAST>(a, g, q0, (int)imin(qc2, B - q0), t, i0, n, sg, p1 ? live_map : nullptr, ntiles,
+                         part, sums, dyR, db, panels, w, bw);
+        if (a.dy && !panels)  // no weight of the tile is non-zero
+          std::memset(a.dy + (g * N + i0) * d, 0, sizeof(float) * n * d);
+        else if (a.dy)
           for (int j = 0; j < n; ++j)
             for (int kc = 0; kc < d; kc += PW)
               std::memcpy(a.dy + (g * N + i0 + j) * d + kc, dyR + panel_off(kc) + (size_t)j * PW,
