@@ -140,3 +140,42 @@ def test_groups_padded_with_masked_points(backend, precision):
         for name, a, b in zip(("x", "points", "alpha", "var"), got, (r.grad for r in ref)):
             assert rel_fro(a, b) <= grad_tol, (g, m, name, rel_fro(a, b))
         assert torch.all(leaves[1].grad[g, m:] == 0), (g, m)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_small_weights_across_dead_tiles(backend, precision):
+    """Each query sits on a point near the end of the set and has a second point near the start
+    whose logit is 50 lower (weight e^-50), every other weight being 0 (logit gaps > 1e3). The
+    cpu kernels skip the work of (query, tile) pairs whose weights are all 0: the second point's
+    tile must still count in the forward (it held the running max when it was visited) and in
+    the backward, where its gradients are ~e^-50 and a skipped tile would leave them 0.
+    300 queries: more than one query chunk of the cpu kernels."""
+    B, N, d, var = 300, 1200, 16, 0.01
+    gen = torch.Generator().manual_seed(5)
+    alpha = math.sqrt(1 - var)
+    y = 3.0 * torch.randn(N, d, generator=gen, dtype=torch.float64)
+    near = torch.arange(N - B, N)  # query b sits on point N - B + b ...
+    u = torch.randn(B, d, generator=gen, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    # ... and point b is where alpha |y_b - y_near| = sqrt(2 var 50): a logit gap of 50
+    y[:B] = y[near] + math.sqrt(2 * var * 50) / alpha * u
+    x = alpha * y[near]
+    y, x = y.float().to(DEVICE), x.float().to(DEVICE)
+    bias = torch.zeros(N, device=DEVICE)
+    g = torch.randn(B, d, generator=gen).to(DEVICE)
+    leaves = _leaves(x, y, torch.full((B,), alpha, device=DEVICE), torch.full((B,), var, device=DEVICE),
+                     bias)
+    mean = diffmem.softmax_mean(*leaves, backend=backend, precision=precision)
+    (mean * g).sum().backward()
+    ref = _leaves(*(t.double() for t in leaves))
+    r_mean = oracle(*ref)[0]
+    (r_mean * g.double()).sum().backward()
+    value_tol, grad_tol = PADDED_TOL[precision]
+    assert rel_fro(mean.detach(), r_mean.detach()) <= value_tol
+    # the second points' gradients alone (rows 0..B-1), ~e^-50 of the others; the precisions'
+    # bounds (the fast mode's logit error ~1e-7 |x'|^2 / var carries into them)
+    for name, a, b in (("points", leaves[1].grad[:B], ref[1].grad[:B]),
+                       ("bias", leaves[4].grad[:B], ref[4].grad[:B])):
+        assert 1e-25 < b.abs().max() < 1e-18, name  # the case is what it claims
+        assert rel_fro(a, b) <= (1e-4 if precision == "exact" else grad_tol), (name, rel_fro(a, b))
