@@ -81,6 +81,12 @@ def parse_args(argv=None):
                          + ") with float32, bfloat16 and uint8 points, against the memory "
                          "bandwidth of a copy measured in the same run (--sizes overrides the "
                          "sizes); writes runs/bench/datasets-<device>.json")
+    ap.add_argument("--time-sigma", type=float, default=TIME_SIGMA,
+                    help=f"noise level of the timed inputs (default {TIME_SIGMA}: the weights are "
+                         "one-hot at these sizes, so the cpu kernels skip most weighted sums; "
+                         "0.9 spreads them out)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of torch and of the cpu backend (default: torch's; jax keeps its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--csv", type=Path, default=None,
                     help="output CSV (default benchmarks/results/compare-<device>.csv)")
@@ -91,6 +97,10 @@ def parse_args(argv=None):
         args.budget = 0.25 if args.quick else 1.5
     if args.min_reps is None:
         args.min_reps = 1 if args.quick else 3
+    if not 0.0 < args.time_sigma < 1.0:
+        ap.error(f"--time-sigma must lie in (0, 1) (VP noise level), got {args.time_sigma}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.csv is None:
         args.csv = DEFAULT_CSV_DIR / f"compare-{args.device}.csv"
     return args
@@ -99,6 +109,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """Entry point (also for the `diffmem bench` CLI): run, print the tables, write the CSV."""
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available to torch", file=sys.stderr)
         return 2
@@ -121,7 +133,7 @@ def main(argv=None) -> int:
           f"bias: {'N(0,1) per point' if args.bias else 'none'}; diffmem check_inputs="
           f"{args.check_inputs}")
     print(f"time: median of >= {args.min_reps} reps after 1 warmup (more while under "
-          f"{args.budget} s in all), methods interleaved round-robin, at sigma = {TIME_SIGMA}; "
+          f"{args.budget} s in all), methods interleaved round-robin, at sigma = {args.time_sigma}; "
           "GFLOP/s counts 4*B*N*d per forward")
     print("/best: time / best non-diffmem method of the same pass (fwd or fwd+bwd); "
           "/floor: time / matmul-floor (x@y.T and P@y alone)")
@@ -139,7 +151,7 @@ def main(argv=None) -> int:
         print_table(rows, args.error_sigmas)
         sys.stdout.flush()
         # Rewritten after every size, so an interrupted run keeps what it measured.
-        write_csv(args.csv, all_rows, dev, args.error_sigmas)
+        write_csv(args.csv, all_rows, dev, args.error_sigmas, args.time_sigma)
     print(f"\nwrote {args.csv}")
     return 0
 

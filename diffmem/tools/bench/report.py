@@ -60,12 +60,13 @@ def _print_speedups(rows: list[Row], out):
                 print(line, file=out)
 
 
-def write_csv(path: Path, rows: list[Row], dev: Device, sigmas):
-    """Write all rows to path atomically (diffmem.files.atomic_write)."""
+def write_csv(path: Path, rows: list[Row], dev: Device, sigmas, time_sigma: float):
+    """Write all rows to path atomically (diffmem.files.atomic_write); time_sigma: the noise
+    level of the timed inputs."""
     ms = lambda s: None if s is None else round(s * 1e3, 4)  # noqa: E731
     text = io.StringIO(newline="")
     err_fields = [f"err_sigma{s:g}_{k}" for s in sigmas for k in ("median", "max")]
-    fields = ["device", "B", "N", "d", "method", "kind", "pass", "status", "median_ms",
+    fields = ["device", "B", "N", "d", "time_sigma", "method", "kind", "pass", "status", "median_ms",
               "min_ms", "reps", "gflops", "ratio_best", "ratio_floor",
               "ratio_naive_direct", "fwd_ms", "bwd_over_fwd", *err_fields,
               "peak_extra_mb", "threads", "torch", "memory_measured_by"]
@@ -75,7 +76,8 @@ def write_csv(path: Path, rows: list[Row], dev: Device, sigmas):
         errs = {f"err_sigma{s:g}_{k}": r.err.get(s, (None, None))[i]
                 for s in sigmas for i, k in enumerate(("median", "max"))}
         w.writerow({
-            "device": dev.name, "B": r.B, "N": r.N, "d": r.d, "method": r.method,
+            "device": dev.name, "B": r.B, "N": r.N, "d": r.d, "time_sigma": time_sigma,
+            "method": r.method,
             "kind": r.kind, "pass": "fwd+bwd" if r.backward else "fwd",
             "status": r.status, "median_ms": ms(r.median_s), "min_ms": ms(r.min_s),
             "reps": r.reps, "gflops": r.gflops, "ratio_best": r.ratio_best,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .problems import TIME_SIGMA, make_problem, reference_mean, row_errors
+from .problems import make_problem, reference_mean, row_errors
 
 
 class Device:
@@ -156,12 +156,14 @@ class Row:
 
 
 def run_size(size, methods, args, dev: Device) -> list[Row]:
-    """Time all methods interleaved at sigma 0.5, then per method: errors and peak memory."""
+    """Time all methods interleaved at args.time_sigma, then per method: errors and peak
+    memory."""
     B, N, d = size
+    t_sigma = args.time_sigma
     problems = {s: make_problem(B, N, d, s, device=dev.name, seed=args.seed, bias=args.bias)
-                for s in {TIME_SIGMA, *args.error_sigmas}}
+                for s in {t_sigma, *args.error_sigmas}}
     refs = {s: reference_mean(problems[s], args.error_rows) for s in args.error_sigmas}
-    p_time = problems[TIME_SIGMA]
+    p_time = problems[t_sigma]
     rows, entries = [], []
     for m in methods:
         row = Row(B, N, d, m.name, m.kind, m.backward)
@@ -177,11 +179,11 @@ def run_size(size, methods, args, dev: Device) -> list[Row]:
                 entries.append(Timed(row, m.setup_fwd(p_time), fwd_only=True))
     print(f"  {size}: timing {len(entries)} calls interleaved", file=sys.stderr, flush=True)
     time_interleaved(entries, dev, args.budget, args.min_reps)
-    _collect(entries, refs.get(TIME_SIGMA))
+    _collect(entries, t_sigma, refs.get(t_sigma))
     del entries  # frees the floor's buffers and all outputs before measuring memory
 
     # Sigmas needing one more call each; the first such call also measures the peak memory.
-    extra = [s for s in args.error_sigmas if s != TIME_SIGMA] or [TIME_SIGMA]
+    extra = [s for s in args.error_sigmas if s != t_sigma] or [t_sigma]
     for m, row in zip(methods, rows):
         if row.status != "ok":
             continue
@@ -203,7 +205,7 @@ def run_size(size, methods, args, dev: Device) -> list[Row]:
     return rows
 
 
-def _collect(entries: list[Timed], ref: torch.Tensor | None):
+def _collect(entries: list[Timed], sigma: float, ref: torch.Tensor | None):
     """Store the timings (and the error at the timing sigma when ref is given) in the rows."""
     for e in entries:
         if e.row.status != "ok":
@@ -214,7 +216,7 @@ def _collect(entries: list[Timed], ref: torch.Tensor | None):
         e.row.median_s, e.row.min_s = statistics.median(e.times), min(e.times)
         e.row.reps = len(e.times)
         if _has_error(e.row) and ref is not None:
-            e.row.err[TIME_SIGMA] = row_errors(e.out, ref)
+            e.row.err[sigma] = row_errors(e.out, ref)
 
 
 def _has_error(row: Row) -> bool:
