@@ -164,8 +164,8 @@ def test_small_weights_across_dead_tiles(backend, precision):
     y, x = y.float().to(DEVICE), x.float().to(DEVICE)
     bias = torch.zeros(N, device=DEVICE)
     g = torch.randn(B, d, generator=gen).to(DEVICE)
-    leaves = _leaves(x, y, torch.full((B,), alpha, device=DEVICE), torch.full((B,), var, device=DEVICE),
-                     bias)
+    leaves = _leaves(x, y, torch.full((B,), alpha, device=DEVICE),
+                     torch.full((B,), var, device=DEVICE), bias)
     mean = diffmem.softmax_mean(*leaves, backend=backend, precision=precision)
     (mean * g).sum().backward()
     ref = _leaves(*(t.double() for t in leaves))

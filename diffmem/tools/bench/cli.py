@@ -86,7 +86,8 @@ def parse_args(argv=None):
                          "one-hot at these sizes, so the cpu kernels skip most weighted sums; "
                          "0.9 spreads them out)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="threads of torch and of the cpu backend (default: torch's; jax keeps its own)")
+                    help="threads of torch and of the cpu backend (default: torch's; jax keeps "
+                         "its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--csv", type=Path, default=None,
                     help="output CSV (default benchmarks/results/compare-<device>.csv)")
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
           f"bias: {'N(0,1) per point' if args.bias else 'none'}; diffmem check_inputs="
           f"{args.check_inputs}")
     print(f"time: median of >= {args.min_reps} reps after 1 warmup (more while under "
-          f"{args.budget} s in all), methods interleaved round-robin, at sigma = {args.time_sigma}; "
+          f"{args.budget} s in all), methods interleaved round-robin, "
+          f"at sigma = {args.time_sigma}; "
           "GFLOP/s counts 4*B*N*d per forward")
     print("/best: time / best non-diffmem method of the same pass (fwd or fwd+bwd); "
           "/floor: time / matmul-floor (x@y.T and P@y alone)")

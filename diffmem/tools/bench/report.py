@@ -66,8 +66,8 @@ def write_csv(path: Path, rows: list[Row], dev: Device, sigmas, time_sigma: floa
     ms = lambda s: None if s is None else round(s * 1e3, 4)  # noqa: E731
     text = io.StringIO(newline="")
     err_fields = [f"err_sigma{s:g}_{k}" for s in sigmas for k in ("median", "max")]
-    fields = ["device", "B", "N", "d", "time_sigma", "method", "kind", "pass", "status", "median_ms",
-              "min_ms", "reps", "gflops", "ratio_best", "ratio_floor",
+    fields = ["device", "B", "N", "d", "time_sigma", "method", "kind", "pass", "status",
+              "median_ms", "min_ms", "reps", "gflops", "ratio_best", "ratio_floor",
               "ratio_naive_direct", "fwd_ms", "bwd_over_fwd", *err_fields,
               "peak_extra_mb", "threads", "torch", "memory_measured_by"]
     w = csv.DictWriter(text, fieldnames=fields)
