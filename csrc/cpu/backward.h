@@ -492,7 +492,8 @@ int live_weights(const BShared& sh, const Work& w, BWork& bw, int64_t q0, const 
 
 // Pass 1 (only where the forward's float32 mean is too coarse for D, see backward_impl) for
 // queries [q0, q0+nq): D' = sum_i w_i g.(y_i - c) / sum_i w_i with exactly the g.(y - c) values
-// of the main pass, so that sum_i P_i = h holds to rounding; stores c0 = h - D'.  With a live map
+// of the main pass, summed in double, so that sum_i P_i = h holds to rounding; stores
+// c0 = h - D'.  With a live map
 // (B x tiles) it records which queries have a non-zero weight in which tiles.
 template <bool FAST>
 void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const float* cf, const BShared& sh,
@@ -529,14 +530,18 @@ void bwd_pass1(const Problem<float>& a, int64_t g, int64_t q0, int nq, const flo
     }
     tile_BG<FAST, false>(fused, qi, lrow, nl, nq, X, Gm, dp, al, va, d, w.yT, bw.yTc, bw);
     for (int j = 0; j < nl; ++j) {
-      vf acc = vb(0.f), z = vb(0.f);
+      // in double: D enters every P_i = w_i (g.(y_i - c) - D + h) at full size, where the
+      // terms cancel, so a float32 sum's rounding (~eps |g.(y - c)|) would be the gradients'
+      // largest error
+      vd acc = vdb(0.0), z = vdb(0.0);
       for (int v = 0; v < NV; ++v) {
-        const vf wv = vld(bw.Wt + j * NT + v * W);
-        acc = vfma(wv, vld(bw.GY + j * NT + v * W), acc);
-        z += wv;
+        const vf wv = vld(bw.Wt + j * NT + v * W), gy = vld(bw.GY + j * NT + v * W);
+        acc = vdfma(lo_d(wv), lo_d(gy), acc);
+        acc = vdfma(hi_d(wv), hi_d(gy), acc);
+        z += lo_d(wv) + hi_d(wv);
       }
-      Dq[qi[j]] += (double)hsum(acc);
-      Z[qi[j]] += (double)hsum(z);
+      Dq[qi[j]] += dsum(acc);
+      Z[qi[j]] += dsum(z);
     }
   }
   for (int q = 0; q < nq; ++q)
