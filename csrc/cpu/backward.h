@@ -451,8 +451,9 @@ inline void query_weights(const BShared& sh, const Work& w, const BWork& bw, int
   if (e) {
     const QConst& c = sh.qe[b];
     alignas(64) float t[NT];
-    for (int j = 0; j < NT; ++j)
-      t[j] = (float)((double)w.bt[j] + c.d1 * bw.Se[q * NT + j] - c.d2 * bw.ynd[j] - lse);
+    for (int u = 0; u < NT / H; ++u)
+      vsth(t + u * H, __builtin_convertvector(h2d(w.bt + u * H) + vdb(c.d1) * vldd(bw.Se + q * NT + u * H)
+                                                  - vdb(c.d2) * vldd(bw.ynd + u * H) - vdb(lse), vh));
     for (int v = 0; v < NV; ++v) out[v] = vexp(vld(t + v * W));
   } else {
     tile_weights<false>(w, q, sh.qc[b], lse, dbl, out);
@@ -697,43 +698,63 @@ void backward_impl(const Problem<float>& a) {
         sg.ex = a.expand + g * B;
         sg.ov_idx = K ? a.top_idx + g * B * K : nullptr;
       }
-      // per-query preparation
+      // per-query preparation, four queries at a time (their float64 sums as independent
+      // chains, each summed in coordinate order)
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b) {
-        float* xr = sh.Xp + (size_t)b * dp;
-        float* gr = sh.Gp + (size_t)b * dp;
-        double x2 = 0.0, cxx = 0.0, D = 0.0;
-        for (int64_t k = 0; k < d; ++k) {
-          xr[k] = FAST ? xprime(xg[b * d + k], al[b], cg[k]) : xg[b * d + k];
-          gr[k] = gm ? gm[b * d + k] : 0.f;
-          if (gm) D += (double)gr[k] * ((double)mg[b * d + k] - cg[k]);
-          if (FAST) {
-            x2 += (double)xr[k] * xr[k];
-            cxx += cg[k] * (double)xr[k];
-          }
-        }
-        for (int64_t k = d; k < dp; ++k) xr[k] = gr[k] = 0.f;
-        sh.qc[b] = qconst<FAST>(al[b], va[b]);
-        const double lse = a.lse64[g * B + b];
-        sh.lse_d[b] = FAST ? lse + 0.5 * x2 / (double)va[b] : lse + 0.5 * (double)d;
-        sh.cx[b] = cxx;
-        sh.c0[b] = (a.grad_lse ? (double)a.grad_lse[g * B + b] : 0.0) - D;
-        sh.kc[b] = (double)d * (double)va[b];
-        if (sg.expands(b)) {  // the expansion form around this backward's centre
-          float* xe = sh.Xe + (size_t)b * dp;
-          double xe2 = 0.0;
+      for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        const int nb = (int)imin(4, B - b0);
+        const float *xs[4], *gs[4], *ms[4], *es[4];
+        for (int u = 0; u < 4; ++u) {
+          const int64_t b = b0 + (u < nb ? u : 0);  // rows past the block: repeats, unused
+          float* xr = sh.Xp + (size_t)b * dp;
+          float* gr = sh.Gp + (size_t)b * dp;
+          xs[u] = xr;
+          gs[u] = gr;
+          ms[u] = mg ? mg + b * d : nullptr;
+          es[u] = xr;
+          if (u >= nb) continue;
           for (int64_t k = 0; k < d; ++k) {
-            xe[k] = xprime(xg[b * d + k], al[b], cg[k]);
-            xe2 += (double)xe[k] * xe[k];
+            xr[k] = FAST ? xprime(xg[b * d + k], al[b], cg[k]) : xg[b * d + k];
+            gr[k] = gm ? gm[b * d + k] : 0.f;
           }
-          for (int64_t k = d; k < dp; ++k) xe[k] = 0.f;
-          sh.qe[b] = qconst<true>(al[b], va[b]);
-          sh.lse_e[b] = lse + 0.5 * xe2 / (double)va[b];
-          sh.kc[b] = xe2;
+          for (int64_t k = d; k < dp; ++k) xr[k] = gr[k] = 0.f;
+          if (sg.expands(b)) {  // the expansion form around this backward's centre
+            float* xe = sh.Xe + (size_t)b * dp;
+            for (int64_t k = 0; k < d; ++k) xe[k] = xprime(xg[b * d + k], al[b], cg[k]);
+            for (int64_t k = d; k < dp; ++k) xe[k] = 0.f;
+            es[u] = xe;
+          }
         }
-        for (int k = 0; k < K; ++k) {  // corrected logits, true frame -> internal frame
-          const double v = a.top_logit[(g * B + b) * K + k];
-          sh.ov_val[b * K + k] = v + (sg.expands(b) ? sh.lse_e[b] - lse : 0.5 * (double)d);
+        double x2[4] = {0.0, 0.0, 0.0, 0.0}, cxx[4] = {0.0, 0.0, 0.0, 0.0};
+        double D[4] = {0.0, 0.0, 0.0, 0.0}, xe2[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t k = 0; k < d; ++k)
+          for (int u = 0; u < 4; ++u) {
+            if (gm) D[u] += (double)gs[u][k] * ((double)ms[u][k] - cg[k]);
+            if (FAST) {
+              x2[u] += (double)xs[u][k] * xs[u][k];
+              cxx[u] += cg[k] * (double)xs[u][k];
+            }
+          }
+        if (sg.ex)
+          for (int64_t k = 0; k < d; ++k)
+            for (int u = 0; u < 4; ++u) xe2[u] += (double)es[u][k] * es[u][k];
+        for (int u = 0; u < nb; ++u) {
+          const int64_t b = b0 + u;
+          sh.qc[b] = qconst<FAST>(al[b], va[b]);
+          const double lse = a.lse64[g * B + b];
+          sh.lse_d[b] = FAST ? lse + 0.5 * x2[u] / (double)va[b] : lse + 0.5 * (double)d;
+          sh.cx[b] = cxx[u];
+          sh.c0[b] = (a.grad_lse ? (double)a.grad_lse[g * B + b] : 0.0) - D[u];
+          sh.kc[b] = (double)d * (double)va[b];
+          if (sg.expands(b)) {
+            sh.qe[b] = qconst<true>(al[b], va[b]);
+            sh.lse_e[b] = lse + 0.5 * xe2[u] / (double)va[b];
+            sh.kc[b] = xe2[u];
+          }
+          for (int k = 0; k < K; ++k) {  // corrected logits, true frame -> internal frame
+            const double v = a.top_logit[(g * B + b) * K + k];
+            sh.ov_val[b * K + k] = v + (sg.expands(b) ? sh.lse_e[b] - lse : 0.5 * (double)d);
+          }
         }
       }
       // D = g.(mean - c) from the forward's mean is exact to rounding, but the main pass forms

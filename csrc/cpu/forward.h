@@ -124,6 +124,41 @@ struct SeenMax {
   }
 };
 
+// The points' check (Problem::points_bad): x - x is 0 for a finite x and NaN for an infinite
+// or NaN one, and a NaN term makes the sum NaN.  tile_finite: the first d rows of a transposed
+// tile (V*W floats each); rows_finite: points [i0, i1) of a group, read as the kernels read them.
+template <int V>
+inline bool tile_finite(const float* yT, int d) {
+  vf s[4] = {vb(0.f), vb(0.f), vb(0.f), vb(0.f)};
+  const int nv = d * V;
+  int i = 0;
+  for (; i + 4 <= nv; i += 4)
+    for (int u = 0; u < 4; ++u) {
+      const vf v = vld(yT + (size_t)(i + u) * W);
+      s[u] += v - v;
+    }
+  for (; i < nv; ++i) {
+    const vf v = vld(yT + (size_t)i * W);
+    s[0] += v - v;
+  }
+  return hsum((s[0] + s[1]) + (s[2] + s[3])) == 0.f;
+}
+inline bool rows_finite(const PointRows& pts, int64_t i0, int64_t i1, int d, float* scratch) {
+  vf s = vb(0.f);
+  float t = 0.f;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* r = pts.row(i, scratch);
+    int k = 0;
+    for (; k + W <= d; k += W) {
+      const vf v = vld(r + k);
+      s += v - v;
+    }
+    for (; k < d; ++k) t += r[k] - r[k];
+  }
+  return hsum(s) + t == 0.f;
+}
+inline void flag_points(const Problem<float>& a) { __atomic_store_n(a.points_bad, (uint8_t)1, __ATOMIC_RELAXED); }
+
 // Tiles whose weighted sums are formed together (see tile_wsum): up to WS_TILES, as many as keep
 // their row-major copies within 32 KB, so that they stay in L1 while every query block reads
 // them (at d >= 128 that is one tile).
@@ -190,6 +225,8 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   // exact-mode float32 points with d a multiple of W: full tiles are read in place (the rows
   // of a tile are consecutive and need neither conversion, centring nor padding)
   const bool in_place = !FAST && yg.type == kPointF32 && d == dp;
+  // the points' check: by the first query chunk, of the first group unless each has its own
+  const bool check = a.points_bad && yg.type != kPointU8 && q0 == 0 && (g == 0 || a.gs_y != 0);
   for (int64_t t = tb; t < te; ++t) {
     const int64_t i0 = t * T;
     const int n = (int)imin(T, N - i0);
@@ -209,6 +246,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       tld[tl] = rstride(dp);
       pack_tile<V>(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
     }
+    if (check && !tile_finite<V>(w.yT, d)) flag_points(a);
     load_bias<V>(bg, i0, n, w.bt);
     tile_S<FAST, V>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
     if constexpr (!FAST) if (nd < nq) {
@@ -316,6 +354,53 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
   }
 }
 
+// The merge's float64 helpers.  Each value is formed by the same operations in the same order
+// as a plain loop over it would (no contraction), several values at once.
+
+// ex[j] = -|x - alpha y_j|^2 / (2 var) for the n rows y_j (d floats each, consecutive), the
+// squares summed over k in order: four rows at a time, as the lanes of one vector.
+typedef double v4d __attribute__((vector_size(32)));
+inline void exact_logits(const float* x, float alpha, float var, const float* rows, int n, int64_t d,
+                         double* ex) {
+  const double al = (double)alpha;
+  const v4d alv = {al, al, al, al};
+  for (int j0 = 0; j0 < n; j0 += 4) {
+    const float* r[4];
+    for (int u = 0; u < 4; ++u) r[u] = rows + (size_t)(j0 + u < n ? j0 + u : j0) * d;
+    v4d s2 = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t k = 0; k < d; ++k) {
+      const double xk = (double)x[k];
+      const v4d y = {(double)r[0][k], (double)r[1][k], (double)r[2][k], (double)r[3][k]};
+      const v4d df = v4d{xk, xk, xk, xk} - alv * y;
+      s2 += df * df;
+    }
+    for (int u = 0; u < 4 && j0 + u < n; ++u) ex[j0 + u] = -0.5 * s2[u] / (double)var;
+  }
+}
+
+// mean[k] = float(((sum_s f[s] acc_s[k] + sum_j dw[j] rows_j[k]) * invL) + c[k]) for k < d:
+// acc_s = acc + s * ss (the splits' sums), rows_j = rows + j * d; c null: no centre.
+inline void finish_mean(const double* acc, size_t ss, const double* f, int S, const float* rows,
+                        const double* dw, int n, double invL, const double* c, int d, float* mean) {
+  int k = 0;
+  for (; k + H <= d; k += H) {
+    vd v = vdb(0.0);
+    for (int s = 0; s < S; ++s) v += vdb(f[s]) * vldd(acc + s * ss + k);
+    for (int j = 0; j < n; ++j) v += vdb(dw[j]) * h2d(rows + (size_t)j * d + k);
+    v *= vdb(invL);
+    if (c) v += vldd(c + k);
+    vsth(mean + k, __builtin_convertvector(v, vh));
+  }
+  for (; k < d; ++k) {
+    double v = 0.0;
+    for (int s = 0; s < S; ++s) v += f[s] * acc[s * ss + k];
+    for (int j = 0; j < n; ++j) v += dw[j] * (double)rows[(size_t)j * d + k];
+    v *= invL;
+    if (c) v += c[k];
+    mean[k] = (float)v;
+  }
+}
+
 template <bool FAST>
 void forward_impl(const Problem<float>& a) {
   const int64_t G = a.G, B = a.B, N = a.N, d = a.d;
@@ -377,6 +462,14 @@ void forward_impl(const Problem<float>& a) {
       fwd_item<FAST>(a, g, q0, nq, tb, te, c ? c + g * d : nullptr, cfl(g), pm + base, pl + base,
                      pacc + base * dp, ptv + base * K, pti + base * K, seen, w, pw);
     }
+    // the points' check of the trailing masked points, whose tiles the items skip
+    if (a.points_bad && a.y_type != kPointU8) {
+      Buf bconv;
+      float* conv = bconv.get<float>((size_t)d);
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < (a.gs_y ? G : 1); ++g)
+        if (!rows_finite(point_rows(a, g), imin(N, active[g] * tile), N, (int)d, conv)) flag_points(a);
+    }
     // merge the splits and finish: mean = acc/l (+ c), lse = m + log l + const
 #pragma omp for schedule(static)
     for (int64_t gb = 0; gb < G * B; ++gb) {
@@ -418,13 +511,9 @@ void forward_impl(const Problem<float>& a) {
             float* yi = krows + (size_t)nc * d;  // kept for the mean's correction
             const float* src = pts.row(ti[nc], yi);
             if (src != yi) std::memcpy(yi, src, sizeof(float) * d);
-            double s2 = 0.0;
-            for (int64_t j = 0; j < d; ++j) {
-              const double df = (double)xr[j] - (double)alv * (double)yi[j];
-              s2 += df * df;
-            }
-            ex[nc] = (bg ? (double)bg[ti[nc]] : 0.0) - 0.5 * s2 / (double)vav;
           }
+          exact_logits(xr, alv, vav, krows, nc, d, ex);
+          for (int k = 0; k < nc; ++k) ex[k] += bg ? (double)bg[ti[k]] : 0.0;
           for (int k = 0; k < nc; ++k) {
             const double nv = tv[0] + (ex[k] - ex[0]);
             dw[k] = std::exp(nv - M) - std::exp(tv[k] - M);
@@ -433,15 +522,8 @@ void forward_impl(const Problem<float>& a) {
           }
         }
       }
-      const double invL = 1.0 / L;
-      for (int64_t k = 0; k < d; ++k) {
-        double v = 0.0;
-        for (int64_t s = 0; s < Sc; ++s) v += f[s] * pacc[(s * G * B + gb) * dp + k];
-        for (int j = 0; j < nc; ++j) v += dw[j] * (double)krows[(size_t)j * d + k];
-        v *= invL;
-        if (FAST) v += c[g * d + k];
-        a.mean_out[gb * d + k] = (float)v;
-      }
+      finish_mean(pacc + gb * dp, (size_t)G * B * dp, f, (int)Sc, krows, dw, nc, 1.0 / L,
+                  FAST ? c + g * d : nullptr, (int)d, a.mean_out + gb * d);
       const double lse = M + std::log(L) + cst;
       a.lse_out[gb] = (float)lse;
       if (a.lse64_out) a.lse64_out[gb] = lse;

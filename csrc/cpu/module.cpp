@@ -151,10 +151,12 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
                           std::uintptr_t mean_out, std::uintptr_t lse_out, std::uintptr_t lse64_out,
                           std::uintptr_t centre, int64_t gs_centre, std::uintptr_t expand, int top_k,
                           std::uintptr_t top_idx, std::uintptr_t top_logit,
-                          const std::string& points_dtype) {
+                          const std::string& points_dtype, std::uintptr_t points_bad) {
   check_sizes(G, B, N, d);
   const bool f32 = is_f32(dtype);
   const int y_type = point_type(points_dtype, f32);
+  if (points_bad && !f32)
+    throw std::invalid_argument("diffmem._C: the points check (points_bad) is a float32 feature");
   check_plan(f32, precision, centre, expand, top_k, top_idx, top_logit);
   if (G == 0 || B == 0) return;
   py::gil_scoped_release nogil;
@@ -165,6 +167,7 @@ void softmax_mean_forward(const std::string& dtype, int precision, int threads, 
     a.lse_out = mp<float>(lse_out);
     a.lse64_out = mp<double>(lse64_out);
     a.y_type = y_type;
+    a.points_bad = mp<uint8_t>(points_bad);
     set_plan(a, centre, gs_centre, expand, top_k, top_idx, top_logit);
     fwd32(a);
   } else {
@@ -295,7 +298,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("var"), py::arg("gs_var"), py::arg("bias"), py::arg("gs_bias"), py::arg("mean_out"),
         py::arg("lse_out"), py::arg("lse64_out"), py::arg("centre") = 0, py::arg("gs_centre") = 0,
         py::arg("expand") = 0, py::arg("top_k") = 0, py::arg("top_idx") = 0, py::arg("top_logit") = 0,
-        py::arg("points_dtype") = "");
+        py::arg("points_dtype") = "", py::arg("points_bad") = 0);
   m.def("softmax_mean_backward", &softmax_mean_backward, py::arg("dtype"), py::arg("precision"),
         py::arg("threads"), py::arg("G"), py::arg("B"), py::arg("N"), py::arg("d"), py::arg("x"),
         py::arg("gs_x"), py::arg("y"), py::arg("gs_y"), py::arg("alpha"), py::arg("gs_alpha"),

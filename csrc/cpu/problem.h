@@ -27,6 +27,9 @@ struct Problem {
   T* mean_out = nullptr;  // (G,B,d)
   T* lse_out = nullptr;   // (G,B)
   double* lse64_out = nullptr;  // (G,B) float64 lse at full precision, or null
+  // float32 forward: set to 1 when a point holds NaN or Inf (each point is checked once, as it
+  // is read; null: no check)
+  uint8_t* points_bad = nullptr;
   // backward inputs / outputs
   const T* mean = nullptr;       // (G,B,d) the forward's mean output
   const double* lse64 = nullptr; // (G,B) the forward's lse64_out

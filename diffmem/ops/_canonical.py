@@ -14,6 +14,7 @@ copy shared by all groups), so broadcasting never copies the points.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
@@ -37,6 +38,8 @@ class Canonical:
     batch_shape: tuple[int, ...]
     # True when all groups share points and bias, so the caller folded G into B.
     folded: bool
+    # True when the points' NaN/Inf scan was left to the kernels (see canonicalize).
+    points_unchecked: bool = False
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -138,7 +141,8 @@ def _extremes(t: torch.Tensor) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """ValueError naming ``name`` if t holds NaN or Inf values."""
     if not t.is_floating_point():
         return  # integer codes are always finite
     lo, hi = _extremes(t)
@@ -151,7 +155,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 def _check_values(values, var: torch.Tensor, bias: torch.Tensor | None) -> None:
     """The value checks of canonicalize, eagerly (ValueError naming the argument)."""
     for name, t in values:
-        _check_finite(name, t)
+        check_finite(name, t)
     if _extremes(var)[0] <= 0:
         raise ValueError("var must be > 0 everywhere (it is a noise variance), got a value <= 0")
     if bias is not None:
@@ -189,8 +193,15 @@ def canonicalize(
     var: object,
     bias: torch.Tensor | None,
     check_inputs: bool = True,
+    kernels_check_points: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> Canonical:
-    """Validate softmax_mean inputs and bring them into canonical layout (see module doc)."""
+    """Validate softmax_mean inputs and bring them into canonical layout (see module doc).
+
+    kernels_check_points(x, points), called on validated x and points when check_inputs is set:
+    True leaves the points' NaN/Inf scan to the kernels that run the call (they check each
+    point as they read it; a second pass over large point sets would cost as much as the
+    call), and the result says so (points_unchecked).
+    """
     x = _check_tensor("x", x)
     points = _check_points("points", points, x, "x")
     if x.dim() < 2:
@@ -235,8 +246,12 @@ def canonicalize(
         shapes.append(("bias", lead(bias)))
     batch_shape = _broadcast(shapes)
 
+    points_unchecked = False
     if check_inputs and x.device.type != "meta":  # meta tensors carry no values
-        values = [("x", x), ("points", points), ("alpha", alpha_t), ("var", var_t)]
+        points_unchecked = kernels_check_points is not None and kernels_check_points(x, points)
+        values = [("x", x), ("alpha", alpha_t), ("var", var_t)]
+        if not points_unchecked:
+            values.insert(1, ("points", points))
         if torch.compiler.is_compiling():
             _assert_values_traced(values, var_t, bias)
         else:
@@ -253,14 +268,14 @@ def canonicalize(
         v = _to_groups(var_t, batch_shape, (B,)).reshape(1, G * B)
         ps = _to_groups(points, (1,), (N, d))
         bs = None if bias is None else _to_groups(bias, (1,), (N,))
-        return Canonical(xs, ps, a, v, bs, batch_shape, True)
+        return Canonical(xs, ps, a, v, bs, batch_shape, True, points_unchecked)
 
     xs = _to_groups(x, batch_shape, (B, d))
     ps = _to_groups(points, batch_shape, (N, d))
     a = _to_groups(alpha_t, batch_shape, (B,))
     v = _to_groups(var_t, batch_shape, (B,))
     bs = None if bias is None else _to_groups(bias, batch_shape, (N,))
-    return Canonical(xs, ps, a, v, bs, batch_shape, False)
+    return Canonical(xs, ps, a, v, bs, batch_shape, False, points_unchecked)
 
 
 def check_knn_inputs(queries: torch.Tensor, points: torch.Tensor, k: int) -> None:
@@ -291,4 +306,4 @@ def check_knn_inputs(queries: torch.Tensor, points: torch.Tensor, k: int) -> Non
         _assert_finite_traced(values)
     else:
         for name, t in values:
-            _check_finite(name, t)
+            check_finite(name, t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._alloc import new_output
+from ._canonical import check_finite
 from ._extension import load_cpu_extension
 from ._host import PRECISION_CODES, group_stride, groupwise, ptr
 
@@ -41,6 +42,9 @@ def _threads() -> int:
 # themselves, in float64, before forming mean and lse.
 EXACT_PLAN = True
 CORRECTS_TOP_K = True
+# The float32 forward checks every point for NaN/Inf as it reads it (check_points=True), so
+# softmax_mean need not scan the points first.
+CHECKS_POINTS = True
 
 
 def _plan_args(plan) -> tuple:
@@ -54,9 +58,12 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=False):
+def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=False,
+            check_points=False):
     """mean, lse, lse64; with a plan also top_idx (G, B, K) and top_logit (G, B, K) (K = 0 when
-    the fast kernels run); with nearest and no plan (float64) the top list of K = 1."""
+    the fast kernels run); with nearest and no plan (float64) the top list of K = 1.
+    check_points: ValueError if the points hold NaN or Inf (float32 calls: the kernels flag
+    what they read, and only a flagged call scans the points to name the problem)."""
     ext = load_cpu_extension()
     x, points, alpha, var, bias = (groupwise(t) for t in (x, points, alpha, var, bias))
     G, B, d = x.shape
@@ -72,12 +79,17 @@ def forward(x, points, alpha, var, bias, precision="exact", plan=None, nearest=F
     lse64 = new_output((G, B), torch.float64)
     top_idx = new_output((G, B, K), torch.int64)
     top_logit = new_output((G, B, K), torch.float64)
+    if check_points and x.dtype != torch.float32:
+        check_finite("points", points)
+    flag = torch.zeros(1, dtype=torch.uint8) if check_points and x.dtype == torch.float32 else None
     ext.softmax_mean_forward(
         _dtype_name(x), code, _threads(), G, B, N, d,
         *_problem(x, points, alpha, var, bias), ptr(mean), ptr(lse), ptr(lse64),
         ptr(centre), group_stride(centre), ptr(expand), K, ptr(top_idx) if K else 0,
-        ptr(top_logit) if K else 0, points_dtype=_dtype_name(points),
+        ptr(top_logit) if K else 0, points_dtype=_dtype_name(points), points_bad=ptr(flag),
     )
+    if flag is not None and flag.item():
+        check_finite("points", points)
     if plan is None and not nearest:
         return mean, lse, lse64
     return mean, lse, lse64, top_idx, top_logit

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import _backends, _exact
-from ._canonical import canonicalize
+from ._canonical import canonicalize, check_finite
 
 PRECISIONS = ("exact", "fast")
 
@@ -49,12 +49,14 @@ def _softmax_mean_op(
     return _forward(x, points, alpha, var, bias, backend, precision, nearest)
 
 
-def _forward(x, points, alpha, var, bias, backend, precision, nearest):
-    """The forward op's computation (see _softmax_mean_op)."""
+def _forward(x, points, alpha, var, bias, backend, precision, nearest, check_points=False):
+    """The forward op's computation (see _softmax_mean_op). check_points: the kernels check
+    the points for NaN/Inf (only for a backend with CHECKS_POINTS, see _kernels_check_points)."""
     mod = _module(backend, x, points)
     plan = _plan(mod, x, points, alpha, var, precision)
+    checks = {"check_points": True} if check_points else {}
     if plan is None:
-        out = mod.forward(x, points, alpha, var, bias, precision, nearest=nearest)
+        out = mod.forward(x, points, alpha, var, bias, precision, nearest=nearest, **checks)
         mean, lse, lse64 = out[:3]
         if nearest:
             top_idx, top_logit = out[3:5]
@@ -63,7 +65,8 @@ def _forward(x, points, alpha, var, bias, backend, precision, nearest):
             top_idx = top_logit.long()
         return (mean, lse, lse64, top_idx, top_logit, x.new_empty(0, dtype=torch.uint8),
                 x.new_empty(0))
-    mean, lse, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan)
+    mean, lse, lse64, top_idx, top_logit = mod.forward(x, points, alpha, var, bias, precision, plan,
+                                                       **checks)
     if not getattr(mod, "CORRECTS_TOP_K", False):
         mean, lse, lse64, top_logit = _exact.correct_forward(
             x, points, alpha, var, bias, mean, lse64, top_idx, top_logit)
@@ -197,12 +200,12 @@ class _Direct(torch.autograd.Function):
     functions run, with the same inputs: results are those of the registered op."""
 
     @staticmethod
-    def forward(x, points, alpha, var, bias, backend, precision, nearest):
-        return _forward(x, points, alpha, var, bias, backend, precision, nearest)
+    def forward(x, points, alpha, var, bias, backend, precision, nearest, check_points):
+        return _forward(x, points, alpha, var, bias, backend, precision, nearest, check_points)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs[:8], output)
         ctx.direct = True
         # outputs without a gradient (lse unused, and the internal ones) get None, not zeros;
         # the kernels read a missing grad_lse as zero, and grad_mean is made zeros as before
@@ -212,7 +215,7 @@ class _Direct(torch.autograd.Function):
     def backward(ctx, grad_mean, *grads):
         if grad_mean is None:
             grad_mean = torch.zeros_like(ctx.saved_tensors[5])
-        return _backward(ctx, grad_mean, *grads)
+        return (*_backward(ctx, grad_mean, *grads), None)
 
 
 def _runs_direct(*tensors) -> bool:
@@ -223,6 +226,17 @@ def _runs_direct(*tensors) -> bool:
         return False
     return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter)
                              and t.device.type != "meta") for t in tensors)
+
+
+def _kernels_check_points(backend: str):
+    """canonicalize's kernels_check_points for this backend: eager float32 calls whose
+    backend checks each point as its kernels read it (the module's CHECKS_POINTS: the cpu
+    kernels) skip the separate scan, which reads large point sets a second time."""
+    def decide(x: torch.Tensor, points: torch.Tensor) -> bool:
+        if x.dtype != torch.float32 or x.numel() == 0 or not _runs_direct(x, points):
+            return False
+        return getattr(_module(backend, x, points), "CHECKS_POINTS", False)
+    return decide
 
 
 def softmax_mean(
@@ -267,10 +281,11 @@ def softmax_mean(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    c = canonicalize(x, points, alpha, var, bias, check_inputs=check_inputs)
+    _backends.check_name(backend)  # resolved inside the op (see _backends.resolve)
+    c = canonicalize(x, points, alpha, var, bias, check_inputs=check_inputs,
+                     kernels_check_points=_kernels_check_points(backend))
     if lse_dtype not in (None, x.dtype, torch.float64):
         raise ValueError(f"lse_dtype must be None, x's dtype or torch.float64, got {lse_dtype}")
-    _backends.check_name(backend)  # resolved inside the op (see _backends.resolve)
     B, d = x.shape[-2], x.shape[-1]
     if B == 0:
         mean = c.x.new_zeros((*c.batch_shape, 0, d))
@@ -280,8 +295,13 @@ def softmax_mean(
         # the top lists of the exact kernels give the nearest point
         kernel_precision = "exact" if return_nearest else precision
         args = (c.x, c.points, c.alpha, c.var, c.bias, backend, kernel_precision, return_nearest)
-        op = _Direct.apply if _runs_direct(*args[:5]) else _softmax_mean_op
-        mean, lse, lse64, top_idx, top_logit, *_ = op(*args)
+        if _runs_direct(*args[:5]):
+            outputs = _Direct.apply(*args, c.points_unchecked)
+        else:
+            if c.points_unchecked:  # alpha, var or bias keep the call off the direct path
+                check_finite("points", points)
+            outputs = _softmax_mean_op(*args)
+        mean, lse, lse64, top_idx, top_logit, *_ = outputs
         mean = mean.reshape(*c.batch_shape, B, d)
         wide = lse_dtype == torch.float64
         if (return_lse or wide) and top_idx.shape[-1] > 0:  # exact mode's top lists
