@@ -168,6 +168,35 @@ inline int ws_tiles(int dp) {
   return (int)imax(1, imin(WS_TILES, (32 << 10) / ((int64_t)V * W * rstride(dp) * 4)));
 }
 
+// r[u] = hmax(v[u]) and hsum(v[u]) for W vectors at once, with the same operations in the
+// same order as one vector's reduction (bit for bit the same sums).  With AVX-512 the vectors
+// are combined pairwise through the levels of _mm512_reduce_add_ps's tree (lanes i and i + 8,
+// then i + 4, i + 2, i + 1), four shuffles and two operations per pair.
+#if DM_ISA == 2
+template <class Op>
+inline vf reduce_rows(const vf* v, Op op) {
+  vf a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)  // lanes i + i+8 of rows 2k, 2k+1
+    a[k] = op(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44), _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xee));
+  for (int k = 0; k < 4; ++k)  // + i+4: 128-bit lane j holds row 4k + j
+    b[k] = op(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88), _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xdd));
+  for (int k = 0; k < 2; ++k)  // + i+2: lane j holds rows 8k + j (elements 0, 1), 8k + 4 + j
+    c[k] = op(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xee));
+  // + i+1: element 4j + e holds row 4e + j
+  const vf r = op(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xdd));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+inline void hmax_rows(const vf* v, float* r) {
+  vst(r, reduce_rows(v, [](vf x, vf y) { return _mm512_max_ps(x, y); }));
+}
+inline void hsum_rows(const vf* v, float* r) {
+  vst(r, reduce_rows(v, [](vf x, vf y) { return x + y; }));
+}
+#else
+inline void hmax_rows(const vf* v, float* r) { for (int u = 0; u < W; ++u) r[u] = hmax(v[u]); }
+inline void hsum_rows(const vf* v, float* r) { for (int u = 0; u < W; ++u) r[u] = hsum(v[u]); }
+#endif
+
 // Forward work item: queries [q0, q0+nq) of group g against tiles [tb, te).  Writes the partial
 // online-softmax state (m, l, acc) of these queries, and with a plan (exact mode) their K
 // largest logits so far (tv, ti; internal frame).
@@ -263,80 +292,101 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
         }
       });
     }
-    // online softmax update
-    for (int q = 0; q < nq; ++q) {
-      float* p = P + tn_live[tl] * T;  // the next live row
-      const QConst& qc = w.qc[q];
-      const bool expq = !FAST && q >= nd;
-      const bool dq = dbl || expq;
-      double mt;
-      vf lg[V];
-      alignas(64) double lgd[T];
-      if (!dq) {
-        vf mv = vb(-kInfF);
-        for (int v = 0; v < V; ++v) {
-          lg[v] = logit_f<FAST>(vld(w.Sf + q * T + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
-          mv = vmax(mv, lg[v]);
+    // online softmax update, W queries at a time: their horizontal max and sum reductions are
+    // done together (hmax_rows, hsum_rows); each query's weights go to row base + u of P, and
+    // the live rows are then moved up so that they follow each other
+    for (int qb = 0; qb < nq; qb += W) {
+      const int nb = (int)imin(W, nq - qb), base = tn_live[tl];
+      vf lg[W][V], rowmax[W], sum[W];
+      alignas(64) double lgd[W][T];
+      alignas(64) float mtf[W], tsum[W];
+      double mt[W], mnew[W], scale[W];
+      bool done[W];  // nothing to add for the query: everything masked so far
+      for (int u = 0; u < W; ++u) {
+        rowmax[u] = vb(-kInfF);
+        if (u >= nb) continue;
+        const int q = qb + u;
+        const QConst& qc = w.qc[q];
+        const bool expq = !FAST && q >= nd;
+        if (!(dbl || expq)) {
+          for (int v = 0; v < V; ++v) {
+            lg[u][v] = logit_f<FAST>(vld(w.Sf + q * T + v * W), vld(w.bt + v * W), vld(w.yn + v * W), qc);
+            rowmax[u] = vmax(rowmax[u], lg[u][v]);
+          }
+        } else {  // logits in double lanes
+          vd mv = vdb(-kInfD);
+          for (int h = 0; h < T / H; ++h) {
+            const vd sd = vldd(w.Sd + q * T + h * H), bd = h2d(w.bt + h * H);
+            vd l;
+            if (expq) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * vldd(pw.ynd + h * H);
+            else if (FAST) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * h2d(w.yn + h * H);
+            else l = bd - sd * vdb(qc.d1);
+            vstd(lgd[u] + h * H, l);
+            mv = mv > l ? mv : l;
+          }
+          mt[u] = dmax(mv);
         }
-        mt = hmax(mv);
-      } else {  // logits in double lanes
-        vd mv = vdb(-kInfD);
-        for (int u = 0; u < T / H; ++u) {
-          const vd sd = vldd(w.Sd + q * T + u * H), bd = h2d(w.bt + u * H);
-          vd l;
-          if (expq) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * vldd(pw.ynd + u * H);
-          else if (FAST) l = bd + vdb(qc.d1) * sd - vdb(qc.d2) * h2d(w.yn + u * H);
-          else l = bd - sd * vdb(qc.d1);
-          vstd(lgd + u * H, l);
-          mv = mv > l ? mv : l;
-        }
-        mt = dmax(mv);
       }
-      const double mold = pw.m[q];
-      const double mnew = mt > mold ? mt : mold;
-      if (K) {  // the K largest logits (internal frame) among those within kTopGap of the max
-        double* tv = pw.tv + q * K;
-        int64_t* ti = pw.ti + q * K;
-        const double floor = (mnew > pw.seen[q] ? mnew : pw.seen[q]) - kTopGap;
-        if (mt > tv[K - 1] && mt > floor) {
-          if (!dq) {
-            for (int v = 0; v < V; ++v) offer_lanes(tv, ti, K, floor, lg[v], i0 + v * W, n - v * W);
-          } else {
-            for (int j = 0; j < n; ++j)
-              if (lgd[j] > floor) topk_offer(tv, ti, K, lgd[j], i0 + j);
+      hmax_rows(rowmax, mtf);
+      for (int u = 0; u < W; ++u) {
+        sum[u] = vb(0.f);
+        done[u] = true;
+        if (u >= nb) continue;
+        const int q = qb + u;
+        const bool dq = dbl || (!FAST && q >= nd);
+        if (!dq) mt[u] = (double)mtf[u];
+        const double mold = pw.m[q];
+        mnew[u] = mt[u] > mold ? mt[u] : mold;
+        if (K) {  // the K largest logits (internal frame) among those within kTopGap of the max
+          double* tv = pw.tv + q * K;
+          int64_t* ti = pw.ti + q * K;
+          const double floor = (mnew[u] > pw.seen[q] ? mnew[u] : pw.seen[q]) - kTopGap;
+          if (mt[u] > tv[K - 1] && mt[u] > floor) {
+            if (!dq) {
+              for (int v = 0; v < V; ++v) offer_lanes(tv, ti, K, floor, lg[u][v], i0 + v * W, n - v * W);
+            } else {
+              for (int j = 0; j < n; ++j)
+                if (lgd[u][j] > floor) topk_offer(tv, ti, K, lgd[u][j], i0 + j);
+            }
+          }
+        }
+        if (mnew[u] == -kInfD) {  // everything masked so far
+          sc[q] = 1.0;
+          continue;
+        }
+        done[u] = false;
+        scale[u] = mold == -kInfD ? 0.0 : mold == mnew[u] ? 1.0 : std::exp(mold - mnew[u]);
+        float* p = P + (base + u) * T;
+        if (!dq) {
+          const vf mf = vb((float)mnew[u]);
+          for (int v = 0; v < V; ++v) {
+            const vf e = vexp(lg[u][v] - mf);
+            vst(p + v * W, e);
+            sum[u] += e;
+          }
+        } else {
+          for (int h = 0; h < T / H; ++h)
+            vsth(p + h * H, __builtin_convertvector(vldd(lgd[u] + h * H) - vdb(mnew[u]), vh));
+          for (int v = 0; v < V; ++v) {
+            const vf e = vexp(vld(p + v * W));
+            vst(p + v * W, e);
+            sum[u] += e;
           }
         }
       }
-      if (mnew == -kInfD) {  // everything masked so far
-        sc[q] = 1.0;
-        continue;
+      hsum_rows(sum, tsum);
+      for (int u = 0; u < nb; ++u) {
+        if (done[u]) continue;
+        const int q = qb + u;
+        pw.l[q] = pw.l[q] * scale[u] + (double)tsum[u];
+        pw.m[q] = mnew[u];
+        sc[q] = scale[u];
+        // all weights 0 (every logit more than -kExpCut below the max, which then did not
+        // move): nothing to add, the tile's weighted sum skips this query
+        if (tsum[u] == 0.f && scale[u] == 1.0) continue;
+        if (tn_live[tl] != base + u) std::memcpy(P + tn_live[tl] * T, P + (base + u) * T, sizeof(float) * T);
+        ql[tn_live[tl]++] = q;
       }
-      const double scale = mold == -kInfD ? 0.0 : mold == mnew ? 1.0 : std::exp(mold - mnew);
-      vf sum = vb(0.f);
-      if (!dq) {
-        const vf mf = vb((float)mnew);
-        for (int v = 0; v < V; ++v) {
-          const vf e = vexp(lg[v] - mf);
-          vst(p + v * W, e);
-          sum += e;
-        }
-      } else {
-        for (int u = 0; u < T / H; ++u)
-          vsth(p + u * H, __builtin_convertvector(vldd(lgd + u * H) - vdb(mnew), vh));
-        for (int v = 0; v < V; ++v) {
-          const vf e = vexp(vld(p + v * W));
-          vst(p + v * W, e);
-          sum += e;
-        }
-      }
-      const float tsum = hsum(sum);
-      pw.l[q] = pw.l[q] * scale + (double)tsum;
-      pw.m[q] = mnew;
-      sc[q] = scale;
-      // all weights 0 (every logit more than -kExpCut below the max, which then did not move):
-      // nothing to add, the tile's weighted sum skips this query
-      if (tsum == 0.f && scale == 1.0) continue;
-      ql[tn_live[tl]++] = q;
     }
     if (tl == wst - 1 || t == te - 1) tile_wsum<V>(w.P, trow, tld, nq, dp, tn, tl + 1, pw.acc, w.sc, w.ql, tn_live);
   }
