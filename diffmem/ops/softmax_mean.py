@@ -272,7 +272,8 @@ def softmax_mean(
             same pass (not differentiable). Runs the exact kernels whatever ``precision`` says.
         lse_dtype: None (x's dtype) or torch.float64: lse as the kernels form it, before its
             rounding to float32 (for merging partial results, see merge_softmax_means).
-        check_inputs: scan inputs for NaN/Inf, var <= 0 and fully masked bias (O((B+N)d)).
+        check_inputs: scan inputs for NaN/Inf, var <= 0 and fully masked bias (O((B+N)d));
+            eager float32 calls on the cpu backend check the points in the kernels' own pass.
 
     Returns:
         mean (..., B, d); with return_lse (mean, lse); with return_nearest (mean, [lse,]

@@ -28,6 +28,18 @@ def _call(x, points, bias=None, precision="exact", check_inputs=True):
                                 check_inputs=check_inputs)
 
 
+def _assert_rejected(x, points, places, value, bias=None, precision="exact"):
+    """points with value put at each place (an index tuple) in turn: the checked call raises,
+    the unchecked one runs (no error, no hang)."""
+    kind = "NaN" if math.isnan(value) else "Inf"
+    for place in places:
+        bad = points.clone()
+        bad[place] = value
+        with pytest.raises(ValueError, match=f"points contains {kind} values"):
+            _call(x, bad, bias, precision=precision)
+        _call(x, bad, bias, precision=precision, check_inputs=False)
+
+
 def _problem(B, N, d, gen, groups=()):
     x = torch.randn(*groups, B, d, generator=gen)
     points = torch.randn(*groups, N, d, generator=gen)
@@ -47,13 +59,7 @@ def test_every_non_finite_point_value_raises(layout, storage, value):
     places = [(0, 0), (N - 1, d - 1)] + [
         (int(torch.randint(N, (1,), generator=gen)), int(torch.randint(d, (1,), generator=gen)))
         for _ in range(4)]
-    kind = "NaN" if math.isnan(value) else "Inf"
-    for i, k in places:
-        bad = points.clone()
-        bad[i, k] = value
-        with pytest.raises(ValueError, match=f"points contains {kind} values"):
-            _call(x, bad, precision=precision)
-        _call(x, bad, precision=precision, check_inputs=False)  # unchecked: no error, no hang
+    _assert_rejected(x, points, places, value, precision=precision)
 
 
 def test_masked_trailing_points_are_checked_too():
@@ -62,31 +68,19 @@ def test_masked_trailing_points_are_checked_too():
     x, points = _problem(7, 500, 40, gen)
     bias = torch.zeros(500)
     bias[100:] = -math.inf
-    for i in (100, 257, 499):
-        bad = points.clone()
-        bad[i, 3] = math.nan
-        with pytest.raises(ValueError, match="points contains NaN"):
-            _call(x, bad, bias)
+    _assert_rejected(x, points, [(100, 3), (257, 3), (499, 3)], math.nan, bias)
 
 
 def test_groups_with_their_own_points_and_shared_points_with_own_bias():
     gen = torch.Generator().manual_seed(6)
     x, points = _problem(9, 400, 20, gen, groups=(3,))
-    for g in range(3):
-        bad = points.clone()
-        bad[g, 399 - 100 * g, 7] = math.inf
-        with pytest.raises(ValueError, match="points contains Inf"):
-            _call(x, bad)
+    _assert_rejected(x, points, [(g, 399 - 100 * g, 7) for g in range(3)], math.inf)
     # shared points, a bias per group (not folded into one problem): group 0 checks them; the
     # trailing points are masked in group 0 only
     shared = points[0].clone()
     bias = torch.zeros(3, 400)
     bias[0, 200:] = -math.inf
-    for i in (0, 150, 300):
-        bad = shared.clone()
-        bad[i, 0] = math.nan
-        with pytest.raises(ValueError, match="points contains NaN"):
-            _call(x, bad, bias)
+    _assert_rejected(x, shared, [(0, 0), (150, 0), (300, 0)], math.nan, bias)
 
 
 def test_checked_and_unchecked_calls_agree_on_finite_points():
