@@ -275,8 +275,8 @@ bool tile_BS(const int* qi, int nq, const float* X, const float* Gm, int64_t ld,
     });
     return true;
   }
-  if (d <= DB) {
-    qblocks<FAST ? QB_P2F : QB_P2>(nq, [&](auto qc, int q) {
+  if (d <= DB) {  // S alone: the forward's query blocks (fewer accumulators than fused)
+    qblocks<QB_EXACT>(nq, [&](auto qc, int q) {
       constexpr int Q = decltype(qc)::value;
       k_blogit<Q, FAST, kPartS>(qi + q, X, nullptr, ld, al, va, yT, nullptr, 0, d, w.Sf + q * NT,
                                 nullptr, nullptr, nullptr);
