@@ -125,37 +125,29 @@ struct SeenMax {
 };
 
 // The points' check (Problem::points_bad): x - x is 0 for a finite x and NaN for an infinite
-// or NaN one, and a NaN term makes the sum NaN.  tile_finite: the first d rows of a transposed
-// tile (V*W floats each); rows_finite: points [i0, i1) of a group, read as the kernels read them.
-template <int V>
-inline bool tile_finite(const float* yT, int d) {
+// or NaN one, and a NaN term makes the sum NaN.  finite_span: n consecutive floats (a packed
+// transposed tile is d x V*W of them); rows_finite: points [i0, i1) of a group, read as the
+// kernels read them.
+inline bool finite_span(const float* p, int64_t n) {
   vf s[4] = {vb(0.f), vb(0.f), vb(0.f), vb(0.f)};
-  const int nv = d * V;
-  int i = 0;
-  for (; i + 4 <= nv; i += 4)
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W)
     for (int u = 0; u < 4; ++u) {
-      const vf v = vld(yT + (size_t)(i + u) * W);
+      const vf v = vld(p + i + u * W);
       s[u] += v - v;
     }
-  for (; i < nv; ++i) {
-    const vf v = vld(yT + (size_t)i * W);
+  for (; i + W <= n; i += W) {
+    const vf v = vld(p + i);
     s[0] += v - v;
   }
-  return hsum((s[0] + s[1]) + (s[2] + s[3])) == 0.f;
+  float t = 0.f;
+  for (; i < n; ++i) t += p[i] - p[i];
+  return hsum((s[0] + s[1]) + (s[2] + s[3])) + t == 0.f;
 }
 inline bool rows_finite(const PointRows& pts, int64_t i0, int64_t i1, int d, float* scratch) {
-  vf s = vb(0.f);
-  float t = 0.f;
-  for (int64_t i = i0; i < i1; ++i) {
-    const float* r = pts.row(i, scratch);
-    int k = 0;
-    for (; k + W <= d; k += W) {
-      const vf v = vld(r + k);
-      s += v - v;
-    }
-    for (; k < d; ++k) t += r[k] - r[k];
-  }
-  return hsum(s) + t == 0.f;
+  for (int64_t i = i0; i < i1; ++i)
+    if (!finite_span(pts.row(i, scratch), d)) return false;
+  return true;
 }
 inline void flag_points(const Problem<float>& a) { __atomic_store_n(a.points_bad, (uint8_t)1, __ATOMIC_RELAXED); }
 
@@ -275,7 +267,7 @@ void fwd_item(const Problem<float>& a, int64_t g, int64_t q0, int nq, int64_t tb
       tld[tl] = rstride(dp);
       pack_tile<V>(yg, i0, n, d, rstride(dp), FAST ? cf : nullptr, w.yT, yR, w.yn, nullptr);
     }
-    if (check && !tile_finite<V>(w.yT, d)) flag_points(a);
+    if (check && !finite_span(w.yT, (int64_t)d * T)) flag_points(a);
     load_bias<V>(bg, i0, n, w.bt);
     tile_S<FAST, V>(X, al, va, FAST ? nq : nd, d, w.yT, w.Sf, w.Sd, w.tmp);
     if constexpr (!FAST) if (nd < nq) {
